@@ -1,0 +1,113 @@
+"""The command line: shipper run | check | version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from shipper import __version__
+from shipper.config import DEFAULT_CONFIG_PATH, Config, load
+from shipper.errors import ConfigError
+
+log = logging.getLogger("shipper")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+def _load_or_report(path: str | None) -> Config | None:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"shipper: {len(exc.problems)} problem(s) in the configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    print(config.describe())
+    print("configuration OK")
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"shipper {__version__}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _setup_logging("info")
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    _setup_logging(config.agent.log_level)
+    from shipper.pipeline import Pipeline
+
+    stop = threading.Event()
+    signals = {"count": 0}
+
+    def on_signal(signum, frame):
+        signals["count"] += 1
+        if signals["count"] > 1:
+            log.warning("second signal: exiting now (undelivered records are read again on the next start)")
+            os._exit(EXIT_FAILED)
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        pipeline = Pipeline(config)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILED
+    log.info("shipper %s starting with %s", __version__, config.source)
+    for settings in config.inputs:
+        log.info("reading %s (tag %s)", ", ".join(os.path.abspath(p) for p in settings.paths), settings.tag)
+    for settings in config.outputs:
+        target = settings.get("path") or settings.get("bucket") or ""
+        log.info("writing %s %s (match %s)", settings.type, os.path.abspath(target) if settings.get("path") else target,
+                 ", ".join(settings.match))
+    log.info("state (checkpoints) in %s", pipeline.data_dir)
+    pipeline.start()
+    while not stop.wait(0.5):
+        if pipeline.failed.is_set():
+            break
+    complete = pipeline.stop()
+    log.info("stopped%s", "" if complete else " with undelivered records")
+    if pipeline.failed.is_set():
+        return EXIT_FAILED
+    return EXIT_OK if complete else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shipper", description="Ship log files and metrics off the box.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    config_help = f"config file (default: {DEFAULT_CONFIG_PATH} if present, else the embedded default)"
+    run = commands.add_parser("run", help="run the agent until SIGTERM/SIGINT")
+    run.add_argument("-c", "--config", help=config_help)
+    run.set_defaults(func=cmd_run)
+    check = commands.add_parser("check", help="validate a config and print the resolved pipeline")
+    check.add_argument("-c", "--config", help=config_help)
+    check.set_defaults(func=cmd_check)
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,372 @@
+"""TOML configuration -> validated settings.
+
+Every problem is collected (not just the first) and names its exact key, e.g.
+``outputs[0].path: required``. Each input and output module declares its own
+options as a dict of :class:`Option`; this module knows only the mechanics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Callable
+
+from shipper.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/shipper/shipper.toml"
+
+INPUT_MODULES = {"file": "shipper.inputs.file"}
+OUTPUT_MODULES = {
+    "directory": "shipper.outputs.directory",
+    "stdout": "shipper.outputs.stdout",
+}
+
+_REQUIRED = object()
+
+
+# ---------------------------------------------------------------- value parsers
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """'500ms', '10s', '5m', '1h', '1d' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"10s\", got a boolean")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f"expected a duration like \"500ms\", \"10s\", \"5m\", got {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    """'64MiB', '256KiB', '10MB', '512B' or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like \"64MiB\", got a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            unit = (match.group(2) or "B").lower()
+            return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(f"expected a size like \"64MiB\", \"256KiB\", \"10MB\", got {value!r}")
+
+
+_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, environ: dict[str, str]) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` (default also when VAR is empty); ``$${`` is a literal ``${``."""
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise ValueError(f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+            return default
+        return value
+
+    return _ENV_REF.sub(replace, text)
+
+
+# ---------------------------------------------------------------- schema
+
+@dataclass(frozen=True)
+class Option:
+    """One key of a section: its kind, default, and optional extra check.
+
+    kind: str, int, float, bool, duration, size, strlist, strmap, choice, table.
+    ``check`` receives the converted value and returns an error text or None.
+    """
+
+    kind: str
+    default: Any = _REQUIRED
+    choices: tuple = ()
+    check: Callable[[Any], str | None] | None = None
+    minimum: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+def regex_check(value: Any) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"invalid regular expression: {exc}"
+    return None
+
+
+class Settings:
+    """A validated section: attribute access, plus ``where`` for messages ("inputs[0]")."""
+
+    def __init__(self, where: str, values: dict[str, Any]):
+        self.where = where
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"{self.where} has no option {name!r}") from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._values.get(name, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (v.as_dict() if isinstance(v, Settings) else v) for k, v in self._values.items()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"Settings({self.where}, {self._values!r})"
+
+
+def _convert(option: Option, value: Any) -> Any:
+    kind = option.kind
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {type(value).__name__}")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {type(value).__name__}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {type(value).__name__}")
+        value = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {type(value).__name__}")
+    elif kind == "duration":
+        value = parse_duration(value)
+    elif kind == "size":
+        value = parse_size(value)
+    elif kind == "strlist":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+    elif kind == "strmap":
+        if not isinstance(value, dict) or not all(isinstance(v, (str, int, float, bool)) for v in value.values()):
+            raise ValueError("expected a table of strings")
+        value = {str(k): str(v) if not isinstance(v, str) else v for k, v in value.items()}
+    elif kind == "choice":
+        if value not in option.choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, option.choices))}, got {value!r}")
+    elif kind == "table":
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table, got {type(value).__name__}")
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise AssertionError(f"unknown option kind {kind}")
+    if option.minimum is not None and value < option.minimum:
+        raise ValueError(f"must be at least {option.minimum:g}")
+    return value
+
+
+def validate_section(where: str, raw: Any, schema: dict[str, Option], problems: list[str]) -> Settings:
+    """Check one table against its schema; append every problem to ``problems``."""
+    values: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table, got {type(raw).__name__}")
+        raw = {}
+    for key in raw:
+        if key not in schema:
+            problems.append(f"{_join(where, key)}: unknown key (known: {', '.join(sorted(schema))})")
+    for key, option in schema.items():
+        path = _join(where, key)
+        if key not in raw:
+            if option.required:
+                problems.append(f"{path}: required")
+            else:
+                values[key] = option.default
+            continue
+        try:
+            value = _convert(option, raw[key])
+            error = option.check(value) if option.check else None
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        if error:
+            problems.append(f"{path}: {error}")
+            continue
+        values[key] = value
+    return Settings(where, values)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+# ---------------------------------------------------------------- the sections
+
+AGENT_OPTIONS = {
+    "data_dir": Option("str", "/var/lib/shipper"),
+    "flush_interval": Option("duration", 1.0, minimum=0.01),
+    "shutdown_timeout": Option("duration", 20.0),
+    "checkpoint_interval": Option("duration", 1.0, minimum=0.01),
+    "log_level": Option("choice", "info", choices=("debug", "info", "warning", "error")),
+    "labels": Option("strmap", {}),
+}
+
+CLOUD_OPTIONS = {
+    "metadata": Option("choice", "auto", choices=("auto", "ec2", "off")),
+    "imds_endpoint": Option("str", "http://169.254.169.254"),
+    "imds_timeout": Option("duration", 1.0),
+}
+
+SERVER_OPTIONS = {
+    "listen": Option("str", "127.0.0.1:2020"),
+}
+
+COMMON_INPUT_OPTIONS = {
+    "type": Option("str"),
+    "tag": Option("str", None),
+}
+
+COMMON_OUTPUT_OPTIONS = {
+    "type": Option("str"),
+    "match": Option("strlist", ["*"]),
+    # Records waiting in memory for this output; readers wait when it is full.
+    "buffer_max_bytes": Option("size", 64 * 1024**2, minimum=1024),
+}
+
+
+@dataclass
+class Config:
+    agent: Settings
+    cloud: Settings
+    server: Settings
+    inputs: list[Settings] = field(default_factory=list)
+    outputs: list[Settings] = field(default_factory=list)
+    source: str = "<embedded default>"
+
+    def describe(self) -> str:
+        """The resolved pipeline, as `shipper check` prints it."""
+        lines = [f"config: {self.source}", f"data_dir: {self.agent.data_dir}"]
+        for settings in self.inputs:
+            detail = ", ".join(settings.paths) if settings.type == "file" else ""
+            lines.append(f"{settings.where}: {settings.type} tag={settings.tag} {detail}".rstrip())
+        for settings in self.outputs:
+            target = settings.get("path") or settings.get("bucket") or ""
+            lines.append(f"{settings.where}: {settings.type} match={','.join(settings.match)} {target}".rstrip())
+        for settings in self.inputs:
+            routed = [o.where for o in self.outputs if tag_matches(settings.tag, o.match)]
+            lines.append(f"route: {settings.tag} -> {', '.join(routed) or 'nothing (no output matches)'}")
+        return "\n".join(lines)
+
+
+def tag_matches(tag: str, patterns: list[str]) -> bool:
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(tag, pattern) for pattern in patterns)
+
+
+def _plugin_schema(kind: str, where: str, raw: Any, modules: dict[str, str], common: dict[str, Option],
+                   problems: list[str]) -> dict[str, Option] | None:
+    type_name = raw.get("type") if isinstance(raw, dict) else None
+    if type_name is None:
+        problems.append(f"{where}.type: required (one of {', '.join(sorted(modules))})")
+        return None
+    if type_name not in modules:
+        problems.append(f"{where}.type: unknown {kind} type {type_name!r} (known: {', '.join(sorted(modules))})")
+        return None
+    module = importlib.import_module(modules[type_name])
+    return {**common, **module.OPTIONS}
+
+
+def _interpolate_tree(value: Any, where: str, environ: dict[str, str], problems: list[str]) -> Any:
+    if isinstance(value, str):
+        try:
+            return interpolate(value, environ)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            return value
+    if isinstance(value, dict):
+        return {k: _interpolate_tree(v, _join(where, k), environ, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_tree(v, f"{where}[{i}]", environ, problems) for i, v in enumerate(value)]
+    return value
+
+
+def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> Config:
+    """Parse and validate a TOML document; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    problems: list[str] = []
+    raw = _interpolate_tree(raw, "", dict(os.environ) if environ is None else environ, problems)
+    known = {"agent", "cloud", "server", "inputs", "outputs"}
+    for key in raw:
+        if key not in known:
+            problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+    agent = validate_section("agent", raw.get("agent", {}), AGENT_OPTIONS, problems)
+    cloud = validate_section("cloud", raw.get("cloud", {}), CLOUD_OPTIONS, problems)
+    server = validate_section("server", raw.get("server", {}), SERVER_OPTIONS, problems)
+    sections: dict[str, list[Settings]] = {"inputs": [], "outputs": []}
+    for name, modules, common in (("inputs", INPUT_MODULES, COMMON_INPUT_OPTIONS),
+                                  ("outputs", OUTPUT_MODULES, COMMON_OUTPUT_OPTIONS)):
+        items = raw.get(name, [])
+        if not isinstance(items, list):
+            problems.append(f"{name}: expected an array of tables ([[{name}]])")
+            continue
+        if not items:
+            problems.append(f"{name}: at least one [[{name}]] table is required")
+        for index, item in enumerate(items):
+            where = f"{name}[{index}]"
+            schema = _plugin_schema(name[:-1], where, item, modules, common, problems)
+            if schema is None:
+                continue
+            settings = validate_section(where, item, schema, problems)
+            if name == "inputs" and settings.get("tag") is None and "tag" in schema:
+                settings._values["tag"] = settings.type
+            module = importlib.import_module(modules[settings.type])
+            if hasattr(module, "validate"):
+                problems.extend(module.validate(settings))
+            sections[name].append(settings)
+    if problems:
+        raise ConfigError(problems)
+    return Config(agent, cloud, server, sections["inputs"], sections["outputs"], source)
+
+
+def embedded_default_text() -> str:
+    return resources.files("shipper").joinpath("default.toml").read_text()
+
+
+def load(path: str | None, environ: dict[str, str] | None = None) -> Config:
+    """Load ``path``; without one, /etc/shipper/shipper.toml when present, else the embedded default."""
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path is None:
+        return load_text(embedded_default_text(), "<embedded default>", environ)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    return load_text(text, path, environ)

@@ -1,0 +1,25 @@
+"""Typed errors. Each message says what is wrong and where, so a person can fix it."""
+
+
+class ShipperError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(ShipperError):
+    """The configuration is invalid. Carries every problem found, each naming its key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class DeliveryError(ShipperError):
+    """An output could not deliver a batch."""
+
+
+class RetryableError(DeliveryError):
+    """Temporary: the same batch may succeed later (network down, throttled, 5xx)."""
+
+
+class FatalError(DeliveryError):
+    """Permanent: retrying the same batch cannot succeed. Its records are counted as dropped."""

@@ -1,0 +1,97 @@
+"""File checkpoints: where each tailed file was confirmed up to, persisted atomically.
+
+A file is known by (device, inode) plus a fingerprint of its first bytes, so that a new
+file that happens to get a recycled inode is not mistaken for the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import asdict, dataclass
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_BYTES = 1024
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    dev: int
+    ino: int
+    offset: int
+    fp_len: int = 0
+    fp: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+
+def fingerprint(fd: int, limit: int = FINGERPRINT_BYTES) -> tuple[int, int]:
+    """(length, crc32) of the first ``limit`` bytes of an open file (fewer when it is shorter)."""
+    head = os.pread(fd, limit, 0)
+    return len(head), zlib.crc32(head)
+
+
+def fingerprint_matches(fd: int, checkpoint: Checkpoint) -> bool:
+    if checkpoint.fp_len == 0:
+        return True
+    head = os.pread(fd, checkpoint.fp_len, 0)
+    return len(head) == checkpoint.fp_len and zlib.crc32(head) == checkpoint.fp
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` so that a crash leaves either the old or the new content, never a mix."""
+    directory = os.path.dirname(path) or "."
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointStore:
+    """One JSON file per input under ``data_dir/checkpoints``."""
+
+    def __init__(self, data_dir: str, input_id: str):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in input_id)
+        self.directory = os.path.join(data_dir, "checkpoints")
+        self.path = os.path.join(self.directory, f"file-{safe}.json")
+        self._last_saved: bytes | None = None
+
+    def load(self) -> dict[tuple[int, int], Checkpoint]:
+        try:
+            with open(self.path, "rb") as handle:
+                raw = orjson.loads(handle.read())
+            entries = [Checkpoint(**item) for item in raw["files"]]
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as exc:
+            # A damaged checkpoint must not stop the agent: start as if new, and say so.
+            log.error("checkpoint file %s is unreadable (%s); starting without checkpoints", self.path, exc)
+            return {}
+        return {entry.key: entry for entry in entries}
+
+    def save(self, entries: list[Checkpoint]) -> bool:
+        """Persist ``entries``; skips the write when nothing changed. Returns True when written."""
+        data = orjson.dumps({"version": 1, "files": [asdict(e) for e in sorted(entries, key=lambda e: e.path)]},
+                            option=orjson.OPT_INDENT_2)
+        if data == self._last_saved:
+            return False
+        os.makedirs(self.directory, exist_ok=True)
+        write_atomically(self.path, data)
+        self._last_saved = data
+        return True

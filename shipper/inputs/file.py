@@ -1,0 +1,310 @@
+"""The file input: follow every file matching the globs, through rotation, truncation and restarts.
+
+One thread runs :meth:`FileInput.run`. It reads each file in big chunks until it is
+drained, then checks what happened to it (rotated, truncated, deleted), and sleeps until
+the poll interval passes or a directory event wakes it. Checkpoints are written every
+``checkpoint_interval`` and only ever hold offsets every matching output confirmed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from functools import partial
+from typing import Callable
+
+from shipper.config import Option, Settings, regex_check, validate_section
+from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, fingerprint_matches
+from shipper.inputs.discovery import DirectoryWatcher, expand
+from shipper.inputs.framing import RecordBuilder
+from shipper.inputs.tail import GONE, REPLACED, TRUNCATED, Read, TailedFile, classify
+from shipper.multiline import PRESETS, Joiner, make_rule
+from shipper.parsers import PARSERS, LineParser
+from shipper.record import Batch
+
+log = logging.getLogger(__name__)
+
+MULTILINE_OPTIONS = {
+    "start": Option("str", None, check=regex_check),
+    "preset": Option("choice", None, choices=PRESETS),
+    "timeout": Option("duration", 1.0),
+    "max_lines": Option("int", 500, minimum=2),
+}
+
+OPTIONS = {
+    "id": Option("str", None),  # names the checkpoint file; defaults to the tag
+    "paths": Option("strlist"),
+    "exclude": Option("strlist", []),
+    "start_at": Option("choice", "beginning", choices=("beginning", "end")),
+    "parser": Option("choice", "none", choices=PARSERS),
+    "pattern": Option("str", None, check=regex_check),
+    "time_key": Option("str", None),
+    "time_format": Option("str", "auto"),
+    "multiline": Option("table", None),
+    "max_line_bytes": Option("size", 256 * 1024, minimum=1024),
+    "read_bytes": Option("size", 1024 * 1024, minimum=4096),
+    "poll_interval": Option("duration", 0.25, minimum=0.01),
+    "refresh_interval": Option("duration", 10.0, minimum=0.1),
+    "rotate_wait": Option("duration", 5.0),
+    "partial_line_timeout": Option("duration", 5.0),
+    "watch": Option("bool", True),
+}
+
+# How much one file may read before the others get their turn.
+FAIR_SHARE_BYTES = 16 * 1024 * 1024
+# On stop, how much of what is still unread is read and shipped.
+DRAIN_READ_BYTES = 64 * 1024 * 1024
+
+
+def validate(settings: Settings) -> list[str]:
+    problems: list[str] = []
+    if settings.get("paths") == []:
+        problems.append(f"{settings.where}.paths: needs at least one glob pattern")
+    if settings.get("parser") == "regex" and not settings.get("pattern"):
+        problems.append(f"{settings.where}.pattern: required with parser = \"regex\" (named groups (?P<name>...))")
+    if settings.get("pattern") and "(?P<" not in settings.pattern:
+        problems.append(f"{settings.where}.pattern: has no named group (?P<name>...)")
+    multiline = settings.get("multiline")
+    if multiline is not None:
+        where = f"{settings.where}.multiline"
+        parsed = validate_section(where, multiline, MULTILINE_OPTIONS, problems)
+        if isinstance(multiline, dict) and not parsed.get("start") and not parsed.get("preset"):
+            problems.append(f"{where}: needs start (a regex) or preset ({', '.join(PRESETS)})")
+        settings._values["multiline"] = parsed
+    return problems
+
+
+class FileInput:
+    def __init__(self, settings: Settings, context):
+        self.settings = settings
+        self.tag = settings.tag
+        self.patterns = [os.path.abspath(p) for p in settings.paths]
+        self.store = CheckpointStore(context.data_dir, settings.id or settings.tag)
+        self.stats = context.stats
+        self.checkpoint_interval = context.checkpoint_interval
+        self.files: dict[tuple[int, int], TailedFile] = {}
+        self.releasing: list[TailedFile] = []  # closed, waiting for their last acknowledgements
+        self.unreadable: set[str] = set()      # reported once each
+        self.wake = threading.Event()
+        self.changed = threading.Event()
+        self.watcher = DirectoryWatcher(self.patterns, self.changed, self.wake) if settings.watch else None
+        self._saved: dict[tuple[int, int], Checkpoint] = {}
+        self._last_refresh = 0.0
+        self._last_checkpoint = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self, emit: Callable[[Batch], None], stop: threading.Event) -> None:
+        if self.watcher:
+            self.watcher.start()
+        self._saved = self.store.load()
+        self.discover(at_startup=True)
+        self._recover_rotated()
+        try:
+            while not stop.is_set():
+                if not self.poll(emit, stop):
+                    self.wake.wait(self.settings.poll_interval)
+                    self.wake.clear()
+            self._drain(emit)
+        finally:
+            if self.watcher:
+                self.watcher.stop()
+
+    def poll(self, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
+        """One pass over every file; True when anything was read."""
+        now = time.monotonic()
+        if self.changed.is_set() or now - self._last_refresh >= self.settings.refresh_interval:
+            self.changed.clear()
+            self._last_refresh = now
+            if self.watcher:
+                self.watcher.refresh()
+            self.discover(at_startup=False)
+        worked = False
+        for tailed in list(self.files.values()):
+            budget = FAIR_SHARE_BYTES
+            while budget > 0 and not stop.is_set():
+                read = tailed.read(self.settings.read_bytes)
+                if read is None:
+                    self._at_end_of_file(tailed, emit)
+                    break
+                worked = True
+                budget -= read.end - read.start
+                self._emit(tailed, read, emit)
+        if now - self._last_checkpoint >= self.checkpoint_interval:
+            self.save_checkpoints()
+            self._last_checkpoint = now
+        return worked
+
+    def _drain(self, emit: Callable[[Batch], None]) -> None:
+        """Stopping: read what is already written (bounded), then ship partial lines and held events."""
+        for tailed in list(self.files.values()) + [t for t in self.releasing if not t.closed]:
+            budget = DRAIN_READ_BYTES
+            while budget > 0:
+                read = tailed.read(self.settings.read_bytes)
+                if read is None:
+                    break
+                budget -= read.end - read.start
+                self._emit(tailed, read, emit)
+            self._ship_held(tailed, emit)
+
+    # ------------------------------------------------------------ discovery
+
+    def discover(self, at_startup: bool) -> None:
+        for path in expand(self.patterns, self.settings.exclude):
+            self._open(path, at_startup)
+
+    def _open(self, path: str, at_startup: bool, rotated_away: bool = False) -> TailedFile | None:
+        """Start tailing ``path`` (unless already tailed). ``rotated_away``: only resume a checkpointed file."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if path not in self.unreadable:
+                self.unreadable.add(path)
+                log.error("cannot read %s: %s (reported once; the other files keep flowing)", path,
+                          exc.strerror or errno.errorcode.get(exc.errno, exc))
+                self._count("files_unreadable")
+            return None
+        self.unreadable.discard(path)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        known = self.files.get(key)
+        if known is not None:
+            os.close(fd)
+            if known.path != path:  # renamed to another name that the globs also match
+                known.path = path
+                known.released_since = None
+            return None
+        for old in [t for t in self.releasing if t.identity == key]:
+            self.releasing.remove(old)  # its inode was reused: the old file is gone for good
+        saved = self._saved.pop(key, None)
+        resumable = saved is not None and fingerprint_matches(fd, saved)
+        if rotated_away and not resumable:
+            os.close(fd)
+            return None
+        if resumable:
+            offset = saved.offset if saved.offset <= st.st_size else 0
+        elif at_startup and self.settings.start_at == "end":
+            offset = st.st_size
+        else:
+            offset = 0
+        tailed = TailedFile(path, fd, offset, self.settings.max_line_bytes)
+        tailed.builder = self._builder(path, offset)
+        if rotated_away:
+            tailed.released_since = time.monotonic()
+        self.files[key] = tailed
+        log.info("tailing %s from offset %d%s", path, offset, " (rotated away, draining)" if rotated_away else "")
+        return tailed
+
+    def _recover_rotated(self) -> None:
+        """A file rotated while the agent was down: find its old inode next to its old path and drain it."""
+        for saved in list(self._saved.values()):
+            directory = os.path.dirname(saved.path)
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                candidate = os.path.join(directory, name)
+                try:
+                    st = os.stat(candidate)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == saved.key and st.st_size > saved.offset:
+                    self._open(candidate, at_startup=True, rotated_away=True)
+                    break
+        self._saved.clear()
+
+    def _builder(self, path: str, offset: int) -> RecordBuilder:
+        settings = self.settings
+        parser = LineParser(settings.parser, settings.pattern, settings.time_key, settings.time_format)
+        joiner = None
+        multiline = settings.multiline
+        if multiline is not None:
+            rule = make_rule(multiline.start, multiline.preset)
+            joiner = Joiner(rule, multiline.max_lines, settings.max_line_bytes)
+        return RecordBuilder(self.tag, path, parser, joiner, offset)
+
+    # ------------------------------------------------------------ reading
+
+    def _emit(self, tailed: TailedFile, read: Read | None, emit: Callable[[Batch], None]) -> None:
+        if read is None:
+            return
+        batch = tailed.builder.build(read, time.time())
+        self._send(tailed, batch, emit)
+
+    def _send(self, tailed: TailedFile, batch: Batch | None, emit: Callable[[Batch], None]) -> None:
+        if batch is None:
+            return
+        batch.source = tailed.path
+        batch.on_done = partial(tailed.tracker.done, batch.start, batch.end, tailed.tracker.generation)
+        self._count("records_in", batch.count)
+        self._count("bytes_in", batch.end - batch.start)
+        emit(batch)
+
+    def _ship_held(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
+        """Ship the line without newline and the held multi-line event."""
+        self._emit(tailed, tailed.flush_carry(), emit)
+        self._send(tailed, tailed.builder.flush_pending(time.time()), emit)
+
+    def _at_end_of_file(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
+        now = time.monotonic()
+        idle = now - tailed.last_data
+        multiline = self.settings.multiline
+        if tailed.carry and idle >= self.settings.partial_line_timeout:
+            self._emit(tailed, tailed.flush_carry(), emit)
+        if multiline is not None and idle >= multiline.timeout and tailed.builder.holds_event:
+            self._send(tailed, tailed.builder.flush_pending(time.time()), emit)
+        try:
+            st = os.stat(tailed.path)
+            path_identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            path_identity = None
+        size = os.fstat(tailed.fd).st_size
+        state = classify(tailed.identity, tailed.read_offset, size, tailed.head_matches(), path_identity)
+        if state == TRUNCATED:
+            log.info("%s was truncated (copytruncate?); reading it again from the start", tailed.path)
+            self._count("files_truncated")
+            self._ship_held(tailed, emit)
+            tailed.restart()
+            tailed.builder.restart(0)
+            self.wake.set()
+        elif state in (GONE, REPLACED):
+            if tailed.released_since is None:
+                tailed.released_since = now
+                self.changed.set()  # a new file may stand at the path now
+                self.wake.set()
+            elif now - max(tailed.released_since, tailed.last_data) >= self.settings.rotate_wait:
+                self._release(tailed, emit)
+        else:
+            tailed.released_since = None
+
+    def _release(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
+        """The file was rotated or deleted and is drained: close it, keep its checkpoint until confirmed."""
+        self._ship_held(tailed, emit)
+        tailed.close()
+        del self.files[tailed.identity]
+        self.releasing.append(tailed)
+        log.info("released %s (rotated or deleted, read to its end)", tailed.path)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoints(self) -> None:
+        self.releasing = [t for t in self.releasing if t.tracker.committed < t.emit_offset]
+        entries = [t.checkpoint() for t in list(self.files.values()) + self.releasing]
+        try:
+            self.store.save(entries)
+        except OSError as exc:
+            log.error("cannot write checkpoints to %s: %s", self.store.path, exc)
+            self._count("checkpoint_errors")
+
+    def _count(self, name: str, value: int = 1) -> None:
+        if self.stats is not None:
+            self.stats.add(name, value, input=self.tag)
+
+
+INPUT = FileInput

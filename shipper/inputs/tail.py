@@ -1,0 +1,195 @@
+"""Reading one file: big chunks, cut at the last newline, long lines split, rotation decided.
+
+Everything here works on bytes; nothing makes a Python object per line. A read returns
+*blocks*: ``LINES`` (many complete lines, each ending in a newline), ``LINE`` (one line
+that never got its newline, shipped after a timeout) and ``PART`` (a piece of a line
+longer than ``max_line_bytes``; every piece of such a line is flagged truncated).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from shipper.acks import OffsetTracker
+from shipper.inputs.checkpoints import FINGERPRINT_BYTES, Checkpoint, fingerprint
+
+LINES, LINE, PART = "lines", "line", "part"
+
+
+@dataclass
+class Read:
+    start: int            # file offset of the first byte these blocks consumed
+    end: int              # file offset just after the last byte they consumed
+    blocks: list[tuple[str, bytes, int]] = field(default_factory=list)  # (kind, data, bytes consumed)
+
+
+def utf8_cut(data: bytes, limit: int) -> int:
+    """The largest cut point <= limit that does not split a UTF-8 character."""
+    if limit >= len(data):
+        return len(data)
+    cut = limit
+    while cut > 0 and limit - cut < 3 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > 0 and (data[cut] & 0xC0) != 0x80 else limit
+
+
+def split_part(data: bytes, limit: int) -> list[bytes]:
+    """Pieces of at most ``limit`` bytes, cut on character boundaries."""
+    pieces = []
+    while len(data) > limit:
+        cut = utf8_cut(data, limit)
+        pieces.append(data[:cut])
+        data = data[cut:]
+    pieces.append(data)
+    return pieces
+
+
+def part_blocks(line: bytes, limit: int) -> list[tuple[str, bytes, int]]:
+    """PART blocks for a complete over-long line; the last piece also consumed its newline."""
+    pieces = split_part(line, limit)
+    blocks = [(PART, piece, len(piece)) for piece in pieces]
+    blocks[-1] = (PART, pieces[-1], len(pieces[-1]) + 1)
+    return blocks
+
+
+def split_long_lines(region: bytes, limit: int) -> list[tuple[str, bytes, int]]:
+    """Blocks for a run of complete lines, with any line over ``limit`` bytes cut into parts.
+
+    Scans in windows of ``limit`` bytes, so a chunk of short lines costs a few ``rfind`` calls.
+    """
+    n = len(region)
+    if n <= limit + 1:
+        return [(LINES, region, n)]
+    blocks: list[tuple[str, bytes, int]] = []
+    block_start = pos = 0
+    while pos < n:
+        window_end = pos + limit + 1  # a line of exactly ``limit`` bytes has its newline at pos+limit
+        if window_end >= n:
+            break
+        newline = region.rfind(b"\n", pos, window_end)
+        if newline != -1:
+            pos = newline + 1
+            continue
+        if pos > block_start:
+            blocks.append((LINES, region[block_start:pos], pos - block_start))
+        line_end = region.find(b"\n", pos)
+        blocks.extend(part_blocks(region[pos:line_end], limit))
+        pos = block_start = line_end + 1
+    if block_start < n:
+        blocks.append((LINES, region[block_start:], n - block_start))
+    return blocks
+
+
+# ---------------------------------------------------------------- rotation decisions
+
+SAME, TRUNCATED, REPLACED, GONE = "same", "truncated", "replaced", "gone"
+
+
+def classify(identity: tuple[int, int], read_offset: int, size: int, head_matches: bool,
+             path_identity: tuple[int, int] | None) -> str:
+    """What happened to a tailed file, from its open descriptor and what its path now holds.
+
+    - GONE: nothing at the path any more (deleted, or renamed away): drain the descriptor.
+    - REPLACED: the path holds another file (rename + create): drain, then follow the new one.
+    - TRUNCATED: same file, but smaller than what we read or its first bytes changed
+      (copytruncate): start again at 0.
+    """
+    if size < read_offset or not head_matches:
+        return TRUNCATED
+    if path_identity is None:
+        return GONE
+    if path_identity != identity:
+        return REPLACED
+    return SAME
+
+
+class TailedFile:
+    """One open file being followed, with its read position and confirmed (committed) offset."""
+
+    def __init__(self, path: str, fd: int, offset: int, max_line_bytes: int):
+        st = os.fstat(fd)
+        self.path = path
+        self.fd = fd
+        self.identity = (st.st_dev, st.st_ino)
+        self.read_offset = offset   # next byte to read
+        self.emit_offset = offset   # first byte not yet handed on (start of the carry)
+        self.carry = b""            # bytes after the last newline
+        self.in_long_line = False   # the carry continues a line already cut into parts
+        self.max_line_bytes = max_line_bytes
+        self.tracker = OffsetTracker(offset)
+        self.fp_len, self.fp = fingerprint(fd)
+        self.last_data = time.monotonic()
+        self.released_since: float | None = None  # when the path stopped pointing here
+        self.closed = False
+
+    def read(self, chunk_size: int) -> Read | None:
+        """Read up to ``chunk_size`` new bytes; None at end of file."""
+        data = os.pread(self.fd, chunk_size, self.read_offset)
+        if not data:
+            return None
+        self.read_offset += len(data)
+        self.last_data = time.monotonic()
+        buf = self.carry + data if self.carry else data
+        start = self.emit_offset
+        blocks: list[tuple[str, bytes, int]] = []
+        pos = 0
+        if self.in_long_line:
+            newline = buf.find(b"\n")
+            if newline != -1:
+                blocks.extend(part_blocks(buf[:newline], self.max_line_bytes))
+                pos = newline + 1
+                self.in_long_line = False
+        if not self.in_long_line:
+            last_newline = buf.rfind(b"\n", pos)
+            if last_newline != -1:
+                region = buf[pos:last_newline + 1] if pos or last_newline + 1 < len(buf) else buf
+                blocks.extend(split_long_lines(region, self.max_line_bytes))
+                pos = last_newline + 1
+        carry = buf[pos:] if pos else buf
+        while len(carry) > self.max_line_bytes:
+            cut = utf8_cut(carry, self.max_line_bytes)
+            blocks.append((PART, carry[:cut], cut))
+            carry = carry[cut:]
+            self.in_long_line = True
+        self.carry = carry
+        self.emit_offset = self.read_offset - len(carry)
+        return Read(start, self.emit_offset, blocks)
+
+    def flush_carry(self) -> Read | None:
+        """Hand on the bytes after the last newline (the line never got its newline)."""
+        if not self.carry:
+            return None
+        kind = PART if self.in_long_line else LINE
+        read = Read(self.emit_offset, self.read_offset, [(kind, self.carry, len(self.carry))])
+        self.carry = b""
+        self.in_long_line = False
+        self.emit_offset = self.read_offset
+        return read
+
+    def restart(self) -> None:
+        """The file was truncated (copytruncate): read it again from the start."""
+        self.read_offset = self.emit_offset = 0
+        self.carry = b""
+        self.in_long_line = False
+        self.tracker.reset(0)
+        self.fp_len, self.fp = fingerprint(self.fd)
+
+    def head_matches(self) -> bool:
+        """Are the first bytes still the ones we fingerprinted? (Not when copytruncate refilled it.)"""
+        current_len, current = fingerprint(self.fd, self.fp_len)
+        if current_len != self.fp_len or current != self.fp:
+            return False
+        if self.fp_len < FINGERPRINT_BYTES:
+            self.fp_len, self.fp = fingerprint(self.fd)  # it grew: fingerprint more of it
+        return True
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.path, self.identity[0], self.identity[1], self.tracker.committed,
+                          self.fp_len, self.fp)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+            self.closed = True

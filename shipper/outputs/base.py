@@ -1,0 +1,54 @@
+"""What every output is: it accepts batches and delivers them, confirming each when it is safe.
+
+The contract, which the runner (shipper.pipeline) relies on:
+
+- ``accept(batch)`` takes ownership of a batch. It only buffers (in memory, or in a file
+  under data_dir) and does not raise for delivery problems.
+- ``deliver(now, force)`` does the I/O that is due (``force``: everything, now). When a batch
+  has reached its destination or durable storage, the output calls ``batch.ack.confirm()``.
+  It raises :class:`RetryableError` to be called again after a backoff (nothing accepted is
+  lost), or :class:`FatalError` naming the batches that can never be delivered (counted as
+  dropped with the reason, and confirmed so they do not hold the checkpoint back).
+- ``pending()`` says how many accepted batches still wait for confirmation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shipper.record import Batch, Envelope
+from shipper.stats import Stats
+
+
+@dataclass
+class OutputContext:
+    name: str            # e.g. "directory.0": used in logs and counters
+    data_dir: str
+    envelope: Envelope
+    stats: Stats
+    flush_interval: float
+
+
+class Output:
+    # The batch encoding the router prepares in the reading thread ("ndjson"), or None.
+    encoding: str | None = "ndjson"
+
+    def __init__(self, settings: Any, context: OutputContext):
+        self.settings = settings
+        self.context = context
+
+    def accept(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def deliver(self, now: float, force: bool) -> None:
+        raise NotImplementedError
+
+    def pending(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Release resources; called after the last deliver(force=True)."""
+
+    def describe(self) -> str:
+        return self.context.name

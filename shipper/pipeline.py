@@ -1,0 +1,235 @@
+"""Wiring: inputs -> router -> one runner thread per output; start, drain, stop.
+
+Threads: one per input (reads, frames and encodes: the Python-heavy part), one per
+output (compression and I/O, which release the GIL), so the two overlap on two cores.
+Each output has a bounded queue; a full queue makes the readers wait (backpressure),
+so memory stays bounded whatever the destination does.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from shipper.acks import Acknowledgement
+from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, tag_matches
+from shipper.errors import FatalError, RetryableError
+from shipper.identity import resolve_identity
+from shipper.outputs.base import Output, OutputContext
+from shipper.outputs.retry import backoff_delay
+from shipper.record import Batch, Envelope
+from shipper.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputContext:
+    data_dir: str
+    stats: Stats
+    checkpoint_interval: float
+
+
+class OutputRunner(threading.Thread):
+    """Feeds one output from its bounded queue and retries its deliveries."""
+
+    def __init__(self, output: Output, match: list[str], max_bytes: int, flush_interval: float, stats: Stats):
+        super().__init__(name=f"output-{output.context.name}", daemon=True)
+        self.output = output
+        self.name_ = output.context.name
+        self.match = match
+        self.max_bytes = max_bytes
+        self.flush_interval = flush_interval
+        self.stats = stats
+        self.queue: collections.deque[Batch] = collections.deque()
+        self.queued_bytes = 0
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.deadline: float | None = None
+        self.failing_since: float | None = None
+        self.last_delivery = time.monotonic()
+
+    # ------------------------------------------------------------ producer side
+
+    def put(self, batch: Batch, deadline: float | None) -> bool:
+        """Queue a batch, waiting while the queue is full; False if the deadline passed first."""
+        cost = _cost(batch)
+        with self.cond:
+            while self.queue and self.queued_bytes + cost > self.max_bytes:
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    return False
+                self.cond.wait(timeout if timeout is not None else 1.0)
+            self.queue.append(batch)
+            self.queued_bytes += cost
+            self.cond.notify_all()
+        return True
+
+    def finish(self, deadline: float) -> None:
+        with self.cond:
+            self.stopping = True
+            self.deadline = deadline
+            self.cond.notify_all()
+
+    # ------------------------------------------------------------ consumer side
+
+    def run(self) -> None:
+        next_flush = time.monotonic() + self.flush_interval
+        while True:
+            with self.cond:
+                if not self.queue and not self.stopping:
+                    self.cond.wait(max(0.0, next_flush - time.monotonic()))
+                batch = self.queue.popleft() if self.queue else None
+                if batch is not None:
+                    self.queued_bytes -= _cost(batch)
+                    self.cond.notify_all()
+                draining = self.stopping and not self.queue
+            if batch is not None:
+                self.output.accept(batch)
+            now = time.monotonic()
+            if batch is not None or now >= next_flush or draining:
+                self._deliver(force=draining)
+                next_flush = now + self.flush_interval
+            if draining and (self.output.pending() == 0 or self._past_deadline()):
+                return
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _deliver(self, force: bool) -> None:
+        attempt = 0
+        while True:
+            try:
+                self.output.deliver(time.time(), force)
+            except RetryableError as exc:
+                attempt += 1
+                self.stats.add("retries", 1, output=self.name_)
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                    log.warning("%s: delivery failed, retrying with backoff: %s", self.name_, exc)
+                delay = backoff_delay(attempt)
+                if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+                    log.error("%s: shutdown deadline reached with undelivered records: %s", self.name_, exc)
+                    return
+                time.sleep(delay)
+                continue
+            except FatalError as exc:
+                self._drop(exc)
+            if self.failing_since is not None:
+                log.warning("%s: delivering again after %.1fs of failures", self.name_,
+                            time.monotonic() - self.failing_since)
+                self.failing_since = None
+            self.last_delivery = time.monotonic()
+            return
+
+    def _drop(self, exc: FatalError) -> None:
+        batches = getattr(exc, "batches", [])
+        records = sum(b.count for b in batches)
+        reason = getattr(exc, "reason", "rejected")
+        self.stats.add("records_dropped", records, output=self.name_, reason=reason)
+        log.error("%s: dropped %d records that can never be delivered (%s): %s", self.name_, records, reason, exc)
+        for batch in batches:
+            batch.ack.confirm()
+
+
+def _cost(batch: Batch) -> int:
+    return batch.size + (len(batch._ndjson) if batch._ndjson is not None else 0)
+
+
+class Pipeline:
+    def __init__(self, config: Config, identity: dict[str, str] | None = None):
+        self.config = config
+        agent = config.agent
+        self.data_dir = os.path.abspath(agent.data_dir)
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.stats = Stats()
+        if identity is None:
+            cloud = config.cloud
+            identity = resolve_identity(cloud.metadata, cloud.imds_endpoint, cloud.imds_timeout)
+        self.envelope = Envelope(identity, dict(agent.labels))
+        self.runners: list[OutputRunner] = []
+        for index, settings in enumerate(config.outputs):
+            module = importlib.import_module(OUTPUT_MODULES[settings.type])
+            context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats,
+                                    agent.flush_interval)
+            output = module.OUTPUT(settings, context)
+            self.runners.append(OutputRunner(output, settings.match, settings.buffer_max_bytes,
+                                             agent.flush_interval, self.stats))
+        input_context = InputContext(self.data_dir, self.stats, agent.checkpoint_interval)
+        self.inputs = [importlib.import_module(INPUT_MODULES[s.type]).INPUT(s, input_context)
+                       for s in config.inputs]
+        self.stop_inputs = threading.Event()
+        self.failed = threading.Event()
+        self.deadline: float | None = None
+        self._routes: dict[str, list[OutputRunner]] = {}
+        self._unrouted_reported: set[str] = set()
+        self._input_threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------ routing
+
+    def routes(self, tag: str) -> list[OutputRunner]:
+        runners = self._routes.get(tag)
+        if runners is None:
+            runners = self._routes[tag] = [r for r in self.runners if tag_matches(tag, r.match)]
+        return runners
+
+    def emit(self, batch: Batch) -> None:
+        runners = self.routes(batch.tag)
+        batch.ack = Acknowledgement(len(runners), batch.on_done)
+        if not runners:
+            self.stats.add("records_unrouted", batch.count, tag=batch.tag)
+            if batch.tag not in self._unrouted_reported:
+                self._unrouted_reported.add(batch.tag)
+                log.warning("no output matches tag %r: its records are not shipped", batch.tag)
+            return
+        if any(r.output.encoding == "ndjson" for r in runners):
+            batch.ndjson(self.envelope)  # encode here, in the reading thread, once for all
+        for runner in runners:
+            runner.put(batch, self.deadline)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for runner in self.runners:
+            runner.start()
+        for index, source in enumerate(self.inputs):
+            thread = threading.Thread(target=self._run_input, args=(source,), name=f"input-{index}", daemon=True)
+            thread.start()
+            self._input_threads.append(thread)
+
+    def _run_input(self, source) -> None:
+        try:
+            source.run(self.emit, self.stop_inputs)
+        except Exception:  # a bug, not bad input: stop cleanly so systemd restarts us
+            log.exception("input %s failed; stopping the agent", getattr(source, "tag", source))
+            self.failed.set()
+
+    def stop(self) -> bool:
+        """Stop reading, deliver what was read, save checkpoints. True when everything was delivered."""
+        timeout = self.config.agent.shutdown_timeout
+        self.deadline = time.monotonic() + timeout
+        self.stop_inputs.set()
+        for source in self.inputs:
+            source.wake.set()
+        for thread in self._input_threads:
+            thread.join(max(0.0, self.deadline - time.monotonic()))
+        for runner in self.runners:
+            runner.finish(self.deadline)
+        for runner in self.runners:
+            runner.join(max(0.0, self.deadline - time.monotonic()) + 1.0)
+        for source in self.inputs:
+            source.save_checkpoints()
+        complete = True
+        for runner in self.runners:
+            left = runner.output.pending() + len(runner.queue)
+            if left:
+                complete = False
+                log.error("%s: %d batches not delivered before shutdown_timeout (%.0fs); "
+                          "they are read again on the next start", runner.name_, left, timeout)
+            runner.output.close()
+        return complete

@@ -1,0 +1,165 @@
+"""Records travel in batches; this module owns their JSON form.
+
+A batch is either *plain* (a blob of complete, valid UTF-8 lines from one file, no parser:
+the fast path, which never makes a Python object per line) or *general* (a list of
+messages with optional per-record fields: parsed values, flags, event time).
+"""
+
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import orjson
+
+# Keys the agent itself writes at the top level; parsed fields with these names go under "fields".
+RESERVED_KEYS = frozenset({
+    "time", "tag", "host", "instance_id", "image_id", "region", "availability_zone",
+    "instance_type", "source", "message", "labels", "fields", "encoding_errors",
+    "truncated", "parse_error", "metrics",
+})
+IDENTITY_KEYS = ("host", "instance_id", "image_id", "region", "availability_zone", "instance_type")
+
+
+def format_time(epoch: float) -> str:
+    """Seconds since the epoch -> RFC 3339 UTC with microseconds, e.g. 2026-11-29T13:17:18.123456Z."""
+    seconds = int(epoch)
+    micros = int(round((epoch - seconds) * 1_000_000))
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What every record carries about who produced it: identity fields and labels."""
+
+    identity: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def head(self, read_time: str, tag: str, source: str | None) -> dict[str, Any]:
+        head: dict[str, Any] = {"time": read_time, "tag": tag}
+        for key in IDENTITY_KEYS:
+            if key in self.identity:
+                head[key] = self.identity[key]
+        if source is not None:
+            head["source"] = source
+        return head
+
+
+class Batch:
+    """A run of records from one source, with the byte range of the file it covers.
+
+    ``ack`` is called by the pipeline's bookkeeping once every output confirmed it.
+    """
+
+    __slots__ = ("tag", "source", "read_time", "blob", "count", "messages", "fields",
+                 "start", "end", "on_done", "ack", "_ndjson", "size", "created")
+
+    def __init__(self, tag: str, source: str | None, read_time: float, *, blob: bytes | None = None,
+                 messages: list[str] | None = None, fields: list[dict | None] | None = None,
+                 start: int = 0, end: int = 0):
+        self.tag = tag
+        self.source = source
+        self.read_time = read_time
+        self.blob = blob
+        self.messages = messages
+        self.fields = fields
+        if blob is not None:
+            self.count = blob.count(b"\n")
+            self.size = len(blob)
+        else:
+            self.count = len(messages or ())
+            self.size = sum(map(len, messages or ()))
+        self.start = start
+        self.end = end
+        self.on_done = None  # set by the input: what to do once every output confirmed
+        self.ack = None      # set by the router: the countdown outputs confirm
+        self._ndjson: bytes | None = None
+        self.created = _time.monotonic()
+
+    # ------------------------------------------------------------ views for outputs
+
+    def ndjson(self, envelope: Envelope) -> bytes:
+        """The records as NDJSON (one object per line), encoded once and cached."""
+        if self._ndjson is None:
+            self._ndjson = encode_ndjson(self, envelope)
+        return self._ndjson
+
+    def records(self, envelope: Envelope) -> Iterator[dict[str, Any]]:
+        """The records as dicts (for outputs that need structure, not bytes)."""
+        head = envelope.head(format_time(self.read_time), self.tag, self.source)
+        labels = envelope.labels
+        for message, extra in zip(self.message_list(), self.fields or _none_forever()):
+            record = dict(head)
+            record["message"] = message
+            if extra:
+                _merge_fields(record, extra)
+            if labels:
+                record["labels"] = labels
+            yield record
+
+    def message_list(self) -> list[str]:
+        if self.messages is not None:
+            return self.messages
+        lines = self.blob.decode("utf-8").split("\n")
+        lines.pop()  # the blob ends with a newline
+        return lines
+
+
+def _none_forever() -> Iterator[None]:
+    while True:
+        yield None
+
+
+# Keys the agent sets in a record's extra fields start with NUL, so that a parsed field with
+# the same name (a JSON log line with its own "time" or "truncated") can never pose as one.
+TIME = "\x00time"
+TRUNCATED = "\x00truncated"
+ENCODING_ERRORS = "\x00encoding_errors"
+PARSE_ERROR = "\x00parse_error"
+METRICS = "\x00metrics"
+
+
+def _merge_fields(record: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if key[:1] == "\x00":
+            record[key[1:]] = value
+        elif key in RESERVED_KEYS:
+            record.setdefault("fields", {})[key] = value
+        else:
+            record[key] = value
+
+
+def _prefix_suffix(batch: Batch, envelope: Envelope) -> tuple[bytes, bytes]:
+    head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
+    prefix = orjson.dumps(head)[:-1] + b',"message":'
+    suffix = b',"labels":' + orjson.dumps(envelope.labels) + b"}\n" if envelope.labels else b"}\n"
+    return prefix, suffix
+
+
+def encode_ndjson(batch: Batch, envelope: Envelope) -> bytes:
+    if batch.blob is not None:
+        prefix, suffix = _prefix_suffix(batch, envelope)
+        return encode_plain_lines(batch.blob, prefix, suffix)
+    return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+                     for record in batch.records(envelope)])
+
+
+def encode_plain_lines(blob: bytes, prefix: bytes, suffix: bytes) -> bytes:
+    """NDJSON for a blob of valid UTF-8 lines, each ending in a newline.
+
+    Each record is ``prefix + json_string(line) + suffix``. The fast path escapes the whole
+    blob in one orjson call and turns every escaped newline into a record boundary; that is
+    exact unless a line holds a backslash followed by ``n`` (the escape would be ambiguous),
+    in which case the lines are escaped one by one.
+    """
+    if not blob:
+        return b""
+    boundary = b'"' + suffix + prefix + b'"'
+    if b"\\n" not in blob:
+        escaped = orjson.dumps(blob[:-1].decode("utf-8"))
+        return prefix + escaped.replace(b"\\n", boundary) + suffix
+    lines = blob[:-1].decode("utf-8").split("\n")
+    return prefix + (suffix + prefix).join([orjson.dumps(line) for line in lines]) + suffix

@@ -31,17 +31,18 @@ _PY_CHAINED = re.compile(r"^(During handling of the above exception|The above ex
 _PY_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(:|$)")
 
 
-def python_rule(line: str, in_traceback: object) -> tuple[bool, object]:
+def python_rule(line: str, state: object) -> tuple[bool, object]:
+    """States: None (ordinary lines), "tb" (inside a traceback), "after" (just after its exception line)."""
     if _PY_TRACEBACK.match(line) or _PY_CHAINED.match(line):
-        return True, True
+        return True, "tb"
     if line[:1] in (" ", "\t"):
-        return True, in_traceback
-    if in_traceback:
-        if not line:
-            return True, True  # the blank line between chained tracebacks
-        if _PY_EXCEPTION_LINE.match(line):
-            return True, False  # "ValueError: bad" closes the traceback
-    return False, False
+        return True, state
+    if state == "tb":
+        if not line or _PY_EXCEPTION_LINE.match(line):
+            return True, "after" if line else "tb"  # "ValueError: bad" ends the frames
+    elif state == "after" and not line:
+        return True, "after"  # the blank line before "During handling of the above exception"
+    return False, None
 
 
 _JAVA_CONTINUATION = re.compile(

@@ -71,7 +71,7 @@ def validate(settings: Settings) -> list[str]:
     if multiline is not None:
         where = f"{settings.where}.multiline"
         parsed = validate_section(where, multiline, MULTILINE_OPTIONS, problems)
-        if isinstance(multiline, dict) and not parsed.get("start") and not parsed.get("preset"):
+        if isinstance(multiline, dict) and "start" not in multiline and "preset" not in multiline:
             problems.append(f"{where}: needs start (a regex) or preset ({', '.join(PRESETS)})")
         settings._values["multiline"] = parsed
     return problems
@@ -124,6 +124,8 @@ class FileInput:
             self.discover(at_startup=False)
         worked = False
         for tailed in list(self.files.values()):
+            if self._truncated(tailed):
+                self._restart(tailed, emit)
             budget = FAIR_SHARE_BYTES
             while budget > 0 and not stop.is_set():
                 read = tailed.read(self.settings.read_bytes)
@@ -267,12 +269,7 @@ class FileInput:
         size = os.fstat(tailed.fd).st_size
         state = classify(tailed.identity, tailed.read_offset, size, tailed.head_matches(), path_identity)
         if state == TRUNCATED:
-            log.info("%s was truncated (copytruncate?); reading it again from the start", tailed.path)
-            self._count("files_truncated")
-            self._ship_held(tailed, emit)
-            tailed.restart()
-            tailed.builder.restart(0)
-            self.wake.set()
+            self._restart(tailed, emit)
         elif state in (GONE, REPLACED):
             if tailed.released_since is None:
                 tailed.released_since = now
@@ -282,6 +279,18 @@ class FileInput:
                 self._release(tailed, emit)
         else:
             tailed.released_since = None
+
+    def _truncated(self, tailed: TailedFile) -> bool:
+        """Checked before reading, so that a file truncated and refilled past our offset is not read
+        from the middle (the size alone cannot tell; its first bytes can)."""
+        return os.fstat(tailed.fd).st_size < tailed.read_offset or not tailed.head_matches()
+
+    def _restart(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
+        log.info("%s was truncated (copytruncate?); reading it again from the start", tailed.path)
+        self._count("files_truncated")
+        self._ship_held(tailed, emit)
+        tailed.restart()
+        tailed.builder.restart(0)
 
     def _release(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
         """The file was rotated or deleted and is drained: close it, keep its checkpoint until confirmed."""

@@ -1,0 +1,128 @@
+"""Process measurement helpers: wall time, CPU seconds, peak RSS, and polling."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    bytes: int
+    lines: int
+    cpu_seconds: float
+    peak_rss_mib: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds
+
+    @property
+    def lines_per_s(self) -> float:
+        return self.lines / self.seconds
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["mb_per_s"] = round(self.mb_per_s, 2)
+        data["lines_per_s"] = round(self.lines_per_s)
+        return data
+
+
+def run_to_devnull(name: str, argv: list[str], size: int, lines: int) -> Result:
+    """Run a command with stdout to /dev/null; CPU and peak RSS from its own rusage.
+
+    The command runs under GNU time (/usr/bin/time) when present: a child forked straight
+    from this Python process would report Python's RSS as its ru_maxrss (it is kept across exec).
+    """
+    timer = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        command = [timer, "-f", "%U %S %M", "-o", report.name, *argv] if timer else argv
+        started = time.monotonic()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv} exited with {proc.returncode}")
+        if timer:
+            user, system, max_kib = report.read().split()[-3:]
+            return Result(name, elapsed, size, lines, float(user) + float(system), int(max_kib) / 1024)
+    return Result(name, elapsed, size, lines, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
+                  {"note": "ru_maxrss includes the forking Python process"})
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the process's peak resident set size."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def read_chars(pid: int) -> int:
+    """rchar from /proc/PID/io: bytes the process got from read-like system calls."""
+    try:
+        with open(f"/proc/{pid}/io") as handle:
+            for line in handle:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> tuple[int, float]:
+    """Signal a process and wait for it (SIGKILL after ``timeout``); (exit code, seconds to exit)."""
+    started = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, time.monotonic() - started
+
+
+class LineCounter:
+    """Counts the lines of a file that another process is appending to, reading only new bytes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+        self.lines = 0
+        self.bytes = 0
+
+    def update(self) -> int:
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return 0
+        while True:
+            data = os.read(self.fd, 8 << 20)
+            if not data:
+                return self.lines
+            self.lines += data.count(b"\n")
+            self.bytes += len(data)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

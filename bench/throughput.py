@@ -1,0 +1,444 @@
+"""Throughput benchmark: shipper against cat, gzip -1 and rsyslog on one realistic log file.
+
+    .venv/bin/python bench/throughput.py [--lines N]
+
+Generates (or reuses) bench/work/throughput-input.log, warms the page cache with one
+`cat`, then measures one after the other (never in parallel, the machine has 2 cores):
+
+- cat FILE > /dev/null            the physical read limit
+- gzip -1 -c FILE > /dev/null     the compression limit
+- rsyslogd: imfile -> omfile      raw lines to a file; done when the output has N lines
+- shipper: file -> directory      gzip objects; done when the checkpoint reaches the
+                                  file size (only after the last object was fsynced and
+                                  linked), then SIGTERM, then the archive is verified
+
+Results: a table on stdout, bench/results/throughput.json and bench/results/throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import orjson
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import loggen  # noqa: E402
+from measure import (LineCounter, Result, cpu_seconds, peak_rss_mib, read_chars,  # noqa: E402
+                     run_to_devnull, stop)
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+WORK = os.path.join(BENCH, "work")
+RESULTS = os.path.join(BENCH, "results")
+INPUT = os.path.join(WORK, "throughput-input.log")
+SHIPPER = os.path.join(ROOT, ".venv", "bin", "shipper")
+RSYSLOGD = "/usr/sbin/rsyslogd"
+POLL = 0.05  # seconds between completion checks
+TOOLS = ("cat", "gzip", "rsyslog", "shipper")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------- per-thread CPU
+
+def thread_cpu(pid: int) -> list[dict]:
+    """CPU seconds of each thread of ``pid`` (with its kernel name), busiest first."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as handle:
+                stat = handle.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as handle:
+                comm = handle.read().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        user, system = int(fields[11]) / ticks, int(fields[12]) / ticks
+        threads.append({"tid": int(tid), "comm": comm, "user": round(user, 2), "sys": round(system, 2)})
+    return sorted(threads, key=lambda t: -(t["user"] + t["sys"]))
+
+
+# ---------------------------------------------------------------- cat, gzip
+
+def bench_cat(meta: dict) -> Result:
+    return run_to_devnull("cat", ["cat", INPUT], meta["bytes"], meta["lines"])
+
+
+def bench_gzip(meta: dict) -> Result:
+    return run_to_devnull("gzip -1", ["gzip", "-1", "-c", INPUT], meta["bytes"], meta["lines"])
+
+
+# ---------------------------------------------------------------- rsyslog
+
+RSYSLOG_CONF = """\
+# imfile -> omfile, nothing else: no imuxsock/imklog (no system socket), own work directory.
+global(workDirectory="{spool}" maxMessageSize="64k")
+module(load="imfile" mode="inotify")
+template(name="raw" type="string" string="%rawmsg%\\n")
+ruleset(name="bench") {{
+  action(type="omfile" file="{out}" template="raw")
+}}
+input(type="imfile" file="{input}" tag="bench" ruleset="bench")
+"""
+
+
+def bench_rsyslog(meta: dict, workdir: str, timeout: float) -> Result:
+    spool = os.path.join(workdir, "spool")
+    os.makedirs(spool)
+    out = os.path.join(workdir, "out.log")
+    conf = os.path.join(workdir, "rsyslog.conf")
+    pidfile = os.path.join(workdir, "rsyslogd.pid")
+    with open(conf, "w") as handle:
+        handle.write(RSYSLOG_CONF.format(spool=spool, out=out, input=INPUT))
+    subprocess.run([RSYSLOGD, "-N1", "-f", conf], check=True, capture_output=True)
+    counter = LineCounter(out)
+    with open(os.path.join(workdir, "rsyslogd.stderr"), "wb") as errors:
+        started = time.monotonic()
+        proc = subprocess.Popen([RSYSLOGD, "-n", "-f", conf, "-i", pidfile], stdout=errors, stderr=errors)
+        try:
+            while True:
+                time.sleep(POLL)
+                lines = counter.update()
+                now = time.monotonic()
+                if lines >= meta["lines"]:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"rsyslogd exited with {proc.returncode} (see {workdir}/rsyslogd.stderr)")
+                if now - started > timeout:
+                    raise RuntimeError(f"rsyslog: only {lines} of {meta['lines']} lines after {timeout:.0f}s")
+            elapsed = now - started
+            cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
+        finally:
+            code, _ = stop(proc, timeout=10)
+    time.sleep(0.2)
+    lines = counter.update()
+    counter.close()
+    extra = {"output_lines": lines, "output_bytes": counter.bytes, "exit_code": code, "threads": threads}
+    if lines != meta["lines"]:
+        log(f"  WARNING: rsyslog wrote {lines} lines, expected {meta['lines']}")
+    return Result("rsyslog", elapsed, meta["bytes"], meta["lines"], cpu, rss, extra)
+
+
+# ---------------------------------------------------------------- shipper
+
+SHIPPER_CONF = """\
+[agent]
+data_dir = "{data}"
+checkpoint_interval = "100ms"
+
+[cloud]
+metadata = "off"
+
+[[inputs]]
+type = "file"
+tag = "bench"
+paths = ["{input}"]
+parser = "none"
+start_at = "beginning"
+
+[[outputs]]
+type = "directory"
+path = "{archive}"
+compression = "gzip"
+upload_interval = "2s"
+"""
+
+
+def checkpoint_offset(path: str) -> int:
+    try:
+        with open(path, "rb") as handle:
+            data = orjson.loads(handle.read())
+    except (OSError, ValueError):
+        return -1
+    for entry in data.get("files", []):
+        if entry.get("path") == INPUT:
+            return entry["offset"]
+    return -1
+
+
+def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | None) -> Result:
+    data = os.path.join(workdir, "data")
+    archive = os.path.join(workdir, "archive")
+    conf = os.path.join(workdir, "shipper.toml")
+    with open(conf, "w") as handle:
+        handle.write(SHIPPER_CONF.format(data=data, input=INPUT, archive=archive))
+    checkpoint = os.path.join(data, "checkpoints", "file-bench.json")
+    size = meta["bytes"]
+    timeline = []
+    read_done = None
+    profiler = None
+    with open(os.path.join(workdir, "shipper.stderr"), "wb") as errors:
+        started = time.monotonic()
+        proc = subprocess.Popen([SHIPPER, "run", "-c", conf], stdout=errors, stderr=errors)
+        if py_spy:
+            profiler = subprocess.Popen([py_spy[0], "record", "--pid", str(proc.pid), *py_spy[1:]],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            last_sample = 0.0
+            while True:
+                time.sleep(POLL)
+                offset = checkpoint_offset(checkpoint)
+                now = time.monotonic()
+                rchar = read_chars(proc.pid)
+                if read_done is None and rchar >= size:
+                    read_done = now - started
+                if now - last_sample >= 0.5 or offset == size:
+                    timeline.append((round(now - started, 2), offset, rchar, round(cpu_seconds(proc.pid), 2)))
+                    last_sample = now
+                if offset == size:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"shipper exited with {proc.returncode} (see {workdir}/shipper.stderr)")
+                if now - started > timeout:
+                    raise RuntimeError(f"shipper: checkpoint at {offset} of {size} after {timeout:.0f}s")
+            elapsed = now - started
+            cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
+        finally:
+            code, exit_seconds = stop(proc, timeout=60)
+            if profiler is not None:
+                try:
+                    profiler.wait(60)
+                except subprocess.TimeoutExpired:
+                    profiler.terminate()
+                    profiler.wait()
+    extra = {"exit_code": code, "seconds_to_exit_after_sigterm": round(exit_seconds, 2),
+             "reader_done_seconds": None if read_done is None else round(read_done, 2),
+             "threads": threads, "timeline": timeline}
+    extra.update(verify_archive(archive, meta))
+    return Result("shipper", elapsed, size, meta["lines"], cpu, rss, extra)
+
+
+def verify_archive(archive: str, meta: dict) -> dict:
+    """Count the archived records and check their messages against the input, in order."""
+    objects = []
+    for directory, subdirs, files in os.walk(archive):
+        subdirs[:] = [d for d in subdirs if d != ".tmp"]
+        objects += [os.path.join(directory, f) for f in files if f.endswith(".ndjson.gz")]
+
+    def seq(path: str) -> int:
+        match = re.search(r"-(\d+)\.ndjson\.gz$", path)
+        return int(match.group(1)) if match else 0
+
+    objects.sort(key=seq)
+    records = ndjson_bytes = compressed = 0
+    mismatch = None
+    with open(INPUT, "rb") as source:
+        for path in objects:
+            compressed += os.path.getsize(path)
+            with gzip.open(path, "rb") as handle:
+                carry = b""
+                while True:
+                    chunk = handle.read(16 << 20)
+                    if not chunk:
+                        break
+                    ndjson_bytes += len(chunk)
+                    lines = (carry + chunk).split(b"\n")
+                    carry = lines.pop()
+                    for line in lines:
+                        records += 1
+                        expected = source.readline()[:-1].decode("utf-8")
+                        if mismatch is None and orjson.loads(line).get("message") != expected:
+                            mismatch = {"record": records, "object": path}
+                if carry:
+                    mismatch = mismatch or {"record": records, "object": path, "error": "no final newline"}
+    ok = records == meta["lines"] and mismatch is None
+    log(f"  verify: {len(objects)} objects, {records:,} records (expected {meta['lines']:,}), "
+        f"{ndjson_bytes / 1e6:.1f} MB NDJSON -> {compressed / 1e6:.1f} MB gzip, "
+        f"messages {'match the input' if mismatch is None else f'DIFFER at {mismatch}'}")
+    return {"objects": len(objects), "records": records, "verified": ok, "mismatch": mismatch,
+            "ndjson_bytes": ndjson_bytes, "archive_bytes": compressed}
+
+
+# ---------------------------------------------------------------- report
+
+def machine() -> dict:
+    model = "unknown"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0].strip()
+        except (OSError, IndexError):
+            return "unknown"
+
+    shipper_version = version([SHIPPER, "version"])
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "shipper": shipper_version,
+        "rsyslog": version([RSYSLOGD, "-v"]),
+        "gzip": version(["gzip", "--version"]),
+    }
+
+
+HEADER = ("tool", "seconds", "MB/s", "lines/s", "CPU s", "peak RSS MiB")
+
+
+def rows(results: list[Result]) -> list[tuple[str, ...]]:
+    return [(r.name, f"{r.seconds:.2f}", f"{r.mb_per_s:.1f}", f"{r.lines_per_s:,.0f}", f"{r.cpu_seconds:.2f}",
+             f"{r.peak_rss_mib:.1f}") for r in results]
+
+
+def ratios(results: list[Result]) -> dict[str, float]:
+    by_name = {r.name: r for r in results}
+    out = {}
+    if "shipper" in by_name:
+        for other in ("rsyslog", "gzip -1", "cat"):
+            if other in by_name:
+                out[f"shipper/{other}"] = round(by_name["shipper"].mb_per_s / by_name[other].mb_per_s, 3)
+    return out
+
+
+def text_table(results: list[Result]) -> str:
+    table = [HEADER, *rows(results)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(results: list[Result], meta: dict, info: dict) -> str:
+    out = [
+        "# Throughput benchmark",
+        "",
+        f"{info['date']} on {info['nproc']} cores ({info['cpu']}), {info['memory_gib']} GiB, "
+        f"Linux {info['kernel']}, Python {info['python']}; {info['shipper']}, {info['rsyslog']}, {info['gzip']}.",
+        "",
+        f"Input: {meta['lines']:,} lines, {meta['bytes'] / 1e6:.1f} MB ({meta['bytes'] / meta['lines']:.1f} bytes/line), "
+        f"seed {meta['seed']}: JSON app logs, access logs, plain app logs, Python tracebacks; "
+        f"{meta['exc_json_share']:.1%} of JSON lines carry an exc_info with escaped newlines. Read from the page cache.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows(results)),
+        "",
+    ]
+    for name, value in ratios(results).items():
+        out.append(f"- throughput {name}: {value:.2f}")
+    by_name = {r.name: r for r in results}
+    if "shipper" in by_name:
+        extra = by_name["shipper"].extra
+        out.append(f"- shipper: {extra['records']:,} records in {extra['objects']} objects, "
+                   f"verified: {extra['verified']}; {extra['ndjson_bytes'] / 1e6:.1f} MB NDJSON -> "
+                   f"{extra['archive_bytes'] / 1e6:.1f} MB gzip; reader reached end of file at "
+                   f"~{extra['reader_done_seconds']} s")
+    out += [
+        "",
+        "rsyslog: imfile (inotify) -> omfile with template `%rawmsg%\\n`, defaults otherwise; timed from "
+        "process start until the output file has N lines. shipper: file input (parser none) -> directory "
+        "output (gzip level 1, upload_interval 2s); timed from process start until the checkpoint equals the "
+        "file size, i.e. the last object was fsynced and linked. cat and gzip write to /dev/null. CPU is "
+        "user+sys of the process; peak RSS is VmHWM (ru_maxrss for cat and gzip).",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=2_000_000, help="lines in the generated file")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--exc-json-share", type=float, default=0.005,
+                        help="share of JSON lines with an exc_info holding escaped newlines (default 0.005)")
+    parser.add_argument("--only", nargs="+", choices=TOOLS, help="run only these measurements")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for rsyslog and for shipper")
+    parser.add_argument("--results", default=None,
+                        help="results name under bench/results (default: throughput; none with --only)")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (outputs, configs, logs)")
+    parser.add_argument("--py-spy", nargs=argparse.REMAINDER, metavar="ARG",
+                        help="attach `py-spy record --pid PID ARG...` to shipper (skews its numbers), "
+                             "e.g. --py-spy --threads --format raw -o /tmp/profile.txt")
+    args = parser.parse_args(argv)
+    tools = args.only or list(TOOLS)
+    results_name = args.results or (None if args.only else "throughput")
+    py_spy = None
+    if args.py_spy is not None:
+        py_spy = [shutil.which("py-spy", path=os.path.join(ROOT, ".venv", "bin")) or "py-spy", *args.py_spy]
+
+    meta = loggen.ensure(INPUT, args.lines, args.seed, args.exc_json_share, log=log)
+    info = machine()
+    log(f"{info['nproc']} cores, {info['cpu']}; {info['shipper']}; {info['rsyslog']}")
+    log("warm-up: cat (page cache)")
+    run_to_devnull("warm-up", ["cat", INPUT], meta["bytes"], meta["lines"])
+
+    os.makedirs(WORK, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="run-", dir=WORK)
+    results: list[Result] = []
+    try:
+        for tool in TOOLS:
+            if tool not in tools:
+                continue
+            log(f"{tool} ...")
+            if tool == "cat":
+                result = bench_cat(meta)
+            elif tool == "gzip":
+                result = bench_gzip(meta)
+            elif tool == "rsyslog":
+                workdir = os.path.join(run_dir, "rsyslog")
+                os.makedirs(workdir)
+                result = bench_rsyslog(meta, workdir, args.timeout)
+                if not args.keep:
+                    shutil.rmtree(workdir)
+            else:
+                workdir = os.path.join(run_dir, "shipper")
+                os.makedirs(workdir)
+                result = bench_shipper(meta, workdir, args.timeout, py_spy)
+                if not args.keep:
+                    shutil.rmtree(workdir)
+            log(f"  {result.seconds:.2f}s, {result.mb_per_s:.1f} MB/s, {result.cpu_seconds:.2f} CPU s, "
+                f"{result.peak_rss_mib:.1f} MiB peak RSS")
+            results.append(result)
+    finally:
+        if args.keep:
+            log(f"kept {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    print()
+    print(text_table(results))
+    for name, value in ratios(results).items():
+        print(f"throughput {name}: {value:.2f}")
+    if results_name:
+        os.makedirs(RESULTS, exist_ok=True)
+        document = {"machine": info, "input": meta, "results": [r.as_dict() for r in results],
+                    "ratios": ratios(results)}
+        with open(os.path.join(RESULTS, f"{results_name}.json"), "w") as handle:
+            json.dump(document, handle, indent=2)
+            handle.write("\n")
+        with open(os.path.join(RESULTS, f"{results_name}.md"), "w") as handle:
+            handle.write(markdown(results, meta, info))
+        log(f"wrote bench/results/{results_name}.json and .md")
+    shipper = next((r for r in results if r.name == "shipper"), None)
+    return 0 if shipper is None or shipper.extra["verified"] else 1
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Shared helpers: run the real agent as a subprocess and read what it archived."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test with ``message`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def read_archive(path: Path) -> list[dict]:
+    """Every record in a directory archive, object by object in key order (temporary objects excluded)."""
+    records = []
+    for obj in sorted(path.rglob("*.ndjson*")):
+        if ".tmp" in obj.parts:
+            continue
+        data = gzip.decompress(obj.read_bytes()) if obj.suffix == ".gz" else obj.read_bytes()
+        records.extend(orjson.loads(line) for line in data.splitlines())
+    return records
+
+
+def messages(records: list[dict]) -> list[str]:
+    return [r["message"] for r in records]
+
+
+class Agent:
+    """The agent as a real subprocess with a config written to a temp dir."""
+
+    def __init__(self, workdir: Path, config: str, env: dict | None = None, wrapper: list[str] | None = None):
+        self.workdir = workdir
+        self.config_path = workdir / "shipper.toml"
+        self.config_path.write_text(config)
+        self.env = {**os.environ, **(env or {})}
+        self.wrapper = wrapper or []
+        self.proc: subprocess.Popen | None = None
+        self.stderr_path = workdir / "agent.stderr"
+
+    def start(self) -> "Agent":
+        self._stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(
+            [*self.wrapper, sys.executable, "-m", "shipper", "run", "-c", str(self.config_path)],
+            cwd=self.workdir, env=self.env, stdout=subprocess.PIPE, stderr=self._stderr)
+        return self
+
+    def send(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._stderr.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._stderr.close()
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def ensure_stopped(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if hasattr(self, "_stderr") and not self._stderr.closed:
+            self._stderr.close()
+
+
+INPUT_DEFAULTS = {"poll_interval": "50ms", "refresh_interval": "200ms", "rotate_wait": "500ms"}
+
+
+def agent_config(logs: Path, data: Path, input_extra: str = "", output_extra: str = "",
+                 agent_extra: str = "", pattern: str = "*.log", upload_interval: str = "200ms",
+                 **input_options: str) -> str:
+    """A config tuned for tests: fast polling, objects closed within a fraction of a second."""
+    options = "\n".join(f'{k} = "{v}"' for k, v in {**INPUT_DEFAULTS, **input_options}.items())
+    return f"""
+[agent]
+data_dir = "{data}"
+flush_interval = "100ms"
+checkpoint_interval = "100ms"
+shutdown_timeout = "10s"
+{agent_extra}
+
+[cloud]
+metadata = "off"
+
+[[inputs]]
+type = "file"
+tag = "app"
+paths = ["{logs}/{pattern}"]
+{options}
+{input_extra}
+
+[[outputs]]
+type = "directory"
+path = "{data}/archive"
+upload_interval = "{upload_interval}"
+{output_extra}
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "data").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def run_agent(workdir: Path):
+    """Start agents for a test; each is killed at teardown if the test left it running."""
+    started: list[Agent] = []
+
+    def start(config: str | None = None, **kwargs) -> Agent:
+        agent = Agent(workdir, config or agent_config(workdir / "logs", workdir / "data"), **kwargs)
+        started.append(agent)
+        return agent.start()
+
+    yield start
+    for agent in started:
+        agent.ensure_stopped()
+
+
+def seq_lines(start: int, count: int, pad: str = "x" * 40) -> str:
+    return "".join(f"seq={i:07d} {pad}\n" for i in range(start, start + count))
+
+
+def seqs(records: list[dict]) -> list[int]:
+    return [int(r["message"][4:11]) for r in records if r["message"].startswith("seq=")]

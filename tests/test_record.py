@@ -1,0 +1,57 @@
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shipper.record import (ENCODING_ERRORS, TIME, Batch, Envelope, encode_ndjson, encode_plain_lines,
+                            format_time)
+
+PREFIX = b'{"time":"2026-11-29T13:17:18.123456Z","tag":"app","message":'
+SUFFIX = b',"labels":{"app":"web"}}\n'
+
+
+def reference(blob: bytes) -> list[dict]:
+    return [{"time": "2026-11-29T13:17:18.123456Z", "tag": "app", "message": line, "labels": {"app": "web"}}
+            for line in blob.decode().split("\n")[:-1]]
+
+
+@settings(max_examples=300)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",))),
+                min_size=1, max_size=20))
+def test_plain_lines_encode_exactly_like_one_object_per_line(lines):
+    blob = "".join(line + "\n" for line in lines).encode()
+    out = encode_plain_lines(blob, PREFIX, SUFFIX)
+    assert out.endswith(b"\n")
+    assert [orjson.loads(line) for line in out.split(b"\n")[:-1]] == reference(blob)
+
+
+def test_backslash_n_in_a_line_takes_the_exact_path():
+    blob = b'path C:\\new\\name\nnext "quoted" \\\\n\n\n'
+    out = encode_plain_lines(blob, PREFIX, SUFFIX)
+    assert [orjson.loads(line)["message"] for line in out.splitlines()] == \
+        ['path C:\\new\\name', 'next "quoted" \\\\n', '']
+
+
+def test_format_time():
+    assert format_time(0) == "1970-01-01T00:00:00.000000Z"
+    assert format_time(1764422238.1234567) == "2025-11-29T13:17:18.123457Z"
+    assert format_time(1.9999999) == "1970-01-01T00:00:02.000000Z"
+
+
+def test_envelope_fields_order_and_parsed_field_collisions():
+    envelope = Envelope({"host": "ip-10-0-1-7", "instance_id": "i-0abc"}, {"app": "web"})
+    batch = Batch("app", "/var/log/app/web.log", 0.5, messages=["m1", "m2"],
+                  fields=[{"level": "info", "host": "other", "time": "x", TIME: "2026-01-01T00:00:00.000000Z"},
+                          {ENCODING_ERRORS: True}])
+    first, second = [orjson.loads(line) for line in encode_ndjson(batch, envelope).splitlines()]
+    assert list(first) == ["time", "tag", "host", "instance_id", "source", "message", "level", "fields", "labels"]
+    assert first["time"] == "2026-01-01T00:00:00.000000Z"  # the event time from the parser
+    assert first["host"] == "ip-10-0-1-7" and first["fields"] == {"host": "other", "time": "x"}
+    assert second["encoding_errors"] is True and second["time"] == "1970-01-01T00:00:00.500000Z"
+
+
+def test_plain_batch_views_agree():
+    envelope = Envelope({"host": "h"}, {})
+    batch = Batch("app", "/f", 0.0, blob=b"a\nb\n")
+    assert batch.count == 2
+    assert batch.message_list() == ["a", "b"]
+    assert [orjson.loads(l) for l in batch.ndjson(envelope).splitlines()] == list(batch.records(envelope))

@@ -38,8 +38,10 @@ class InputContext:
 class OutputRunner(threading.Thread):
     """Feeds one output from its bounded queue and retries its deliveries."""
 
-    def __init__(self, output: Output, match: list[str], max_bytes: int, flush_interval: float, stats: Stats):
+    def __init__(self, output: Output, match: list[str], max_bytes: int, flush_interval: float, stats: Stats,
+                 failed: threading.Event):
         super().__init__(name=f"output-{output.context.name}", daemon=True)
+        self.failed = failed
         self.output = output
         self.name_ = output.context.name
         self.match = match
@@ -56,29 +58,35 @@ class OutputRunner(threading.Thread):
 
     # ------------------------------------------------------------ producer side
 
-    def put(self, batch: Batch, deadline: float | None) -> bool:
-        """Queue a batch, waiting while the queue is full; False if the deadline passed first."""
+    def put(self, batch: Batch) -> bool:
+        """Queue a batch, waiting while the queue is full; False if the shutdown deadline passed first."""
         cost = _cost(batch)
         with self.cond:
             while self.queue and self.queued_bytes + cost > self.max_bytes:
-                timeout = None if deadline is None else deadline - time.monotonic()
-                if timeout is not None and timeout <= 0:
+                if self._past_deadline():
                     return False
-                self.cond.wait(timeout if timeout is not None else 1.0)
+                self.cond.wait(0.5)
             self.queue.append(batch)
             self.queued_bytes += cost
             self.cond.notify_all()
         return True
 
-    def finish(self, deadline: float) -> None:
+    def finish(self) -> None:
+        """Deliver what is queued and accepted, then end (by ``deadline`` at the latest)."""
         with self.cond:
             self.stopping = True
-            self.deadline = deadline
             self.cond.notify_all()
 
     # ------------------------------------------------------------ consumer side
 
     def run(self) -> None:
+        try:
+            self._feed()
+        except Exception:  # a bug, not a delivery problem: stop cleanly so systemd restarts us
+            log.exception("%s: output failed; stopping the agent", self.name_)
+            self.failed.set()
+
+    def _feed(self) -> None:
         next_flush = time.monotonic() + self.flush_interval
         while True:
             with self.cond:
@@ -113,9 +121,11 @@ class OutputRunner(threading.Thread):
                     self.failing_since = time.monotonic()
                     log.warning("%s: delivery failed, retrying with backoff: %s", self.name_, exc)
                 delay = backoff_delay(attempt)
-                if self.deadline is not None and time.monotonic() + delay >= self.deadline:
-                    log.error("%s: shutdown deadline reached with undelivered records: %s", self.name_, exc)
-                    return
+                if self.deadline is not None:  # stopping: retry only until the deadline
+                    delay = min(delay, self.deadline - time.monotonic())
+                    if delay <= 0:
+                        log.error("%s: shutdown deadline reached with undelivered records: %s", self.name_, exc)
+                        return
                 time.sleep(delay)
                 continue
             except FatalError as exc:
@@ -153,19 +163,18 @@ class Pipeline:
             identity = resolve_identity(cloud.metadata, cloud.imds_endpoint, cloud.imds_timeout)
         self.envelope = Envelope(identity, dict(agent.labels))
         self.runners: list[OutputRunner] = []
+        self.failed = threading.Event()
         for index, settings in enumerate(config.outputs):
             module = importlib.import_module(OUTPUT_MODULES[settings.type])
             context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats,
                                     agent.flush_interval)
             output = module.OUTPUT(settings, context)
             self.runners.append(OutputRunner(output, settings.match, settings.buffer_max_bytes,
-                                             agent.flush_interval, self.stats))
+                                             agent.flush_interval, self.stats, self.failed))
         input_context = InputContext(self.data_dir, self.stats, agent.checkpoint_interval)
         self.inputs = [importlib.import_module(INPUT_MODULES[s.type]).INPUT(s, input_context)
                        for s in config.inputs]
         self.stop_inputs = threading.Event()
-        self.failed = threading.Event()
-        self.deadline: float | None = None
         self._routes: dict[str, list[OutputRunner]] = {}
         self._unrouted_reported: set[str] = set()
         self._input_threads: list[threading.Thread] = []
@@ -190,7 +199,7 @@ class Pipeline:
         if any(r.output.encoding == "ndjson" for r in runners):
             batch.ndjson(self.envelope)  # encode here, in the reading thread, once for all
         for runner in runners:
-            runner.put(batch, self.deadline)
+            runner.put(batch)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -212,16 +221,18 @@ class Pipeline:
     def stop(self) -> bool:
         """Stop reading, deliver what was read, save checkpoints. True when everything was delivered."""
         timeout = self.config.agent.shutdown_timeout
-        self.deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            runner.deadline = deadline
         self.stop_inputs.set()
         for source in self.inputs:
             source.wake.set()
         for thread in self._input_threads:
-            thread.join(max(0.0, self.deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - time.monotonic()))
         for runner in self.runners:
-            runner.finish(self.deadline)
+            runner.finish()
         for runner in self.runners:
-            runner.join(max(0.0, self.deadline - time.monotonic()) + 1.0)
+            runner.join(max(0.0, deadline - time.monotonic()) + 1.0)
         for source in self.inputs:
             source.save_checkpoints()
         complete = True

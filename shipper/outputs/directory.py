@@ -46,8 +46,8 @@ class OpenObject:
     hour: int
     first_time: float
     tmp_path: str
-    fd: int
     compressor: object
+    fd: int | None = None  # opened at the first write, where a failure can be retried
     opened: float = field(default_factory=time.monotonic)
     unwritten: bytearray = field(default_factory=bytearray)  # compressed, not yet in the file
     size: int = 0            # compressed bytes produced so far
@@ -64,15 +64,25 @@ class DirectoryOutput(Output):
         self.objects: dict[tuple[str, int], OpenObject] = {}
         self.closing: list[OpenObject] = []  # due, but closing failed (disk full): retried
         self.seq = 0
-        os.makedirs(self.tmp_dir, exist_ok=True)
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
         """Objects an earlier run did not finish were never confirmed: their records will be read again."""
         prefix = f"{self.context.name}-"
-        for name in os.listdir(self.tmp_dir):
+        try:
+            names = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # not fatal here: writing will fail, be retried and be reported
+            log.warning("%s: cannot look into %s: %s", self.context.name, self.tmp_dir, exc)
+            return
+        for name in names:
             if name.startswith(prefix) and name.endswith(".tmp"):
-                os.unlink(os.path.join(self.tmp_dir, name))
+                try:
+                    os.unlink(os.path.join(self.tmp_dir, name))
+                except OSError as exc:
+                    log.warning("%s: cannot remove unfinished object %s: %s", self.context.name, name, exc)
+                    continue
                 log.info("removed unfinished object %s from an earlier run (its records are re-read)", name)
 
     # ------------------------------------------------------------ accepting
@@ -92,12 +102,11 @@ class DirectoryOutput(Output):
     def _open(self, tag: str, hour: int, first_time: float) -> OpenObject:
         self.seq += 1
         tmp_path = os.path.join(self.tmp_dir, f"{self.context.name}-{os.getpid()}-{self.seq}.tmp")
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         if self.settings.compression == "gzip":
             compressor = zlib.compressobj(self.settings.compression_level, zlib.DEFLATED, 31)
         else:
             compressor = _Identity()
-        return OpenObject(tag, hour, first_time, tmp_path, fd, compressor)
+        return OpenObject(tag, hour, first_time, tmp_path, compressor)
 
     # ------------------------------------------------------------ delivering
 
@@ -119,6 +128,9 @@ class DirectoryOutput(Output):
         """Move compressed bytes to the file; on failure they stay in memory for the next try."""
         while obj.unwritten:
             try:
+                if obj.fd is None:
+                    os.makedirs(self.tmp_dir, exist_ok=True)
+                    obj.fd = os.open(obj.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
                 written = os.write(obj.fd, obj.unwritten)
             except OSError as exc:
                 raise RetryableError(f"{self.context.name}: cannot write {obj.tmp_path}: {exc.strerror}") from exc
@@ -137,6 +149,7 @@ class DirectoryOutput(Output):
         except OSError as exc:
             raise RetryableError(f"{self.context.name}: cannot finish object {obj.tmp_path}: {exc}") from exc
         os.close(obj.fd)
+        obj.fd = None
         for ack in obj.acks:
             ack.confirm()
         self.context.stats.add("objects_written", 1, output=self.context.name)
@@ -163,7 +176,8 @@ class DirectoryOutput(Output):
 
     def close(self) -> None:
         for obj in list(self.objects.values()) + self.closing:
-            os.close(obj.fd)  # unfinished: removed on the next start, its records re-read then
+            if obj.fd is not None:
+                os.close(obj.fd)  # unfinished: removed on the next start, its records re-read then
 
 
 class _Identity:

@@ -59,6 +59,8 @@ def render_key(template: str, values: dict[str, str], labels: dict[str, str]) ->
             value = values[name]
         if name == "prefix":
             return "/".join(_UNSAFE.sub("_", part) for part in value.split("/") if part)
+        if name == "ext":
+            return value
         return _UNSAFE.sub("_", value) or "none"
 
     return re.sub(r"/+", "/", _PLACEHOLDER.sub(fill, template)).lstrip("/")

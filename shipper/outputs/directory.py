@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from shipper.config import Option
 from shipper.errors import RetryableError
 from shipper.outputs.base import Output
+from shipper.outputs.compression import GzipStream, PlainStream
 from shipper.outputs.keys import DEFAULT_KEY, check_template, key_values, partition_of, render_key
 from shipper.record import Batch
 
@@ -32,6 +33,8 @@ OPTIONS = {
 }
 
 TMP_DIR = ".tmp"
+# Batches being compressed at once per object: enough to keep every core busy, and a bound on memory.
+IN_FLIGHT_BLOCKS = 4
 
 
 def validate(settings) -> list[str]:
@@ -46,11 +49,11 @@ class OpenObject:
     hour: int
     first_time: float
     tmp_path: str
-    compressor: object
+    stream: GzipStream | PlainStream
     fd: int | None = None  # opened at the first write, where a failure can be retried
     opened: float = field(default_factory=time.monotonic)
     unwritten: bytearray = field(default_factory=bytearray)  # compressed, not yet in the file
-    size: int = 0            # compressed bytes produced so far
+    size: int = 0            # compressed bytes finished so far
     acks: list = field(default_factory=list)  # only the acknowledgements: the data is in the file
     records: int = 0
     final: str | None = None  # set once linked, so a retried finish never links twice
@@ -64,6 +67,8 @@ class DirectoryOutput(Output):
         self.objects: dict[tuple[str, int], OpenObject] = {}
         self.closing: list[OpenObject] = []  # due, but closing failed (disk full): retried
         self.seq = 0
+        self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2),
+                                       thread_name_prefix=f"{context.name}-gzip")
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
@@ -93,9 +98,8 @@ class DirectoryOutput(Output):
         obj = self.objects.get(key)
         if obj is None:
             obj = self.objects[key] = self._open(batch.tag, key[1], batch.read_time)
-        chunk = obj.compressor.compress(data)
-        obj.unwritten += chunk
-        obj.size += len(chunk)
+        obj.stream.add(data)
+        self._collect(obj, keep=IN_FLIGHT_BLOCKS)
         obj.acks.append(batch.ack)
         obj.records += batch.count
 
@@ -103,10 +107,15 @@ class DirectoryOutput(Output):
         self.seq += 1
         tmp_path = os.path.join(self.tmp_dir, f"{self.context.name}-{os.getpid()}-{self.seq}.tmp")
         if self.settings.compression == "gzip":
-            compressor = zlib.compressobj(self.settings.compression_level, zlib.DEFLATED, 31)
+            stream = GzipStream(self.settings.compression_level, self.pool)
         else:
-            compressor = _Identity()
-        return OpenObject(tag, hour, first_time, tmp_path, compressor)
+            stream = PlainStream()
+        return OpenObject(tag, hour, first_time, tmp_path, stream)
+
+    def _collect(self, obj: OpenObject, keep: int | None) -> None:
+        chunk = obj.stream.take(keep)
+        obj.unwritten += chunk
+        obj.size += len(chunk)
 
     # ------------------------------------------------------------ delivering
 
@@ -116,9 +125,11 @@ class DirectoryOutput(Output):
             if force or obj.size >= self.settings.max_object_bytes or \
                     monotonic - obj.opened >= self.settings.upload_interval:
                 del self.objects[key]
-                obj.unwritten += obj.compressor.flush()
+                obj.stream.finish()
+                self._collect(obj, keep=0)
                 self.closing.append(obj)
             else:
+                self._collect(obj, keep=None)
                 self._write_out(obj)
         while self.closing:
             self._finish(self.closing[0])
@@ -178,14 +189,7 @@ class DirectoryOutput(Output):
         for obj in list(self.objects.values()) + self.closing:
             if obj.fd is not None:
                 os.close(obj.fd)  # unfinished: removed on the next start, its records re-read then
-
-
-class _Identity:
-    def compress(self, data: bytes) -> bytes:
-        return data
-
-    def flush(self) -> bytes:
-        return b""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _fsync_dir(path: str) -> None:

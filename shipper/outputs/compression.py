@@ -1,0 +1,83 @@
+"""One gzip stream per object, compressed on several threads (the way pigz does it).
+
+Each batch becomes a raw deflate block compressed by a pool thread, primed with the last
+32 KiB of the batch before it (so the ratio matches a single stream) and ended with a sync
+flush so the blocks concatenate into one deflate stream. The CRC and size are computed
+in order; the header and trailer make it an ordinary single-member gzip file. zlib
+releases the GIL while it compresses, so on two cores compression runs beside the reader.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+
+WINDOW = 32 * 1024
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no mtime, unknown OS
+
+
+def compress_block(data: bytes, level: int, dictionary: bytes) -> bytes:
+    """Raw deflate of ``data`` ending on a byte boundary (sync flush), primed with ``dictionary``."""
+    if dictionary:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
+    else:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+_FINAL_BLOCK = zlib.compressobj(1, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)  # an empty last block
+
+
+class GzipStream:
+    """Compresses pieces in a pool; ``take()`` returns the finished bytes, in order."""
+
+    def __init__(self, level: int, pool: ThreadPoolExecutor):
+        self.level = level
+        self.pool = pool
+        self.crc = 0
+        self.length = 0
+        self.window = b""
+        self.blocks: collections.deque[Future | bytes] = collections.deque([GZIP_HEADER])
+
+    def add(self, data: bytes) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.length += len(data)
+        self.blocks.append(self.pool.submit(compress_block, data, self.level, self.window))
+        self.window = data[-WINDOW:] if len(data) >= WINDOW else (self.window + data)[-WINDOW:]
+
+    def finish(self) -> None:
+        self.blocks.append(_FINAL_BLOCK + struct.pack("<II", self.crc, self.length & 0xFFFFFFFF))
+
+    def take(self, keep: int | None = None) -> bytes:
+        """The compressed bytes ready, in order. ``keep``: wait until at most that many blocks are
+        still being compressed (0: all done; None: do not wait)."""
+        out = []
+        while self.blocks:
+            head = self.blocks[0]
+            if isinstance(head, Future):
+                if not head.done() and (keep is None or len(self.blocks) <= keep):
+                    break
+                head = head.result()
+            out.append(head)
+            self.blocks.popleft()
+        return b"".join(out)
+
+
+class PlainStream:
+    """compression = "none": the same interface, no work."""
+
+    def __init__(self) -> None:
+        self.blocks: collections.deque[bytes] = collections.deque()
+
+    def add(self, data: bytes) -> None:
+        self.blocks.append(data)
+
+    def finish(self) -> None:
+        pass
+
+    def take(self, keep: int | None = None) -> bytes:
+        out = b"".join(self.blocks)
+        self.blocks.clear()
+        return out

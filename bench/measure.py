@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def run_to_devnull(name: str, argv: list[str], size: int, lines: int) -> Result:
     """
     timer = shutil.which("time", path="/usr/bin:/bin")
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
-        command = [timer, "-f", "%U %S %M", "-o", report.name, *argv] if timer else argv
+        command = [timer, "-f", "%U %S %M %R", "-o", report.name, *argv] if timer else argv
         started = time.monotonic()
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -55,8 +56,9 @@ def run_to_devnull(name: str, argv: list[str], size: int, lines: int) -> Result:
         if proc.returncode != 0:
             raise RuntimeError(f"{argv} exited with {proc.returncode}")
         if timer:
-            user, system, max_kib = report.read().split()[-3:]
-            return Result(name, elapsed, size, lines, float(user) + float(system), int(max_kib) / 1024)
+            user, system, max_kib, faults = report.read().split()[-4:]
+            return Result(name, elapsed, size, lines, float(user) + float(system), int(max_kib) / 1024,
+                          {"minor_faults": int(faults)})
     return Result(name, elapsed, size, lines, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024,
                   {"note": "ru_maxrss includes the forking Python process"})
 
@@ -73,6 +75,63 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of the whole process so far (first touches of newly mapped memory)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        stat = handle.read()
+    return int(stat[stat.rindex(")") + 2:].split()[7])
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores)."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / _TICKS
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Background:
+    """CPU the rest of the machine used during a measurement: busy time minus ours and the target's."""
+
+    def __init__(self):
+        self.busy = busy_cpu_seconds()
+        self.own = own_cpu_seconds()
+
+    def other(self, target_cpu: float) -> float:
+        return round(max(0.0, busy_cpu_seconds() - self.busy - (own_cpu_seconds() - self.own) - target_cpu), 2)
+
+
+def wait_quiet(max_wait: float, log, threshold: float = 0.1, window: float = 1.0) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use under ``threshold`` of a core.
+
+    Returns the load (cores) of the last window. Measurements on 2 cores are meaningless while
+    something else runs (tests, another benchmark).
+    """
+    deadline = time.monotonic() + max_wait
+    said = False
+    quiet_windows = 0
+    while True:
+        before, own = busy_cpu_seconds(), own_cpu_seconds()
+        time.sleep(window)
+        load = (busy_cpu_seconds() - before - (own_cpu_seconds() - own)) / window
+        quiet_windows = quiet_windows + 1 if load < threshold else 0
+        if quiet_windows >= 2:
+            return load
+        if time.monotonic() >= deadline:
+            log(f"  WARNING: machine still busy ({load:.2f} cores used by other processes); measuring anyway")
+            return load
+        if not said:
+            log(f"  waiting for the machine to be quiet ({load:.2f} cores busy elsewhere) ...")
+            said = True
 
 
 def read_chars(pid: int) -> int:

@@ -4,7 +4,7 @@
         --py-spy --threads --nonblocking --rate 250 --format raw -o /tmp/profile.txt
     .venv/bin/python bench/pyspy_summary.py /tmp/profile.txt [--top 12]
 
-Threads are named from their stacks (input reader, output runner, main, other). For each:
+Threads are named from their stacks (input reader, output runner, thread pool, main, other). For each:
 its share of samples, the functions where the samples land (self), and the inclusive
 share of the frames that matter on the hot path.
 """
@@ -15,7 +15,8 @@ import argparse
 import collections
 import re
 
-ROLES = (("OutputRunner.run", "output"), ("_run_input", "input"), ("<module> (shipper", "main"))
+ROLES = (("OutputRunner.run", "output"), ("_run_input", "input"), ("_worker (concurrent", "pool"),
+         ("<module> (shipper", "main"))
 _FRAME = re.compile(r"^(.*?) \((.*?)(?::(\d+))?\)$")
 
 

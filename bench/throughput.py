@@ -36,8 +36,8 @@ import orjson
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loggen  # noqa: E402
-from measure import (LineCounter, Result, cpu_seconds, peak_rss_mib, read_chars,  # noqa: E402
-                     run_to_devnull, stop)
+from measure import (Background, LineCounter, Result, cpu_seconds, minor_faults, peak_rss_mib,  # noqa: E402
+                     read_chars, run_to_devnull, stop, wait_quiet)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -124,12 +124,14 @@ def bench_rsyslog(meta: dict, workdir: str, timeout: float) -> Result:
                     raise RuntimeError(f"rsyslog: only {lines} of {meta['lines']} lines after {timeout:.0f}s")
             elapsed = now - started
             cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
+            faults = minor_faults(proc.pid)
         finally:
             code, _ = stop(proc, timeout=10)
     time.sleep(0.2)
     lines = counter.update()
     counter.close()
-    extra = {"output_lines": lines, "output_bytes": counter.bytes, "exit_code": code, "threads": threads}
+    extra = {"output_lines": lines, "output_bytes": counter.bytes, "exit_code": code, "minor_faults": faults,
+             "threads": threads}
     if lines != meta["lines"]:
         log(f"  WARNING: rsyslog wrote {lines} lines, expected {meta['lines']}")
     return Result("rsyslog", elapsed, meta["bytes"], meta["lines"], cpu, rss, extra)
@@ -209,6 +211,7 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
                     raise RuntimeError(f"shipper: checkpoint at {offset} of {size} after {timeout:.0f}s")
             elapsed = now - started
             cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
+            faults = minor_faults(proc.pid)
         finally:
             code, exit_seconds = stop(proc, timeout=60)
             if profiler is not None:
@@ -219,7 +222,7 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
                     profiler.wait()
     extra = {"exit_code": code, "seconds_to_exit_after_sigterm": round(exit_seconds, 2),
              "reader_done_seconds": None if read_done is None else round(read_done, 2),
-             "threads": threads, "timeline": timeline}
+             "minor_faults": faults, "threads": threads, "timeline": timeline}
     extra.update(verify_archive(archive, meta))
     return Result("shipper", elapsed, size, meta["lines"], cpu, rss, extra)
 
@@ -277,7 +280,8 @@ def machine() -> dict:
 
     def version(argv: list[str]) -> str:
         try:
-            return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0].strip()
+            first = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+            return " ".join(first.replace("compiled with:", "").split())
         except (OSError, IndexError):
             return "unknown"
 
@@ -340,6 +344,10 @@ def markdown(results: list[Result], meta: dict, info: dict) -> str:
     ]
     for name, value in ratios(results).items():
         out.append(f"- throughput {name}: {value:.2f}")
+    out.append("- CPU used by other processes during each measurement (should be ~0): "
+               + ", ".join(f"{r.name} {r.extra.get('other_cpu_seconds', 0):.2f} s" for r in results))
+    out.append("- minor page faults: " + ", ".join(f"{r.name} {r.extra['minor_faults']:,}"
+                                                   for r in results if "minor_faults" in r.extra))
     by_name = {r.name: r for r in results}
     if "shipper" in by_name:
         extra = by_name["shipper"].extra
@@ -371,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for rsyslog and for shipper")
     parser.add_argument("--results", default=None,
                         help="results name under bench/results (default: throughput; none with --only)")
+    parser.add_argument("--quiet-wait", type=float, default=300,
+                        help="before each measurement, wait up to this many seconds for other processes "
+                             "to leave the CPUs alone (0: do not wait)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (outputs, configs, logs)")
     parser.add_argument("--py-spy", nargs=argparse.REMAINDER, metavar="ARG",
                         help="attach `py-spy record --pid PID ARG...` to shipper (skews its numbers), "
@@ -396,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             if tool not in tools:
                 continue
             log(f"{tool} ...")
+            if args.quiet_wait > 0:
+                wait_quiet(args.quiet_wait, log)
+            background = Background()
             if tool == "cat":
                 result = bench_cat(meta)
             elif tool == "gzip":
@@ -412,8 +426,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = bench_shipper(meta, workdir, args.timeout, py_spy)
                 if not args.keep:
                     shutil.rmtree(workdir)
+            result.extra["other_cpu_seconds"] = other = background.other(result.cpu_seconds)
             log(f"  {result.seconds:.2f}s, {result.mb_per_s:.1f} MB/s, {result.cpu_seconds:.2f} CPU s, "
                 f"{result.peak_rss_mib:.1f} MiB peak RSS")
+            if other > 0.1 * result.seconds:
+                log(f"  WARNING: other processes used {other:.2f} CPU s meanwhile: this number is disturbed")
             results.append(result)
     finally:
         if args.keep:

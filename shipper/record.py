@@ -54,16 +54,17 @@ class Batch:
     ``ack`` is called by the pipeline's bookkeeping once every output confirmed it.
     """
 
-    __slots__ = ("tag", "source", "read_time", "blob", "count", "messages", "fields",
+    __slots__ = ("tag", "source", "read_time", "blob", "text", "count", "messages", "fields",
                  "start", "end", "on_done", "ack", "_ndjson", "size", "created")
 
     def __init__(self, tag: str, source: str | None, read_time: float, *, blob: bytes | None = None,
-                 messages: list[str] | None = None, fields: list[dict | None] | None = None,
-                 start: int = 0, end: int = 0):
+                 text: str | None = None, messages: list[str] | None = None,
+                 fields: list[dict | None] | None = None, start: int = 0, end: int = 0):
         self.tag = tag
         self.source = source
         self.read_time = read_time
         self.blob = blob
+        self.text = text  # the blob already decoded (checked as UTF-8), kept only until encoded
         self.messages = messages
         self.fields = fields
         if blob is not None:
@@ -85,6 +86,7 @@ class Batch:
         """The records as NDJSON (one object per line), encoded once and cached."""
         if self._ndjson is None:
             self._ndjson = encode_ndjson(self, envelope)
+            self.text = None
         return self._ndjson
 
     def records(self, envelope: Envelope) -> Iterator[dict[str, Any]]:
@@ -142,24 +144,26 @@ def _prefix_suffix(batch: Batch, envelope: Envelope) -> tuple[bytes, bytes]:
 def encode_ndjson(batch: Batch, envelope: Envelope) -> bytes:
     if batch.blob is not None:
         prefix, suffix = _prefix_suffix(batch, envelope)
-        return encode_plain_lines(batch.blob, prefix, suffix)
+        return encode_plain_lines(batch.blob, prefix, suffix, batch.text)
     return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
                      for record in batch.records(envelope)])
 
 
-def encode_plain_lines(blob: bytes, prefix: bytes, suffix: bytes) -> bytes:
+def encode_plain_lines(blob: bytes, prefix: bytes, suffix: bytes, text: str | None = None) -> bytes:
     """NDJSON for a blob of valid UTF-8 lines, each ending in a newline.
 
     Each record is ``prefix + json_string(line) + suffix``. The fast path escapes the whole
     blob in one orjson call and turns every escaped newline into a record boundary; that is
     exact unless a line holds a backslash followed by ``n`` (the escape would be ambiguous),
-    in which case the lines are escaped one by one.
+    in which case the lines are escaped one by one. ``text``: the blob, already decoded.
     """
     if not blob:
         return b""
+    if text is None:
+        text = blob.decode("utf-8")
     boundary = b'"' + suffix + prefix + b'"'
     if b"\\n" not in blob:
-        escaped = orjson.dumps(blob[:-1].decode("utf-8"))
-        return prefix + escaped.replace(b"\\n", boundary) + suffix
-    lines = blob[:-1].decode("utf-8").split("\n")
+        escaped = orjson.dumps(text)  # ends with the escaped final newline: '...\\n"'
+        return prefix + escaped[:-3].replace(b"\\n", boundary) + b'"' + suffix
+    lines = text[:-1].split("\n")
     return prefix + (suffix + prefix).join([orjson.dumps(line) for line in lines]) + suffix

@@ -74,9 +74,10 @@ class RecordBuilder:
         return bool(self.joiner and self.joiner.pending)
 
     def build(self, read: Read, now: float) -> Batch | None:
-        if (self.joiner is None and self.parser.is_noop and len(read.blocks) == 1
-                and read.blocks[0][0] == LINES and _is_utf8(read.blocks[0][1])):
-            return self._batch(now, read.end, blob=read.blocks[0][1])
+        if self.joiner is None and self.parser.is_noop and len(read.blocks) == 1 and read.blocks[0][0] == LINES:
+            text = _utf8_or_none(read.blocks[0][1])
+            if text is not None:
+                return self._batch(now, read.end, blob=read.blocks[0][1], text=text)
         events: list[tuple[str, dict | None]] = []
         if self.joiner is None:
             events = [(text, flags) for text, _, flags in messages_of(read, need_consumed=False)]
@@ -120,9 +121,8 @@ class RecordBuilder:
         return batch
 
 
-def _is_utf8(data: bytes) -> bool:
+def _utf8_or_none(data: bytes) -> str | None:
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        return False
-    return True
+        return None

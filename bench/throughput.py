@@ -286,6 +286,14 @@ def machine() -> dict:
             return "unknown"
 
     shipper_version = version([SHIPPER, "version"])
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        if subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "shipper"], capture_output=True,
+                          text=True).stdout.strip():
+            commit += " + uncommitted changes in shipper/"
+    except OSError:
+        commit = "unknown"
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "nproc": os.cpu_count(),
@@ -294,6 +302,7 @@ def machine() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "shipper": shipper_version,
+        "commit": commit,
         "rsyslog": version([RSYSLOGD, "-v"]),
         "gzip": version(["gzip", "--version"]),
     }
@@ -331,7 +340,8 @@ def markdown(results: list[Result], meta: dict, info: dict) -> str:
         "# Throughput benchmark",
         "",
         f"{info['date']} on {info['nproc']} cores ({info['cpu']}), {info['memory_gib']} GiB, "
-        f"Linux {info['kernel']}, Python {info['python']}; {info['shipper']}, {info['rsyslog']}, {info['gzip']}.",
+        f"Linux {info['kernel']}, Python {info['python']}; {info['shipper']} (commit {info['commit']}), "
+        f"{info['rsyslog']}, {info['gzip']}.",
         "",
         f"Input: {meta['lines']:,} lines, {meta['bytes'] / 1e6:.1f} MB ({meta['bytes'] / meta['lines']:.1f} bytes/line), "
         f"seed {meta['seed']}: JSON app logs, access logs, plain app logs, Python tracebacks; "
@@ -395,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = loggen.ensure(INPUT, args.lines, args.seed, args.exc_json_share, log=log)
     info = machine()
-    log(f"{info['nproc']} cores, {info['cpu']}; {info['shipper']}; {info['rsyslog']}")
+    log(f"{info['nproc']} cores, {info['cpu']}; {info['shipper']} (commit {info['commit']}); {info['rsyslog']}")
     log("warm-up: cat (page cache)")
     run_to_devnull("warm-up", ["cat", INPUT], meta["bytes"], meta["lines"])
 

@@ -250,7 +250,7 @@ COMMON_OUTPUT_OPTIONS = {
     "type": Option("str"),
     "match": Option("strlist", ["*"]),
     # Records waiting in memory for this output; readers wait when it is full.
-    "buffer_max_bytes": Option("size", 64 * 1024**2, minimum=1024),
+    "buffer_max_bytes": Option("size", 16 * 1024**2, minimum=1024),
 }
 
 

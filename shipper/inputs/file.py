@@ -124,20 +124,32 @@ class FileInput:
             self.discover(at_startup=False)
         worked = False
         for tailed in list(self.files.values()):
-            if self._truncated(tailed):
-                self._restart(tailed, emit)
-            budget = FAIR_SHARE_BYTES
-            while budget > 0 and not stop.is_set():
-                read = tailed.read(self.settings.read_bytes)
-                if read is None:
-                    self._at_end_of_file(tailed, emit)
-                    break
-                worked = True
-                budget -= read.end - read.start
-                self._emit(tailed, read, emit)
+            try:
+                worked |= self._follow(tailed, emit, stop)
+            except OSError as exc:  # an I/O error on one file (EIO, a vanished mount): retried next pass
+                if tailed.path not in self.unreadable:
+                    self.unreadable.add(tailed.path)
+                    log.error("cannot read %s: %s (reported once; retrying)", tailed.path, exc)
+                    self._count("read_errors")
         if now - self._last_checkpoint >= self.checkpoint_interval:
             self.save_checkpoints()
             self._last_checkpoint = now
+        return worked
+
+    def _follow(self, tailed: TailedFile, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
+        """Read one file until it is drained (or has had its fair share); True when anything was read."""
+        if self._truncated(tailed):
+            self._restart(tailed, emit)
+        worked = False
+        budget = FAIR_SHARE_BYTES
+        while budget > 0 and not stop.is_set():
+            read = tailed.read(self.settings.read_bytes)
+            if read is None:
+                self._at_end_of_file(tailed, emit)
+                break
+            worked = True
+            budget -= read.end - read.start
+            self._emit(tailed, read, emit)
         return worked
 
     def _drain(self, emit: Callable[[Batch], None]) -> None:

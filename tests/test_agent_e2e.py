@@ -302,3 +302,14 @@ def test_sigint_also_drains(workdir, run_agent, second_signal):
     wait_for(lambda: "tailing" in agent.log(), message="tailing")
     assert agent.stop(second_signal) == 0
     assert sorted(seqs(archived(workdir))) == list(range(50))
+
+
+def test_stdout_output_prints_one_json_record_per_line(workdir, run_agent):
+    config = agent_config(workdir / "logs", workdir / "data") + '\n[[outputs]]\ntype = "stdout"\nmatch = ["app"]\n'
+    (workdir / "logs" / "app.log").write_text(seq_lines(0, 30))
+    agent = run_agent(config)
+    wait_for_seqs(workdir, set(range(30)))  # the directory output has them; stdout got them first
+    assert agent.stop() == 0
+    printed = [orjson.loads(line) for line in agent.proc.stdout.read().splitlines()]
+    assert seqs(printed) == list(range(30))
+    assert printed[0]["tag"] == "app" and printed[0]["source"] == str(workdir / "logs" / "app.log")

@@ -313,3 +313,31 @@ def test_stdout_output_prints_one_json_record_per_line(workdir, run_agent):
     printed = [orjson.loads(line) for line in agent.proc.stdout.read().splitlines()]
     assert seqs(printed) == list(range(30))
     assert printed[0]["tag"] == "app" and printed[0]["source"] == str(workdir / "logs" / "app.log")
+
+
+def test_a_signal_delivered_twice_at_once_still_drains_but_a_later_one_exits_now(workdir, run_agent):
+    (workdir / "logs" / "app.log").write_text(seq_lines(0, 50))
+    agent = run_agent(agent_config(workdir / "logs", workdir / "data", upload_interval="1h"))
+    wait_for(lambda: "tailing" in agent.log(), message="tailing")
+    agent.send(signal.SIGINT)  # Ctrl-C reaches both make and the agent; make passes it on too
+    agent.send(signal.SIGTERM)
+    assert agent.proc.wait(20) == 0
+    assert sorted(seqs(archived(workdir))) == list(range(50))
+
+
+def test_a_second_signal_later_exits_at_once(workdir, run_agent, tmp_path):
+    (workdir / "logs" / "app.log").write_text("x\n")
+    config = agent_config(workdir / "logs", workdir / "data").replace('shutdown_timeout = "10s"',
+                                                                      'shutdown_timeout = "60s"')
+    (workdir / "data" / "archive" / ".tmp").mkdir(parents=True)
+    (workdir / "data" / "archive" / ".tmp").chmod(0o555)  # the drain will wait on a refusing destination
+    wrapper = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    agent = run_agent(config, wrapper=wrapper)
+    wait_for(lambda: "delivery failed" in agent.log(), message="the failure")
+    agent.send(signal.SIGTERM)
+    time.sleep(1.5)
+    assert agent.proc.poll() is None  # still draining
+    agent.send(signal.SIGTERM)
+    assert agent.proc.wait(10) == 1
+    assert "second signal: exiting now" in agent.log()
+    (workdir / "data" / "archive" / ".tmp").chmod(0o755)

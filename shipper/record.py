@@ -54,17 +54,16 @@ class Batch:
     ``ack`` is called by the pipeline's bookkeeping once every output confirmed it.
     """
 
-    __slots__ = ("tag", "source", "read_time", "blob", "text", "count", "messages", "fields",
+    __slots__ = ("tag", "source", "read_time", "blob", "count", "messages", "fields",
                  "start", "end", "on_done", "ack", "_ndjson", "size", "created")
 
     def __init__(self, tag: str, source: str | None, read_time: float, *, blob: bytes | None = None,
-                 text: str | None = None, messages: list[str] | None = None,
-                 fields: list[dict | None] | None = None, start: int = 0, end: int = 0):
+                 messages: list[str] | None = None, fields: list[dict | None] | None = None,
+                 start: int = 0, end: int = 0):
         self.tag = tag
         self.source = source
         self.read_time = read_time
-        self.blob = blob
-        self.text = text  # the blob already decoded (checked as UTF-8), kept only until encoded
+        self.blob = blob  # complete lines, valid UTF-8 (checked by the input)
         self.messages = messages
         self.fields = fields
         if blob is not None:
@@ -86,7 +85,6 @@ class Batch:
         """The records as NDJSON (one object per line), encoded once and cached."""
         if self._ndjson is None:
             self._ndjson = encode_ndjson(self, envelope)
-            self.text = None
         return self._ndjson
 
     def records(self, envelope: Envelope) -> Iterator[dict[str, Any]]:
@@ -144,28 +142,31 @@ def _prefix_suffix(batch: Batch, envelope: Envelope) -> tuple[bytes, bytes]:
 def encode_ndjson(batch: Batch, envelope: Envelope) -> bytes:
     if batch.blob is not None:
         prefix, suffix = _prefix_suffix(batch, envelope)
-        return encode_plain_lines(batch.blob, prefix, suffix, batch.text)
+        return encode_plain_lines(batch.blob, prefix, suffix)
     return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
                      for record in batch.records(envelope)])
 
 
-def encode_plain_lines(blob: bytes, prefix: bytes, suffix: bytes, text: str | None = None) -> bytes:
+# Control characters JSON needs as \u escapes; tab, newline and carriage return are handled below.
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\r")
+_NOT_CONTROL = bytes(b for b in range(256) if b not in _CONTROL)
+
+
+def encode_plain_lines(blob: bytes, prefix: bytes, suffix: bytes) -> bytes:
     """NDJSON for a blob of valid UTF-8 lines, each ending in a newline.
 
     Each record is ``prefix + json_string(line) + suffix``. The fast path escapes the whole
-    blob in one orjson call and turns every escaped newline into a record boundary; that is
-    exact unless a line holds a backslash followed by ``n`` (the escape would be ambiguous),
-    in which case the lines are escaped one by one. ``text``: the blob, already decoded.
+    blob with a few ``bytes.replace`` passes (backslash, quote, tab, carriage return) and
+    turns every newline into a record boundary: no Python object per line, which matters
+    more than anything else here. A blob holding another control character is escaped line
+    by line by orjson.
     """
     if not blob:
         return b""
-    if text is None:
-        text = blob.decode("utf-8")
-    boundary = b'"' + suffix + prefix + b'"'
-    if b"\\n" not in blob:
-        # The final newline turns into a boundary too: the result then ends with prefix + '""',
-        # which the join leaves out. (Few big copies: each costs page faults, not just memcpy.)
-        joined = orjson.dumps(text).replace(b"\\n", boundary)
-        return b"".join((prefix, memoryview(joined)[:-(len(prefix) + 2)]))
-    lines = text[:-1].split("\n")
-    return b"".join((prefix, (suffix + prefix).join([orjson.dumps(line) for line in lines]), suffix))
+    if blob.translate(None, _NOT_CONTROL):
+        lines = blob[:-1].decode("utf-8").split("\n")
+        return b"".join((prefix, (suffix + prefix).join([orjson.dumps(line) for line in lines]), suffix))
+    escaped = blob.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\t", b"\\t").replace(b"\r", b"\\r")
+    # The last newline becomes a boundary too; the join leaves out the prefix and quote it opens.
+    joined = escaped.replace(b"\n", b'"' + suffix + prefix + b'"')
+    return b"".join((prefix, b'"', memoryview(joined)[:-(len(prefix) + 1)]))

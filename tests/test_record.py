@@ -2,6 +2,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shipper.record import _NOT_CONTROL as NOT_CONTROL
 from shipper.record import (ENCODING_ERRORS, TIME, Batch, Envelope, encode_ndjson, encode_plain_lines,
                             format_time)
 
@@ -14,7 +15,7 @@ def reference(blob: bytes) -> list[dict]:
             for line in blob.decode().split("\n")[:-1]]
 
 
-@settings(max_examples=300)
+@settings(max_examples=500)
 @given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",))),
                 min_size=1, max_size=20))
 def test_plain_lines_encode_exactly_like_one_object_per_line(lines):
@@ -24,7 +25,17 @@ def test_plain_lines_encode_exactly_like_one_object_per_line(lines):
     assert [orjson.loads(line) for line in out.split(b"\n")[:-1]] == reference(blob)
 
 
-def test_backslash_n_in_a_line_takes_the_exact_path():
+@settings(max_examples=300)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), whitelist_characters='\t\r"\\')),
+                min_size=1, max_size=20))
+def test_fast_path_without_control_characters_is_exact(lines):
+    blob = "".join(line + "\n" for line in lines).encode()
+    assert not blob.translate(None, NOT_CONTROL)  # really the fast path
+    out = encode_plain_lines(blob, PREFIX, SUFFIX)
+    assert [orjson.loads(line) for line in out.split(b"\n")[:-1]] == reference(blob)
+
+
+def test_backslashes_and_quotes():
     blob = b'path C:\\new\\name\nnext "quoted" \\\\n\n\n'
     out = encode_plain_lines(blob, PREFIX, SUFFIX)
     assert [orjson.loads(line)["message"] for line in out.splitlines()] == \
@@ -55,3 +66,9 @@ def test_plain_batch_views_agree():
     assert batch.count == 2
     assert batch.message_list() == ["a", "b"]
     assert [orjson.loads(l) for l in batch.ndjson(envelope).splitlines()] == list(batch.records(envelope))
+
+
+def test_control_characters_take_the_exact_path():
+    blob = "bell \x07 and nul \x00 and esc \x1b[0m\ttab\r\nnext\n".encode()
+    out = encode_plain_lines(blob, PREFIX, SUFFIX)
+    assert [orjson.loads(line) for line in out.split(b"\n")[:-1]] == reference(blob)

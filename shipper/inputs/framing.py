@@ -74,10 +74,9 @@ class RecordBuilder:
         return bool(self.joiner and self.joiner.pending)
 
     def build(self, read: Read, now: float) -> Batch | None:
-        if self.joiner is None and self.parser.is_noop and len(read.blocks) == 1 and read.blocks[0][0] == LINES:
-            text = _utf8_or_none(read.blocks[0][1])
-            if text is not None:
-                return self._batch(now, read.end, blob=read.blocks[0][1], text=text)
+        if (self.joiner is None and self.parser.is_noop and len(read.blocks) == 1
+                and read.blocks[0][0] == LINES and _is_utf8(read.blocks[0][1])):
+            return self._batch(now, read.end, blob=read.blocks[0][1])
         events: list[tuple[str, dict | None]] = []
         if self.joiner is None:
             events = [(text, flags) for text, _, flags in messages_of(read, need_consumed=False)]
@@ -121,8 +120,11 @@ class RecordBuilder:
         return batch
 
 
-def _utf8_or_none(data: bytes) -> str | None:
+def _is_utf8(data: bytes) -> bool:
+    if data.isascii():  # most logs: a check at memory speed, no decoding
+        return True
     try:
-        return data.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError:
-        return None
+        return False
+    return True

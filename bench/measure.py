@@ -87,11 +87,15 @@ def minor_faults(pid: int) -> int:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine spent busy since boot (all cores)."""
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal): CPU seconds of all cores since boot, busy in this VM and taken by the hypervisor."""
     with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / _TICKS
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in handle.readline().split()[1:9])
+    return (user + nice + system + irq + softirq) / _TICKS, steal / _TICKS
+
+
+def busy_cpu_seconds() -> float:
+    return machine_cpu()[0]
 
 
 def own_cpu_seconds() -> float:
@@ -100,14 +104,17 @@ def own_cpu_seconds() -> float:
 
 
 class Background:
-    """CPU the rest of the machine used during a measurement: busy time minus ours and the target's."""
+    """What else used the CPUs during a measurement: other processes, and the hypervisor (steal)."""
 
     def __init__(self):
-        self.busy = busy_cpu_seconds()
+        self.busy, self.steal = machine_cpu()
         self.own = own_cpu_seconds()
 
-    def other(self, target_cpu: float) -> float:
-        return round(max(0.0, busy_cpu_seconds() - self.busy - (own_cpu_seconds() - self.own) - target_cpu), 2)
+    def other(self, target_cpu: float) -> tuple[float, float]:
+        """(CPU s of other processes, CPU s stolen by the hypervisor) since the start."""
+        busy, steal = machine_cpu()
+        other = busy - self.busy - (own_cpu_seconds() - self.own) - target_cpu
+        return round(max(0.0, other), 2), round(steal - self.steal, 2)
 
 
 def wait_quiet(max_wait: float, log, threshold: float = 0.1, window: float = 1.0) -> float:

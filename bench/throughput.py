@@ -98,7 +98,7 @@ input(type="imfile" file="{input}" tag="bench" ruleset="bench")
 """
 
 
-def bench_rsyslog(meta: dict, workdir: str, timeout: float) -> Result:
+def bench_rsyslog(meta: dict, workdir: str, timeout: float, background: Background) -> Result:
     spool = os.path.join(workdir, "spool")
     os.makedirs(spool)
     out = os.path.join(workdir, "out.log")
@@ -125,13 +125,14 @@ def bench_rsyslog(meta: dict, workdir: str, timeout: float) -> Result:
             elapsed = now - started
             cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
             faults = minor_faults(proc.pid)
+            other, steal = background.other(cpu)
         finally:
             code, _ = stop(proc, timeout=10)
     time.sleep(0.2)
     lines = counter.update()
     counter.close()
     extra = {"output_lines": lines, "output_bytes": counter.bytes, "exit_code": code, "minor_faults": faults,
-             "threads": threads}
+             "other_cpu_seconds": other, "steal_cpu_seconds": steal, "threads": threads}
     if lines != meta["lines"]:
         log(f"  WARNING: rsyslog wrote {lines} lines, expected {meta['lines']}")
     return Result("rsyslog", elapsed, meta["bytes"], meta["lines"], cpu, rss, extra)
@@ -174,7 +175,8 @@ def checkpoint_offset(path: str) -> int:
     return -1
 
 
-def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | None) -> Result:
+def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | None,
+                  background: Background) -> Result:
     data = os.path.join(workdir, "data")
     archive = os.path.join(workdir, "archive")
     conf = os.path.join(workdir, "shipper.toml")
@@ -212,6 +214,7 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
             elapsed = now - started
             cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
             faults = minor_faults(proc.pid)
+            other, steal = background.other(cpu)
         finally:
             code, exit_seconds = stop(proc, timeout=60)
             if profiler is not None:
@@ -222,7 +225,8 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
                     profiler.wait()
     extra = {"exit_code": code, "seconds_to_exit_after_sigterm": round(exit_seconds, 2),
              "reader_done_seconds": None if read_done is None else round(read_done, 2),
-             "minor_faults": faults, "threads": threads, "timeline": timeline}
+             "minor_faults": faults, "other_cpu_seconds": other, "steal_cpu_seconds": steal,
+             "threads": threads, "timeline": timeline}
     extra.update(verify_archive(archive, meta))
     return Result("shipper", elapsed, size, meta["lines"], cpu, rss, extra)
 
@@ -354,8 +358,13 @@ def markdown(results: list[Result], meta: dict, info: dict) -> str:
     ]
     for name, value in ratios(results).items():
         out.append(f"- throughput {name}: {value:.2f}")
-    out.append("- CPU used by other processes during each measurement (should be ~0): "
-               + ", ".join(f"{r.name} {r.extra.get('other_cpu_seconds', 0):.2f} s" for r in results))
+    for r in results:
+        if "runs" in r.extra:
+            out.append(f"- {r.name}: median of {len(r.extra['runs'])} runs, which took "
+                       + ", ".join(f"{run['seconds']:.2f}" for run in r.extra["runs"]) + " s")
+    out.append("- CPU s used by other processes / stolen by the hypervisor during each measurement "
+               "(both should be ~0): " + ", ".join(f"{r.name} {r.extra.get('other_cpu_seconds', 0):.2f} / "
+                                                  f"{r.extra.get('steal_cpu_seconds', 0):.2f}" for r in results))
     out.append("- minor page faults: " + ", ".join(f"{r.name} {r.extra['minor_faults']:,}"
                                                    for r in results if "minor_faults" in r.extra))
     by_name = {r.name: r for r in results}
@@ -379,6 +388,34 @@ def markdown(results: list[Result], meta: dict, info: dict) -> str:
 
 # ---------------------------------------------------------------- main
 
+def measure(tool: str, meta: dict, run_dir: str, args: argparse.Namespace, py_spy: list[str] | None) -> Result:
+    if args.quiet_wait > 0:
+        wait_quiet(args.quiet_wait, log)
+    background = Background()
+    if tool == "cat":
+        result = bench_cat(meta)
+    elif tool == "gzip":
+        result = bench_gzip(meta)
+    else:
+        workdir = tempfile.mkdtemp(prefix=f"{tool}-", dir=run_dir)
+        if tool == "rsyslog":
+            result = bench_rsyslog(meta, workdir, args.timeout, background)
+        else:
+            result = bench_shipper(meta, workdir, args.timeout, py_spy, background)
+        if not args.keep:
+            shutil.rmtree(workdir)
+    if "other_cpu_seconds" not in result.extra:
+        result.extra["other_cpu_seconds"], result.extra["steal_cpu_seconds"] = background.other(result.cpu_seconds)
+    other, steal = result.extra["other_cpu_seconds"], result.extra["steal_cpu_seconds"]
+    log(f"  {result.seconds:.2f}s, {result.mb_per_s:.1f} MB/s, {result.cpu_seconds:.2f} CPU s, "
+        f"{result.peak_rss_mib:.1f} MiB peak RSS")
+    if other > max(0.1 * result.seconds, 0.2):
+        log(f"  WARNING: other processes used {other:.2f} CPU s meanwhile: this number is disturbed")
+    if steal > max(0.1 * result.seconds, 0.2):
+        log(f"  WARNING: the hypervisor stole {steal:.2f} CPU s meanwhile: this number is disturbed")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=2_000_000, help="lines in the generated file")
@@ -392,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-wait", type=float, default=300,
                         help="before each measurement, wait up to this many seconds for other processes "
                              "to leave the CPUs alone (0: do not wait)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure each tool this many times and report the median run (all runs in the JSON)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (outputs, configs, logs)")
     parser.add_argument("--py-spy", nargs=argparse.REMAINDER, metavar="ARG",
                         help="attach `py-spy record --pid PID ARG...` to shipper (skews its numbers), "
@@ -416,31 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         for tool in TOOLS:
             if tool not in tools:
                 continue
-            log(f"{tool} ...")
-            if args.quiet_wait > 0:
-                wait_quiet(args.quiet_wait, log)
-            background = Background()
-            if tool == "cat":
-                result = bench_cat(meta)
-            elif tool == "gzip":
-                result = bench_gzip(meta)
-            elif tool == "rsyslog":
-                workdir = os.path.join(run_dir, "rsyslog")
-                os.makedirs(workdir)
-                result = bench_rsyslog(meta, workdir, args.timeout)
-                if not args.keep:
-                    shutil.rmtree(workdir)
-            else:
-                workdir = os.path.join(run_dir, "shipper")
-                os.makedirs(workdir)
-                result = bench_shipper(meta, workdir, args.timeout, py_spy)
-                if not args.keep:
-                    shutil.rmtree(workdir)
-            result.extra["other_cpu_seconds"] = other = background.other(result.cpu_seconds)
-            log(f"  {result.seconds:.2f}s, {result.mb_per_s:.1f} MB/s, {result.cpu_seconds:.2f} CPU s, "
-                f"{result.peak_rss_mib:.1f} MiB peak RSS")
-            if other > 0.1 * result.seconds:
-                log(f"  WARNING: other processes used {other:.2f} CPU s meanwhile: this number is disturbed")
+            runs = []
+            for attempt in range(args.repeat):
+                log(f"{tool} ..." if args.repeat == 1 else f"{tool} ({attempt + 1}/{args.repeat}) ...")
+                runs.append(measure(tool, meta, run_dir, args, py_spy))
+            result = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]  # the median run
+            if len(runs) > 1:
+                result.extra["runs"] = [{"seconds": round(r.seconds, 3), "cpu_seconds": round(r.cpu_seconds, 2),
+                                         "peak_rss_mib": round(r.peak_rss_mib, 1)} for r in runs]
             results.append(result)
     finally:
         if args.keep:

@@ -197,7 +197,8 @@ class FileInput:
             self.releasing.remove(old)  # its inode was reused: the old file is gone for good
         saved = self._saved.pop(key, None)
         resumable = saved is not None and fingerprint_matches(fd, saved)
-        if rotated_away and not resumable:
+        # An empty file's fingerprint matches anything: never take a file outside the globs on it alone.
+        if rotated_away and not (resumable and saved.fp_len > 0):
             os.close(fd)
             return None
         if resumable:

@@ -126,10 +126,11 @@ class FileInput:
         for tailed in list(self.files.values()):
             try:
                 worked |= self._follow(tailed, emit, stop)
+                tailed.failing = False
             except OSError as exc:  # an I/O error on one file (EIO, a vanished mount): retried next pass
-                if tailed.path not in self.unreadable:
-                    self.unreadable.add(tailed.path)
-                    log.error("cannot read %s: %s (reported once; retrying)", tailed.path, exc)
+                if not tailed.failing:
+                    tailed.failing = True
+                    log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
         if now - self._last_checkpoint >= self.checkpoint_interval:
             self.save_checkpoints()
@@ -154,7 +155,7 @@ class FileInput:
 
     def _drain(self, emit: Callable[[Batch], None]) -> None:
         """Stopping: read what is already written (bounded), then ship partial lines and held events."""
-        for tailed in list(self.files.values()) + [t for t in self.releasing if not t.closed]:
+        for tailed in list(self.files.values()):
             budget = DRAIN_READ_BYTES
             while budget > 0:
                 read = tailed.read(self.settings.read_bytes)
@@ -173,6 +174,16 @@ class FileInput:
     def _open(self, path: str, at_startup: bool, rotated_away: bool = False) -> TailedFile | None:
         """Start tailing ``path`` (unless already tailed). ``rotated_away``: only resume a checkpointed file."""
         try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        known = self.files.get((st.st_dev, st.st_ino))
+        if known is not None:
+            if known.path != path:  # renamed to another name that the globs also match
+                known.path = path
+                known.released_since = None
+            return None
+        try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
@@ -186,12 +197,8 @@ class FileInput:
         self.unreadable.discard(path)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        known = self.files.get(key)
-        if known is not None:
+        if key in self.files:  # replaced between stat and open by a file we already follow
             os.close(fd)
-            if known.path != path:  # renamed to another name that the globs also match
-                known.path = path
-                known.released_since = None
             return None
         for old in [t for t in self.releasing if t.identity == key]:
             self.releasing.remove(old)  # its inode was reused: the old file is gone for good

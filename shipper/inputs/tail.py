@@ -122,6 +122,7 @@ class TailedFile:
         self.fp_len, self.fp = fingerprint(fd)
         self.last_data = time.monotonic()
         self.released_since: float | None = None  # when the path stopped pointing here
+        self.failing = False  # the last read failed (reported once)
         self.closed = False
 
     def read(self, chunk_size: int) -> Read | None:

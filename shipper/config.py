@@ -297,6 +297,21 @@ def _plugin_schema(kind: str, where: str, raw: Any, modules: dict[str, str], com
     return {**common, **module.OPTIONS}
 
 
+def _shared_checkpoints(inputs: list[Settings]) -> list[str]:
+    """File inputs keep checkpoints in a file named by their id (default: tag): two must not share one."""
+    seen: dict[str, str] = {}
+    problems = []
+    for settings in inputs:
+        if settings.type != "file":
+            continue
+        key = settings.id or settings.tag
+        if key in seen:
+            problems.append(f"{settings.where}.id: {key!r} is already the id of {seen[key]} (ids default to the "
+                            f"tag); give each file input its own id so their checkpoints stay apart")
+        seen.setdefault(key, settings.where)
+    return problems
+
+
 def _interpolate_tree(value: Any, where: str, environ: dict[str, str], problems: list[str]) -> Any:
     if isinstance(value, str):
         try:
@@ -347,6 +362,7 @@ def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> 
             if hasattr(module, "validate"):
                 problems.extend(module.validate(settings))
             sections[name].append(settings)
+    problems.extend(_shared_checkpoints(sections["inputs"]))
     if problems:
         raise ConfigError(problems)
     return Config(agent, cloud, server, sections["inputs"], sections["outputs"], source)

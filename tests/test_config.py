@@ -85,6 +85,7 @@ multiline = { start = "(" }
 
 [[inputs]]
 type = "file"
+tag = "other"
 
 [[outputs]]
 type = "directory"
@@ -167,3 +168,10 @@ def test_embedded_default_is_valid():
 def test_version():
     result = run_cli("version")
     assert result.returncode == 0 and result.stdout.startswith("shipper ")
+
+
+def test_two_file_inputs_cannot_share_a_checkpoint_file():
+    text = MINIMAL + '\n[[inputs]]\ntype = "file"\npaths = ["/other/*.log"]\n'
+    assert problems_of(text) == ["inputs[1].id: 'file' is already the id of inputs[0] (ids default to the tag); "
+                                 "give each file input its own id so their checkpoints stay apart"]
+    load_text(text.replace('paths = ["/other/*.log"]', 'paths = ["/other/*.log"]\nid = "other"'), "t", {})

@@ -22,4 +22,10 @@ class RetryableError(DeliveryError):
 
 
 class FatalError(DeliveryError):
-    """Permanent: retrying the same batch cannot succeed. Its records are counted as dropped."""
+    """Permanent: retrying these batches cannot succeed. Their records are counted as dropped
+    under ``reason`` (e.g. "too_old") and confirmed, so they do not hold checkpoints back."""
+
+    def __init__(self, message: str, batches: list | tuple = (), reason: str = "rejected"):
+        super().__init__(message)
+        self.batches = list(batches)
+        self.reason = reason

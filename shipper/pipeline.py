@@ -48,13 +48,12 @@ class OutputRunner(threading.Thread):
         self.max_bytes = max_bytes
         self.flush_interval = flush_interval
         self.stats = stats
-        self.queue: collections.deque[Batch] = collections.deque()
+        self.queue: collections.deque[tuple[Batch, int]] = collections.deque()  # (batch, its cost)
         self.queued_bytes = 0
         self.cond = threading.Condition()
         self.stopping = False
         self.deadline: float | None = None
         self.failing_since: float | None = None
-        self.last_delivery = time.monotonic()
 
     # ------------------------------------------------------------ producer side
 
@@ -66,7 +65,7 @@ class OutputRunner(threading.Thread):
                 if self._past_deadline():
                     return False
                 self.cond.wait(0.5)
-            self.queue.append(batch)
+            self.queue.append((batch, cost))
             self.queued_bytes += cost
             self.cond.notify_all()
         return True
@@ -92,9 +91,9 @@ class OutputRunner(threading.Thread):
             with self.cond:
                 if not self.queue and not self.stopping:
                     self.cond.wait(max(0.0, next_flush - time.monotonic()))
-                batch = self.queue.popleft() if self.queue else None
+                batch, cost = self.queue.popleft() if self.queue else (None, 0)
                 if batch is not None:
-                    self.queued_bytes -= _cost(batch)
+                    self.queued_bytes -= cost
                     self.cond.notify_all()
                 draining = self.stopping and not self.queue
             if batch is not None:
@@ -134,16 +133,13 @@ class OutputRunner(threading.Thread):
                 log.warning("%s: delivering again after %.1fs of failures", self.name_,
                             time.monotonic() - self.failing_since)
                 self.failing_since = None
-            self.last_delivery = time.monotonic()
             return
 
     def _drop(self, exc: FatalError) -> None:
-        batches = getattr(exc, "batches", [])
-        records = sum(b.count for b in batches)
-        reason = getattr(exc, "reason", "rejected")
-        self.stats.add("records_dropped", records, output=self.name_, reason=reason)
-        log.error("%s: dropped %d records that can never be delivered (%s): %s", self.name_, records, reason, exc)
-        for batch in batches:
+        records = sum(b.count for b in exc.batches)
+        self.stats.add("records_dropped", records, output=self.name_, reason=exc.reason)
+        log.error("%s: dropped %d records that can never be delivered (%s): %s", self.name_, records, exc.reason, exc)
+        for batch in exc.batches:
             batch.ack.confirm()
 
 

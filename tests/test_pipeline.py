@@ -1,0 +1,110 @@
+"""The output runner's contract with outputs: retries, permanent failures, backpressure, drain."""
+
+import random
+import threading
+import time
+
+from shipper.acks import Acknowledgement
+from shipper.errors import FatalError, RetryableError
+from shipper.outputs.base import Output, OutputContext
+from shipper.outputs.retry import backoff_delay
+from shipper.pipeline import OutputRunner
+from shipper.record import Batch, Envelope
+from shipper.stats import Stats
+
+
+class ScriptedOutput(Output):
+    """An output whose deliveries fail as the test says: a list of exceptions to raise, in order."""
+
+    def __init__(self, failures):
+        super().__init__(None, OutputContext("scripted.0", "/nonexistent", Envelope(), Stats(), 0.05))
+        self.failures = list(failures)
+        self.accepted: list[Batch] = []
+        self.delivered: list[Batch] = []
+
+    def accept(self, batch):
+        self.accepted.append(batch)
+
+    def deliver(self, now, force):
+        if self.failures:
+            failure = self.failures.pop(0)
+            if isinstance(failure, FatalError):
+                failure.batches = list(self.accepted)
+                self.accepted.clear()
+            raise failure
+        for batch in self.accepted:
+            batch.ack.confirm()
+        self.delivered.extend(self.accepted)
+        self.accepted.clear()
+
+    def pending(self):
+        return len(self.accepted)
+
+
+def runner_for(output, max_bytes=1 << 20):
+    return OutputRunner(output, ["*"], max_bytes, 0.05, output.context.stats, threading.Event())
+
+
+def confirmed_batch(text: bytes, done: list):
+    batch = Batch("app", "/f", 0.0, blob=text)
+    batch.ack = Acknowledgement(1, lambda: done.append(text))
+    return batch
+
+
+def test_retryable_failures_are_retried_until_delivered():
+    output = ScriptedOutput([RetryableError("down"), RetryableError("still down")])
+    runner = runner_for(output)
+    runner.start()
+    done = []
+    runner.put(confirmed_batch(b"a\n", done))
+    deadline = time.monotonic() + 10
+    while done != [b"a\n"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [b"a\n"]
+    assert output.context.stats.get("retries", output="scripted.0") == 2
+    runner.finish()
+    runner.join(5)
+    assert not runner.is_alive() and not runner.failed.is_set()
+
+
+def test_a_permanent_failure_drops_with_its_reason_and_releases_the_checkpoint():
+    output = ScriptedOutput([FatalError("too old for the destination", reason="too_old")])
+    runner = runner_for(output)
+    runner.start()
+    done = []
+    runner.put(confirmed_batch(b"a\nb\n", done))
+    runner.finish()
+    runner.join(5)
+    assert done == [b"a\nb\n"]  # confirmed although dropped: it must not block the file forever
+    assert output.context.stats.get("records_dropped", output="scripted.0", reason="too_old") == 2
+    assert output.delivered == []
+
+
+def test_a_full_queue_makes_the_producer_wait_until_the_deadline():
+    runner = runner_for(ScriptedOutput([]), max_bytes=10)  # not started: nothing drains the queue
+    done = []
+    assert runner.put(confirmed_batch(b"0123456789abc\n", done))  # an empty queue takes any batch
+    runner.deadline = time.monotonic() + 0.3
+    started = time.monotonic()
+    assert not runner.put(confirmed_batch(b"more\n", done))
+    assert 0.25 <= time.monotonic() - started < 3
+
+
+def test_a_bug_in_an_output_stops_the_agent_instead_of_hanging_it():
+    class Broken(ScriptedOutput):
+        def accept(self, batch):
+            raise ValueError("bug")
+
+    runner = runner_for(Broken([]))
+    runner.start()
+    runner.put(confirmed_batch(b"a\n", []))
+    runner.join(5)
+    assert runner.failed.is_set()
+
+
+def test_backoff_is_capped_and_jittered():
+    rng = random.Random(1)
+    delays = [backoff_delay(n, base=0.5, cap=30, rand=rng) for n in range(1, 30)]
+    assert all(0 < d <= 30 for d in delays)
+    assert max(delays[:3]) <= 2.0 and max(delays[10:]) > 5
+    assert len(set(delays)) == len(delays)

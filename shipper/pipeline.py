@@ -162,8 +162,7 @@ class Pipeline:
         self.failed = threading.Event()
         for index, settings in enumerate(config.outputs):
             module = importlib.import_module(OUTPUT_MODULES[settings.type])
-            context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats,
-                                    agent.flush_interval)
+            context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats)
             output = module.OUTPUT(settings, context)
             self.runners.append(OutputRunner(output, settings.match, settings.buffer_max_bytes,
                                              agent.flush_interval, self.stats, self.failed))

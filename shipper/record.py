@@ -55,7 +55,7 @@ class Batch:
     """
 
     __slots__ = ("tag", "source", "read_time", "blob", "count", "messages", "fields",
-                 "start", "end", "on_done", "ack", "_ndjson", "size", "created")
+                 "start", "end", "on_done", "ack", "_ndjson", "size")
 
     def __init__(self, tag: str, source: str | None, read_time: float, *, blob: bytes | None = None,
                  messages: list[str] | None = None, fields: list[dict | None] | None = None,
@@ -77,7 +77,6 @@ class Batch:
         self.on_done = None  # set by the input: what to do once every output confirmed
         self.ack = None      # set by the router: the countdown outputs confirm
         self._ndjson: bytes | None = None
-        self.created = _time.monotonic()
 
     # ------------------------------------------------------------ views for outputs
 

@@ -16,7 +16,7 @@ def make_output(path, **options):
     settings = validate_section("outputs[0]", {"type": "directory", "path": str(path), **options},
                                 {**COMMON_OUTPUT_OPTIONS, **directory.OPTIONS}, problems)
     assert problems == []
-    context = OutputContext("directory.0", str(path), Envelope({"host": "web-1"}, {"app": "web"}), Stats(), 1.0)
+    context = OutputContext("directory.0", str(path), Envelope({"host": "web-1"}, {"app": "web"}), Stats())
     return directory.DirectoryOutput(settings, context)
 
 

@@ -17,7 +17,7 @@ class ScriptedOutput(Output):
     """An output whose deliveries fail as the test says: a list of exceptions to raise, in order."""
 
     def __init__(self, failures):
-        super().__init__(None, OutputContext("scripted.0", "/nonexistent", Envelope(), Stats(), 0.05))
+        super().__init__(None, OutputContext("scripted.0", "/nonexistent", Envelope(), Stats()))
         self.failures = list(failures)
         self.accepted: list[Batch] = []
         self.delivered: list[Batch] = []

@@ -27,7 +27,6 @@ class OutputContext:
     data_dir: str
     envelope: Envelope
     stats: Stats
-    flush_interval: float
 
 
 class Output:
@@ -49,6 +48,3 @@ class Output:
 
     def close(self) -> None:
         """Release resources; called after the last deliver(force=True)."""
-
-    def describe(self) -> str:
-        return self.context.name

@@ -94,6 +94,7 @@ class FileInput:
         self._saved: dict[tuple[int, int], Checkpoint] = {}
         self._last_refresh = 0.0
         self._last_checkpoint = 0.0
+        self._save_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -323,13 +324,15 @@ class FileInput:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoints(self) -> None:
-        self.releasing = [t for t in self.releasing if t.tracker.committed < t.emit_offset]
-        entries = [t.checkpoint() for t in list(self.files.values()) + self.releasing]
-        try:
-            self.store.save(entries)
-        except OSError as exc:
-            log.error("cannot write checkpoints to %s: %s", self.store.path, exc)
-            self._count("checkpoint_errors")
+        """Persist confirmed offsets. Also called by the pipeline after the drain (hence the lock)."""
+        with self._save_lock:
+            self.releasing = [t for t in self.releasing if t.tracker.committed < t.emit_offset]
+            entries = [t.checkpoint() for t in list(self.files.values()) + self.releasing]
+            try:
+                self.store.save(entries)
+            except OSError as exc:
+                log.error("cannot write checkpoints to %s: %s", self.store.path, exc)
+                self._count("checkpoint_errors")
 
     def _count(self, name: str, value: int = 1) -> None:
         if self.stats is not None:

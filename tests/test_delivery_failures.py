@@ -72,3 +72,24 @@ def test_shutdown_deadline_with_a_dead_destination_keeps_records_for_the_next_st
     agent = run_agent(config, wrapper=NO_DAC)
     wait_for(lambda: set(archived_seqs(workdir)) == set(range(50)), message="delivery on the next start")
     assert agent.stop() == 0
+
+
+def test_checkpoints_that_cannot_be_written_are_reported_once_and_delivery_goes_on(workdir, run_agent):
+    checkpoints = workdir / "data" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    checkpoints.chmod(0o555)
+    try:
+        log = workdir / "logs" / "app.log"
+        log.write_text(seq_lines(0, 10))
+        agent = run_agent(wrapper=NO_DAC)
+        wait_for(lambda: set(archived_seqs(workdir)) == set(range(10)), message="delivery without checkpoints")
+        with open(log, "a") as f:
+            f.write(seq_lines(10, 10))
+        wait_for(lambda: set(archived_seqs(workdir)) == set(range(20)), message="more delivery")
+        assert agent.log().count("cannot write checkpoints") == 1
+        checkpoints.chmod(0o755)
+        wait_for(lambda: checkpoint(workdir) == log.stat().st_size, message="checkpoints written again")
+        assert agent.stop() == 0
+        assert "checkpoints are written again" in agent.log()
+    finally:
+        checkpoints.chmod(0o755)

@@ -95,6 +95,7 @@ class FileInput:
         self._last_refresh = 0.0
         self._last_checkpoint = 0.0
         self._save_lock = threading.Lock()
+        self._checkpoint_failing = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -330,9 +331,16 @@ class FileInput:
             entries = [t.checkpoint() for t in list(self.files.values()) + self.releasing]
             try:
                 self.store.save(entries)
-            except OSError as exc:
-                log.error("cannot write checkpoints to %s: %s", self.store.path, exc)
+            except OSError as exc:  # e.g. data_dir full: delivery goes on, the next save may succeed
+                if not self._checkpoint_failing:
+                    log.error("cannot write checkpoints to %s: %s (retrying every %.1fs)", self.store.path, exc,
+                              self.checkpoint_interval)
+                self._checkpoint_failing = True
                 self._count("checkpoint_errors")
+                return
+            if self._checkpoint_failing:
+                log.warning("checkpoints are written again to %s", self.store.path)
+                self._checkpoint_failing = False
 
     def _count(self, name: str, value: int = 1) -> None:
         if self.stats is not None:

@@ -5,17 +5,22 @@ import subprocess
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-from shipper.outputs.compression import GzipStream, PlainStream
+import pytest
+
+from shipper.outputs.compression import DEFLATE, GzipStream, PlainStream, engine_level
+
+ENGINES = sorted({zlib, DEFLATE}, key=lambda m: m.__name__)
 
 
-def test_parallel_blocks_make_one_ordinary_gzip_member(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda m: m.__name__)
+def test_parallel_blocks_make_one_ordinary_gzip_member(tmp_path, engine):
     rng = random.Random(7)
     pieces = [(" ".join(rng.choice(["GET", "POST", "/api", "200", "500", "ms"]) for _ in range(rng.randint(1, 9000)))
                + "\n").encode() for _ in range(30)]
     pieces.insert(3, os.urandom(100_000))  # incompressible, and larger than the 32 KiB window
     pieces.insert(5, b"")
     with ThreadPoolExecutor(2) as pool:
-        stream = GzipStream(1, pool)
+        stream = GzipStream(1, pool, engine)
         out = b""
         for piece in pieces:
             stream.add(piece)
@@ -33,9 +38,16 @@ def test_parallel_blocks_make_one_ordinary_gzip_member(tmp_path):
     assert len(out) < 1.05 * len(single.compress(whole) + single.flush())  # the shared window keeps the ratio
 
 
-def test_empty_stream_is_valid_gzip():
+def test_the_fast_engine_is_installed_and_levels_map_to_it():
+    assert DEFLATE.__name__ == "isal.isal_zlib"  # a declared dependency: the hot path counts on it
+    assert [engine_level(n, DEFLATE) for n in range(1, 10)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert engine_level(6, zlib) == 6
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda m: m.__name__)
+def test_empty_stream_is_valid_gzip(engine):
     with ThreadPoolExecutor(1) as pool:
-        stream = GzipStream(6, pool)
+        stream = GzipStream(6, pool, engine)
         stream.finish()
         assert gzip.decompress(stream.take(keep=0)) == b""
 

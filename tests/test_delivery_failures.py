@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import subprocess
 import time
 
 import orjson
@@ -93,3 +94,36 @@ def test_checkpoints_that_cannot_be_written_are_reported_once_and_delivery_goes_
         assert "checkpoints are written again" in agent.log()
     finally:
         checkpoints.chmod(0o755)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount), filled to the last byte."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and a tmpfs mount for a real ENOSPC")
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={mountpoint}/filler", "bs=4k"], capture_output=True)
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def test_disk_full_holds_the_checkpoint_and_recovers_when_space_returns(workdir, run_agent, tiny_filesystem):
+    archive = tiny_filesystem / "archive"
+    config = agent_config(workdir / "logs", workdir / "data").replace(f'path = "{workdir}/data/archive"',
+                                                                      f'path = "{archive}"')
+    log = workdir / "logs" / "app.log"
+    log.write_text(seq_lines(0, 200))
+    agent = run_agent(config)
+    wait_for(lambda: "delivery failed, retrying" in agent.log(), message="ENOSPC to be reported")
+    assert "No space left on device" in agent.log()
+    time.sleep(0.5)
+    assert checkpoint(workdir) == 0
+    (tiny_filesystem / "filler").unlink()  # space comes back
+    wait_for(lambda: set(seqs(read_archive(archive))) == set(range(200)), message="delivery after space returns")
+    assert agent.stop() == 0
+    assert max(collections.Counter(seqs(read_archive(archive))).values()) == 1
+    assert checkpoint(workdir) == log.stat().st_size

@@ -20,7 +20,7 @@ from shipper.config import Option, Settings, regex_check, validate_section
 from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, fingerprint_matches
 from shipper.inputs.discovery import DirectoryWatcher, expand
 from shipper.inputs.framing import RecordBuilder
-from shipper.inputs.tail import GONE, REPLACED, TRUNCATED, Read, TailedFile, classify
+from shipper.inputs.tail import GONE, REPLACED, SAME, TRUNCATED, Read, TailedFile, classify
 from shipper.multiline import PRESETS, Joiner, make_rule
 from shipper.parsers import PARSERS, LineParser
 from shipper.record import Batch
@@ -140,15 +140,20 @@ class FileInput:
         return worked
 
     def _follow(self, tailed: TailedFile, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
-        """Read one file until it is drained (or has had its fair share); True when anything was read."""
-        if self._truncated(tailed):
+        """Read one file until it is drained (or has had its fair share); True when anything was read.
+
+        What happened to the file is decided before reading, so that a file truncated and refilled
+        past our offset is not read from the middle (the size alone cannot tell; its first bytes can).
+        """
+        state = self._state(tailed)
+        if state == TRUNCATED:
             self._restart(tailed, emit)
         worked = False
         budget = FAIR_SHARE_BYTES
         while budget > 0 and not stop.is_set():
             read = tailed.read(self.settings.read_bytes)
             if read is None:
-                self._at_end_of_file(tailed, emit)
+                self._at_end_of_file(tailed, emit, state)
                 break
             worked = True
             budget -= read.end - read.start
@@ -275,7 +280,7 @@ class FileInput:
         self._emit(tailed, tailed.flush_carry(), emit)
         self._send(tailed, tailed.builder.flush_pending(time.time()), emit)
 
-    def _at_end_of_file(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
+    def _at_end_of_file(self, tailed: TailedFile, emit: Callable[[Batch], None], state: str) -> None:
         now = time.monotonic()
         idle = now - tailed.last_data
         multiline = self.settings.multiline
@@ -283,29 +288,25 @@ class FileInput:
             self._emit(tailed, tailed.flush_carry(), emit)
         if multiline is not None and idle >= multiline.timeout and tailed.builder.holds_event:
             self._send(tailed, tailed.builder.flush_pending(time.time()), emit)
-        try:
-            st = os.stat(tailed.path)
-            path_identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
-        except OSError:
-            path_identity = None
-        size = os.fstat(tailed.fd).st_size
-        state = classify(tailed.identity, tailed.read_offset, size, tailed.head_matches(), path_identity)
-        if state == TRUNCATED:
-            self._restart(tailed, emit)
-        elif state in (GONE, REPLACED):
+        if state in (GONE, REPLACED):
             if tailed.released_since is None:
                 tailed.released_since = now
                 self.changed.set()  # a new file may stand at the path now
                 self.wake.set()
             elif now - max(tailed.released_since, tailed.last_data) >= self.settings.rotate_wait:
                 self._release(tailed, emit)
-        else:
+        elif state == SAME:
             tailed.released_since = None
 
-    def _truncated(self, tailed: TailedFile) -> bool:
-        """Checked before reading, so that a file truncated and refilled past our offset is not read
-        from the middle (the size alone cannot tell; its first bytes can)."""
-        return os.fstat(tailed.fd).st_size < tailed.read_offset or not tailed.head_matches()
+    def _state(self, tailed: TailedFile) -> str:
+        """SAME, TRUNCATED, GONE or REPLACED: from the open descriptor and what its path holds now."""
+        try:
+            st = os.stat(tailed.path)
+            path_identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            path_identity = None
+        size = os.fstat(tailed.fd).st_size
+        return classify(tailed.identity, tailed.read_offset, size, tailed.head_matches(), path_identity)
 
     def _restart(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
         log.info("%s was truncated (copytruncate?); reading it again from the start", tailed.path)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import orjson
 
+from shipper.durable import write_atomically
+
 log = logging.getLogger(__name__)
 
 FINGERPRINT_BYTES = 1024
@@ -43,24 +45,6 @@ def fingerprint_matches(fd: int, checkpoint: Checkpoint) -> bool:
         return True
     head = os.pread(fd, checkpoint.fp_len, 0)
     return len(head) == checkpoint.fp_len and zlib.crc32(head) == checkpoint.fp
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` so that a crash leaves either the old or the new content, never a mix."""
-    directory = os.path.dirname(path) or "."
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointStore:

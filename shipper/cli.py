@@ -11,7 +11,7 @@ import threading
 import time
 
 from shipper import __version__
-from shipper.config import DEFAULT_CONFIG_PATH, Config, load
+from shipper.config import DEFAULT_CONFIG_PATH, Config, load, target_of
 from shipper.errors import ConfigError
 
 log = logging.getLogger("shipper")
@@ -97,6 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         pipeline = Pipeline(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("cannot start: %s", problem)
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILED
@@ -104,9 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for settings in config.inputs:
         log.info("reading %s (tag %s)", ", ".join(os.path.abspath(p) for p in settings.paths), settings.tag)
     for settings in config.outputs:
-        target = settings.get("path") or settings.get("bucket") or ""
-        log.info("writing %s %s (match %s)", settings.type, os.path.abspath(target) if settings.get("path") else target,
-                 ", ".join(settings.match))
+        log.info("writing %s %s (match %s)", settings.type, target_of(settings), ", ".join(settings.match))
     log.info("state (checkpoints) in %s", pipeline.data_dir)
     pipeline.start()
     while not stop.wait(0.5):
@@ -114,9 +116,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             break
     complete = pipeline.stop()
     log.info("stopped%s", "" if complete else " with undelivered records")
-    if pipeline.failed.is_set():
-        return EXIT_FAILED
-    return EXIT_OK if complete else EXIT_FAILED
+    code = EXIT_FAILED if pipeline.failed.is_set() or not complete else EXIT_OK
+    # Exit now: an upload thread stuck in a socket call past the deadline must not hold the
+    # process (the interpreter would otherwise wait for every worker thread).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,8 @@ DEFAULT_CONFIG_PATH = "/etc/shipper/shipper.toml"
 INPUT_MODULES = {"file": "shipper.inputs.file"}
 OUTPUT_MODULES = {
     "directory": "shipper.outputs.directory",
+    "s3": "shipper.outputs.s3",
+    "cloudwatch_logs": "shipper.outputs.cloudwatch_logs",
     "stdout": "shipper.outputs.stdout",
 }
 
@@ -270,12 +272,23 @@ class Config:
             detail = ", ".join(settings.paths) if settings.type == "file" else ""
             lines.append(f"{settings.where}: {settings.type} tag={settings.tag} {detail}".rstrip())
         for settings in self.outputs:
-            target = settings.get("path") or settings.get("bucket") or ""
+            target = target_of(settings)
             lines.append(f"{settings.where}: {settings.type} match={','.join(settings.match)} {target}".rstrip())
         for settings in self.inputs:
             routed = [o.where for o in self.outputs if tag_matches(settings.tag, o.match)]
             lines.append(f"route: {settings.tag} -> {', '.join(routed) or 'nothing (no output matches)'}")
         return "\n".join(lines)
+
+
+def target_of(settings: Settings) -> str:
+    """Where an output writes, for people: a path, a bucket, a log group."""
+    if settings.get("path"):
+        return os.path.abspath(settings.path)
+    if settings.get("bucket"):
+        return f"s3://{settings.bucket}/{settings.get('prefix', '')}".rstrip("/")
+    if settings.get("log_group"):
+        return f"log group {settings.log_group}"
+    return ""
 
 
 def tag_matches(tag: str, patterns: list[str]) -> bool:

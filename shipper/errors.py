@@ -21,6 +21,11 @@ class RetryableError(DeliveryError):
     """Temporary: the same batch may succeed later (network down, throttled, 5xx)."""
 
 
+class BufferFull(RetryableError):
+    """Not a failure: the output holds as much as it may while its destination keeps up;
+    the runner waits briefly (readers wait behind it) without logging or counting a retry."""
+
+
 class FatalError(DeliveryError):
     """Permanent: retrying these batches cannot succeed. Their records are counted as dropped
     under ``reason`` (e.g. "too_old") and confirmed, so they do not hold checkpoints back."""

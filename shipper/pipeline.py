@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from shipper.acks import Acknowledgement
 from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, tag_matches
-from shipper.errors import FatalError, RetryableError
+from shipper.errors import BufferFull, FatalError, RetryableError
 from shipper.identity import resolve_identity
 from shipper.outputs.base import Output, OutputContext
 from shipper.outputs.retry import backoff_delay
@@ -113,6 +113,11 @@ class OutputRunner(threading.Thread):
         while True:
             try:
                 self.output.deliver(time.time(), force)
+            except BufferFull:
+                if self._past_deadline():
+                    return
+                time.sleep(0.01)
+                continue
             except RetryableError as exc:
                 attempt += 1
                 self.stats.add("retries", 1, output=self.name_)

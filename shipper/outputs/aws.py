@@ -1,0 +1,86 @@
+"""What the AWS outputs share: clients made lazily, and errors told apart and described.
+
+boto3 is imported here, inside functions, and only by outputs that are configured: an
+agent without AWS outputs never loads it (it costs ~40 MiB and a second of start-up).
+Credentials come from boto3's default chain and never appear in what we log or raise:
+only error codes and messages the service returned do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shipper import __version__
+from shipper.errors import ConfigError
+
+# Codes worth retrying: the service is busy or briefly unable. Anything else that is not a
+# per-request rejection is a setup problem (permissions, missing bucket) an operator fixes.
+THROTTLING_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestThrottledException",
+    "TooManyRequestsException", "SlowDown", "RequestLimitExceeded", "LimitExceededException",
+})
+UNAVAILABLE_CODES = frozenset({
+    "ServiceUnavailable", "ServiceUnavailableException", "InternalError", "InternalFailure",
+    "InternalServerError", "RequestTimeout", "RequestTimeoutException", "OperationAbortedException",
+})
+
+AWS_OPTIONS_DOC = "region, endpoint_url"
+
+
+def make_client(service: str, settings: Any, identity: dict[str, str], *, attempts: int, connections: int):
+    """A boto3 client for one output. ``attempts``: botocore's own tries per call (1: we retry)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import NoRegionError
+
+    options: dict[str, Any] = {
+        "region_name": settings.region or identity.get("region") or None,
+        "retries": {"mode": "standard", "total_max_attempts": attempts},
+        "connect_timeout": 5,
+        "read_timeout": 30,
+        "max_pool_connections": connections,
+        "user_agent_extra": f"shipper/{__version__}",
+    }
+    if service == "s3" and settings.endpoint_url:
+        options["s3"] = {"addressing_style": "path"}  # S3-compatible stores rarely have bucket DNS names
+    session = boto3.session.Session()
+    try:
+        return session.client(service, endpoint_url=settings.endpoint_url or None, config=Config(**options))
+    except NoRegionError:
+        raise ConfigError([f"{settings.where}.region: no region configured (set it, or AWS_REGION, "
+                           f"or run on EC2 with [cloud] metadata enabled)"]) from None
+
+
+def error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return response.get("Error", {}).get("Code") or None
+    return None
+
+
+def http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description without anything secret: the service's code and message, or the error type."""
+    code = error_code(exc)
+    if code:
+        message = getattr(exc, "response", {}).get("Error", {}).get("Message") or ""
+        return f"{code}: {message}".rstrip(": ")
+    name = type(exc).__name__
+    if name == "NoCredentialsError":
+        return "no AWS credentials found (environment, shared credentials file, or instance profile)"
+    return f"{name}: {exc}"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Throttled, unavailable, 5xx, a timeout or a broken connection: the same request may work later."""
+    code = error_code(exc)
+    if code is not None:
+        status = http_status(exc) or 0
+        return code in THROTTLING_CODES or code in UNAVAILABLE_CODES or status >= 500 or status == 429
+    return True  # no answer from the service at all (connection, timeout, credentials fetch)

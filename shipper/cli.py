@@ -60,7 +60,35 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(config.describe())
     print("configuration OK")
+    if args.probe:
+        return _probe(config)
     return EXIT_OK
+
+
+def _probe(config: Config) -> int:
+    """Try each output's credentials and destination; print what failed, exactly."""
+    import importlib
+
+    from shipper.config import OUTPUT_MODULES
+    from shipper.identity import resolve_identity
+
+    cloud = config.cloud
+    identity = resolve_identity(cloud.metadata, cloud.imds_endpoint, cloud.imds_timeout)
+    failed = False
+    for settings in config.outputs:
+        probe = getattr(importlib.import_module(OUTPUT_MODULES[settings.type]), "probe", None)
+        if probe is None:
+            continue
+        try:
+            problems = probe(settings, identity)
+        except ConfigError as exc:
+            problems = exc.problems
+        for problem in problems:
+            print(f"probe failed: {problem}")
+        if not problems:
+            print(f"probe OK: {settings.where} ({settings.type}, {target_of(settings)})")
+        failed = failed or bool(problems)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -134,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     check = commands.add_parser("check", help="validate a config and print the resolved pipeline")
     check.add_argument("-c", "--config", help=config_help)
+    check.add_argument("--probe", action="store_true",
+                       help="also try credentials and reach each destination (HeadBucket, DescribeLogGroups)")
     check.set_defaults(func=cmd_check)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)

@@ -229,6 +229,9 @@ AGENT_OPTIONS = {
     "flush_interval": Option("duration", 1.0, minimum=0.01),
     "shutdown_timeout": Option("duration", 20.0),
     "checkpoint_interval": Option("duration", 1.0, minimum=0.01),
+    # Failed deliveries wait a random time up to initial * 2^(attempt-1), at most maximum.
+    "retry_initial_delay": Option("duration", 0.5, minimum=0.001),
+    "retry_max_delay": Option("duration", 30.0, minimum=0.001),
     "log_level": Option("choice", "info", choices=("debug", "info", "warning", "error")),
     "labels": Option("strmap", {}),
 }

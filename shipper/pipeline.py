@@ -21,7 +21,7 @@ from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, tag_matches
 from shipper.errors import BufferFull, FatalError, RetryableError
 from shipper.identity import resolve_identity
 from shipper.outputs.base import Output, OutputContext
-from shipper.outputs.retry import backoff_delay
+from shipper.outputs.retry import Backoff
 from shipper.record import Batch, Envelope
 from shipper.stats import Stats
 
@@ -124,7 +124,7 @@ class OutputRunner(threading.Thread):
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                     log.warning("%s: delivery failed, retrying with backoff: %s", self.name_, exc)
-                delay = backoff_delay(attempt)
+                delay = self.output.context.backoff.delay(attempt)
                 if self.deadline is not None:  # stopping: retry only until the deadline
                     delay = min(delay, self.deadline - time.monotonic())
                     if delay <= 0:
@@ -167,7 +167,8 @@ class Pipeline:
         self.failed = threading.Event()
         for index, settings in enumerate(config.outputs):
             module = importlib.import_module(OUTPUT_MODULES[settings.type])
-            context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats)
+            context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats,
+                                    Backoff(agent.retry_initial_delay, agent.retry_max_delay))
             output = module.OUTPUT(settings, context)
             self.runners.append(OutputRunner(output, settings.match, settings.buffer_max_bytes,
                                              agent.flush_interval, self.stats, self.failed))

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+pytest_plugins = ["aws"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -88,14 +89,28 @@ class Agent:
             self._stderr.close()
 
 
+# Retries that stay well inside the tests' timeouts (the defaults grow to 30 s).
+FAST_RETRIES = 'retry_initial_delay = "50ms"\nretry_max_delay = "500ms"'
+
 INPUT_DEFAULTS = {"poll_interval": "50ms", "refresh_interval": "200ms", "rotate_wait": "500ms"}
 
 
 def agent_config(logs: Path, data: Path, input_extra: str = "", output_extra: str = "",
                  agent_extra: str = "", pattern: str = "*.log", upload_interval: str = "200ms",
-                 **input_options: str) -> str:
-    """A config tuned for tests: fast polling, objects closed within a fraction of a second."""
+                 output: str | None = None, **input_options: str) -> str:
+    """A config tuned for tests: fast polling, objects closed within a fraction of a second.
+
+    ``output``: the whole [[outputs]] table(s) instead of the default directory archive.
+    """
     options = "\n".join(f'{k} = "{v}"' for k, v in {**INPUT_DEFAULTS, **input_options}.items())
+    if output is None:
+        output = f"""
+[[outputs]]
+type = "directory"
+path = "{data}/archive"
+upload_interval = "{upload_interval}"
+{output_extra}
+"""
     return f"""
 [agent]
 data_dir = "{data}"
@@ -114,12 +129,7 @@ paths = ["{logs}/{pattern}"]
 {options}
 {input_extra}
 
-[[outputs]]
-type = "directory"
-path = "{data}/archive"
-upload_interval = "{upload_interval}"
-{output_extra}
-"""
+{output}"""
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shipper.outputs.retry import Backoff
 from shipper.record import Batch, Envelope
 from shipper.stats import Stats
 
@@ -27,6 +28,7 @@ class OutputContext:
     data_dir: str
     envelope: Envelope
     stats: Stats
+    backoff: Backoff = Backoff()
 
 
 class Output:

@@ -22,7 +22,6 @@ from shipper.config import Option
 from shipper.errors import BufferFull, RetryableError
 from shipper.outputs import aws
 from shipper.outputs.base import Output
-from shipper.outputs.retry import backoff_delay
 from shipper.outputs.log_events import (
     MAX_EVENTS, MAX_MESSAGE_BYTES, EVENT_OVERHEAD, Event, Tally, rejected_ranges, take_request, timestamp_ms,
     utf8_parts,
@@ -299,7 +298,7 @@ class CloudWatchLogsOutput(Output):
     def _retry(self, stream: Stream, events: list[Event], error: BaseException) -> None:
         stream.pending.extendleft(reversed(events))
         stream.attempts += 1
-        stream.next_try = time.monotonic() + backoff_delay(stream.attempts)
+        stream.next_try = time.monotonic() + self.context.backoff.delay(stream.attempts)
         self.last_error = aws.describe(error)
         self.context.stats.add("retries", 1, output=self.context.name)
         if stream.failing_since is None:

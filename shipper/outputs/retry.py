@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 
 def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0, rand: random.Random | None = None) -> float:
@@ -12,3 +13,14 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0, rand: rand
     """
     ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
     return max(0.001, (rand or random).uniform(0, ceiling))
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The agent's ``retry_initial_delay`` and ``retry_max_delay``."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return backoff_delay(attempt, self.initial, self.maximum)

@@ -26,7 +26,6 @@ from shipper.outputs.base import Output
 from shipper.outputs.directory import COMPRESSIONS, check_compression_level, layout_of
 from shipper.outputs.keys import DEFAULT_KEY, check_template
 from shipper.outputs.objects import FinishedObject, ObjectBuilder
-from shipper.outputs.retry import backoff_delay
 from shipper.outputs.spool import Spool, SpooledObject
 
 log = logging.getLogger(__name__)
@@ -212,7 +211,7 @@ class S3Output(Output):
 
     def _failed(self, obj: SpooledObject, error: BaseException) -> None:
         obj.attempts += 1
-        obj.next_try = time.monotonic() + backoff_delay(obj.attempts)
+        obj.next_try = time.monotonic() + self.context.backoff.delay(obj.attempts)
         self.waiting.append(obj)
         self.last_error = aws.describe(error)
         self.context.stats.add("retries", 1, output=self.context.name)

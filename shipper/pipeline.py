@@ -242,6 +242,6 @@ class Pipeline:
             if left:
                 complete = False
                 log.error("%s: %d batches not delivered before shutdown_timeout (%.0fs); "
-                          "they are read again on the next start", runner.name_, left, timeout)
+                          "the next start reads them again (or uploads them from the spool)", runner.name_, left, timeout)
             runner.output.close()
         return complete

@@ -202,3 +202,36 @@ def _host_stream(workdir: Path) -> str:
     import socket
 
     return f"{socket.gethostname()}/app.log"
+
+
+def test_format_json_sends_whole_records_with_labels(run_agent, workdir, aws):
+    config = agent_config(workdir / "logs", workdir / "data", output=cwl_output(aws, 'format = "json"'),
+                          agent_extra=FAST_RETRIES + '\n[agent.labels]\nteam = "payments"')
+    agent = run_agent(config, env=aws.env)
+    write(workdir, 0, 5)
+    wait_for(lambda: sum(map(len, stream_events(aws).values())) == 5, message="5 JSON events")
+    assert agent.stop() == 0
+    (events,) = stream_events(aws).values()
+    records = [json.loads(e["message"]) for e in events]
+    assert seq_numbers([{"message": r["message"]} for r in records]) == list(range(5))
+    assert all(r["labels"] == {"team": "payments"} and r["tag"] == "app" for r in records)
+
+
+def test_check_rejects_bad_names_and_retention_offline(workdir, aws):
+    import subprocess
+    import sys
+
+    output = cwl_output(aws, "retention_days = 8").replace('"/shipper/{tag}"', '"/shipper:{tag}/{nope}"')
+    path = workdir / "check.toml"
+    path.write_text(agent_config(workdir / "logs", workdir / "data", output=output))
+    result = subprocess.run([sys.executable, "-m", "shipper", "check", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "outputs[0].log_group: unknown placeholder {nope}" in result.stderr
+    assert "outputs[0].retention_days: must be one of 1, 3, 5, 7, 14" in result.stderr
+    path.write_text(agent_config(workdir / "logs", workdir / "data",
+                                 output=cwl_output(aws).replace('"/shipper/{tag}"', '"/shipper:x"')))
+    result = subprocess.run([sys.executable, "-m", "shipper", "check", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert "outputs[0].log_group: not a valid name: 1-512 letters, digits and . _ - / #" in result.stderr
+    assert aws.proxy.requests() == []

@@ -7,7 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shipper.outputs.compression import DEFLATE, GzipStream, PlainStream, engine_level
+from backports.zstd import decompress as zstd_decompress
+
+from shipper.outputs.compression import DEFLATE, GzipStream, PlainStream, ZstdStream, engine_level
 
 ENGINES = sorted({zlib, DEFLATE}, key=lambda m: m.__name__)
 
@@ -58,3 +60,16 @@ def test_plain_stream_passes_through():
     stream.add(b"b")
     stream.finish()
     assert stream.take() == b"ab" and stream.take() == b""
+
+
+def test_zstd_stream_is_one_frame_of_every_piece_in_order():
+    pieces = [f"line {i} ".encode() * (i % 50) + b"\n" for i in range(2000)]
+    stream = ZstdStream(3)
+    out = b""
+    for piece in pieces:
+        stream.add(piece)
+        out += stream.take()
+    stream.finish()
+    out += stream.take()
+    assert zstd_decompress(out) == b"".join(pieces)
+    assert len(out) < len(b"".join(pieces)) // 10

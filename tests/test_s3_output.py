@@ -251,3 +251,20 @@ def test_sigterm_with_the_bucket_missing_keeps_the_spool_and_exits_1(run_agent, 
     again = start(run_agent, workdir, aws)
     wait_for(lambda: bucket_seqs(aws) == list(range(200)), message="the spool uploaded on the next start")
     assert again.stop() == 0
+
+
+def test_a_full_spool_makes_reading_wait_instead_of_dropping(run_agent, workdir, aws):
+    aws.s3.create_bucket(Bucket=BUCKET)
+    aws.proxy.set_down(True)
+    write(workdir, 0, 20_000)  # ~4 MB of NDJSON, four times the spool
+    agent = start(run_agent, workdir, aws, extra='compression = "none"\nspool_max_bytes = "1MiB"\n'
+                                               'max_object_bytes = "256KiB"', read_bytes="64KiB")
+    wait_for(lambda: "spool full" in agent.log() and "uploads fail" in agent.log(), timeout=20,
+             message="the spool reported full")
+    size = (workdir / "logs" / "app.log").stat().st_size
+    # The limit is checked between batches: it is passed by at most an object and a batch.
+    assert sum(p.stat().st_size for p in spooled(workdir)) <= 1024**2 + 2 * 256 * 1024
+    assert (checkpoint_offset(workdir) or 0) < size  # the rest waits in the file, not in memory
+    aws.proxy.set_down(False)
+    wait_for(lambda: bucket_seqs(aws) == list(range(20_000)), timeout=30, interval=0.3, message="every line")
+    assert agent.stop() == 0

@@ -116,7 +116,6 @@ class CloudWatchLogsOutput(Output):
         self.streams: dict[tuple[str, str], Stream] = {}
         self.names: dict[tuple[str, str | None], tuple[str, str]] = {}
         self.in_flight: dict[Future, Stream] = {}
-        self.created_groups: set[str] = set()
         self.open_batches = 0
         self.buffered_bytes = 0
         self.last_error = ""

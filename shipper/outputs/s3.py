@@ -20,7 +20,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from shipper.config import Option
-from shipper.errors import RetryableError
+from shipper.errors import BufferFull, RetryableError
 from shipper.outputs import aws
 from shipper.outputs.base import Output
 from shipper.outputs.directory import COMPRESSIONS, check_compression_level, layout_of
@@ -150,17 +150,22 @@ class S3Output(Output):
 
     def deliver(self, now: float, force: bool) -> None:
         self._reap(block=False)
-        if self._spool_full() and not force:
-            self._start_uploads(force=False)
-            raise RetryableError(f"{self.context.name}: spool full ({self.spooled_bytes} bytes in "
-                                 f"{self.spool.root}) while uploads fail ({self.last_error}); reading waits")
-        self.builder.finish_due(force)
+        self.builder.finish_due(force)  # never blocked by a full spool: the bytes are on disk already
         self._start_uploads(force)
         if force:
             self._reap(block=True)
             if self.waiting:
                 raise RetryableError(f"{self.context.name}: {len(self.waiting)} objects not uploaded yet: "
                                      f"{self.last_error}")
+            return
+        if self._spool_full() and self.failing_since is None and self.in_flight:
+            self._reap(block=True)  # healthy but behind: wait for an upload, then go on
+            self._start_uploads(force)
+        if self._spool_full():
+            # Accept nothing more until uploads make room: readers wait, the files keep the lines.
+            error = BufferFull if self.failing_since is None else RetryableError
+            raise error(f"{self.context.name}: spool full ({self.spooled_bytes} bytes in {self.spool.root}"
+                        f"{'; uploads fail: ' + self.last_error if self.failing_since else ''}); reading waits")
 
     def _spool_full(self) -> bool:
         building = sum(o.size for o in self.builder.objects.values())
@@ -184,7 +189,7 @@ class S3Output(Output):
         """Take the results of finished uploads (``block``: wait until none is running)."""
         while self.in_flight:
             if block:
-                wait(list(self.in_flight), return_when=FIRST_COMPLETED)
+                wait(list(self.in_flight), timeout=5.0, return_when=FIRST_COMPLETED)
             done = [f for f in self.in_flight if f.done()]
             if not done:
                 return

@@ -241,7 +241,7 @@ class Pipeline:
             left = runner.output.pending() + len(runner.queue)
             if left:
                 complete = False
-                log.error("%s: %d batches not delivered before shutdown_timeout (%.0fs); "
-                          "the next start reads them again (or uploads them from the spool)", runner.name_, left, timeout)
+                log.error("%s: %d batches or objects not delivered before shutdown_timeout (%.0fs); the next "
+                          "start reads them again (or uploads them from the spool)", runner.name_, left, timeout)
             runner.output.close()
         return complete

@@ -27,8 +27,10 @@ UNAVAILABLE_CODES = frozenset({
 AWS_OPTIONS_DOC = "region, endpoint_url"
 
 
-def make_client(service: str, settings: Any, identity: dict[str, str], *, attempts: int, connections: int):
-    """A boto3 client for one output. ``attempts``: botocore's own tries per call (1: we retry)."""
+def make_client(service: str, settings: Any, identity: dict[str, str], *, attempts: int, connections: int,
+                validate: bool = True):
+    """A boto3 client for one output. ``attempts``: botocore's own tries per call (1: we retry).
+    ``validate``: False skips botocore's walk over every parameter (requests we build are well-formed)."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import NoRegionError
@@ -40,6 +42,7 @@ def make_client(service: str, settings: Any, identity: dict[str, str], *, attemp
         "read_timeout": 30,
         "max_pool_connections": connections,
         "user_agent_extra": f"shipper/{__version__}",
+        "parameter_validation": validate,
     }
     if service == "s3" and settings.endpoint_url:
         options["s3"] = {"addressing_style": "path"}  # S3-compatible stores rarely have bucket DNS names

@@ -111,7 +111,7 @@ class CloudWatchLogsOutput(Output):
         if settings.format == "json":
             self.encoding = "ndjson"
         self.client = aws.make_client("logs", settings, context.envelope.identity, attempts=1,
-                                      connections=settings.max_concurrency + 1)
+                                      connections=settings.max_concurrency + 1, validate=False)
         self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix=f"{context.name}")
         self.streams: dict[tuple[str, str], Stream] = {}
         self.names: dict[tuple[str, str | None], tuple[str, str]] = {}
@@ -119,16 +119,18 @@ class CloudWatchLogsOutput(Output):
         self.open_batches = 0
         self.buffered_bytes = 0
         self.last_error = ""
+        self.turn = 0
 
     # ------------------------------------------------------------ accepting
 
     def accept(self, batch: Batch) -> None:
         stream = self._stream_for(batch)
-        events = self._events(batch)
-        tally = Tally(batch.ack, len(events))
+        tally = Tally(batch.ack, 0)
+        events = self._events(batch, tally)
+        tally.remaining = len(events)
         self.open_batches += 1
-        stream.pending.extend(Event(ts, message, size, tally) for ts, message, size in events)
-        self.buffered_bytes += sum(size for _, _, size in events)
+        stream.pending.extend(events)
+        self.buffered_bytes += sum(e.size for e in events)
         if not events:
             self._settle(tally, 0)
 
@@ -151,8 +153,8 @@ class CloudWatchLogsOutput(Output):
             stream = self.streams[names] = Stream(*names)
         return stream
 
-    def _events(self, batch: Batch) -> list[tuple[int, str, int]]:
-        """(timestamp ms, message, size) for each event of a batch; long messages become several events."""
+    def _events(self, batch: Batch, tally: Tally) -> list[Event]:
+        """The events of a batch, in its order; long messages become several events."""
         read_ms = int(batch.read_time * 1000)
         if self.settings.format == "json":
             text = batch.ndjson(self.context.envelope).decode()
@@ -168,11 +170,11 @@ class CloudWatchLogsOutput(Output):
             ts = timestamp_ms(extra.get(TIME), read_ms) if extra else read_ms
             size = len(message) if ascii_only else len(message.encode())
             if size <= MAX_MESSAGE_BYTES:
-                events.append((ts, message, size + EVENT_OVERHEAD))
+                events.append(Event(ts, message, size + EVENT_OVERHEAD, tally))
                 continue
             parts = utf8_parts(message)
             self.context.stats.add("events_split", len(parts), output=self.context.name)
-            events.extend((ts, part, len(part.encode()) + EVENT_OVERHEAD) for part in parts)
+            events.extend(Event(ts, part, len(part.encode()) + EVENT_OVERHEAD, tally) for part in parts)
         return events
 
     # ------------------------------------------------------------ sending
@@ -198,7 +200,9 @@ class CloudWatchLogsOutput(Output):
 
     def _start_requests(self, force: bool) -> None:
         monotonic = time.monotonic()
-        for stream in self.streams.values():
+        streams = list(self.streams.values())
+        self.turn = (self.turn + 1) % len(streams) if streams else 0
+        for stream in streams[self.turn:] + streams[:self.turn]:  # each stream goes first in turn
             if len(self.in_flight) >= self.settings.max_concurrency:
                 return
             if stream.sending is not None or not stream.pending:

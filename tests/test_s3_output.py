@@ -221,12 +221,15 @@ def test_check_probe_says_what_is_wrong_with_the_bucket(workdir, aws):
 
 def test_check_rejects_bad_s3_settings_offline(workdir, aws):
     config = agent_config(workdir / "logs", workdir / "data", output=s3_output(
-        aws, 'kms_key_id = "k"\nkey = "{tag}/{nope}"').replace(BUCKET, "Bad_Bucket"))
+        aws, 'kms_key_id = "k"\nkey = "{tag}/{nope}"').replace(BUCKET, "Bad_Bucket")
+        .replace('region = "us-east-1"', 'region = "Frankfurt"').replace(aws.endpoint, "localhost:9000"))
     result = check(workdir, aws, config)
     assert result.returncode == 2
     for expected in ("outputs[0].bucket: 'Bad_Bucket' is not a valid bucket name",
                      "outputs[0].key: unknown placeholder {nope}",
-                     'outputs[0].kms_key_id: only used with sse = "aws:kms"'):
+                     'outputs[0].kms_key_id: only used with sse = "aws:kms"',
+                     "outputs[0].region: 'Frankfurt' is not a region name",
+                     "outputs[0].endpoint_url: 'localhost:9000' is not an http:// or https:// URL"):
         assert expected in result.stderr
     assert aws.proxy.requests() == []
 

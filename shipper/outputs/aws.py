@@ -8,9 +8,12 @@ only error codes and messages the service returned do.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from shipper import __version__
+from shipper.config import Option
 from shipper.errors import ConfigError
 
 # Codes worth retrying: the service is busy or briefly unable. Anything else that is not a
@@ -24,7 +27,25 @@ UNAVAILABLE_CODES = frozenset({
     "InternalServerError", "RequestTimeout", "RequestTimeoutException", "OperationAbortedException",
 })
 
-AWS_OPTIONS_DOC = "region, endpoint_url"
+
+
+def check_region(region: str) -> str | None:
+    if region and not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d+", region):
+        return f"{region!r} is not a region name like \"eu-west-1\""
+    return None
+
+
+def check_endpoint_url(url: str) -> str | None:
+    if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+        return f"{url!r} is not an http:// or https:// URL"
+    return None
+
+
+# The options every AWS output has.
+AWS_OPTIONS = {
+    "region": Option("str", "", check=check_region),
+    "endpoint_url": Option("str", "", check=check_endpoint_url),
+}
 
 
 def make_client(service: str, settings: Any, identity: dict[str, str], *, attempts: int, connections: int,

@@ -67,8 +67,7 @@ def check_retention(days: int) -> str | None:
 OPTIONS = {
     "log_group": Option("str", check=_template_check(_GROUP_UNSAFE, "1-512 letters, digits and . _ - / #")),
     "log_stream": Option("str", "{instance_id}/{tag}/{source}", check=_template_check(_STREAM_UNSAFE, "1-512 characters, without : or *")),
-    "region": Option("str", ""),
-    "endpoint_url": Option("str", ""),
+    **aws.AWS_OPTIONS,
     "format": Option("choice", "raw", choices=("raw", "json")),
     "create_missing": Option("bool", True),
     "retention_days": Option("int", 0, check=check_retention),

@@ -54,6 +54,8 @@ class OutputRunner(threading.Thread):
         self.stopping = False
         self.deadline: float | None = None
         self.failing_since: float | None = None
+        self.woken = False
+        output.context.wake = self.wake
 
     # ------------------------------------------------------------ producer side
 
@@ -85,21 +87,28 @@ class OutputRunner(threading.Thread):
             log.exception("%s: output failed; stopping the agent", self.name_)
             self.failed.set()
 
+    def wake(self) -> None:
+        """Called by the output (from any thread) when a request of its finished: deliver again now."""
+        with self.cond:
+            self.woken = True
+            self.cond.notify_all()
+
     def _feed(self) -> None:
         next_flush = time.monotonic() + self.flush_interval
         while True:
             with self.cond:
-                if not self.queue and not self.stopping:
+                if not self.queue and not self.stopping and not self.woken:
                     self.cond.wait(max(0.0, next_flush - time.monotonic()))
                 batch, cost = self.queue.popleft() if self.queue else (None, 0)
                 if batch is not None:
                     self.queued_bytes -= cost
                     self.cond.notify_all()
                 draining = self.stopping and not self.queue
+                woken, self.woken = self.woken, False
             if batch is not None:
                 self.output.accept(batch)
             now = time.monotonic()
-            if batch is not None or now >= next_flush or draining:
+            if batch is not None or woken or now >= next_flush or draining:
                 self._deliver(force=draining)
                 next_flush = now + self.flush_interval
             if draining and (self.output.pending() == 0 or self._past_deadline()):

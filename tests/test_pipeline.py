@@ -108,3 +108,47 @@ def test_backoff_is_capped_and_jittered():
     assert all(0 < d <= 30 for d in delays)
     assert max(delays[:3]) <= 2.0 and max(delays[10:]) > 5
     assert len(set(delays)) == len(delays)
+
+
+class BackgroundOutput(Output):
+    """Delivers on a thread of its own, like the S3 and CloudWatch outputs, and wakes the runner when done."""
+
+    def __init__(self):
+        super().__init__(None, OutputContext("background.0", "/nonexistent", Envelope(), Stats()))
+        self.accepted: list[Batch] = []
+        self.finished: list[Batch] = []
+        self.lock = threading.Lock()
+
+    def accept(self, batch):
+        self.accepted.append(batch)
+
+    def deliver(self, now, force):
+        with self.lock:
+            for batch in self.finished:
+                batch.ack.confirm()
+            self.finished.clear()
+        batches, self.accepted = self.accepted, []
+        if batches:
+            threading.Timer(0.05, self._done, args=(batches,)).start()
+
+    def _done(self, batches):
+        with self.lock:
+            self.finished.extend(batches)
+        self.context.wake()
+
+    def pending(self):
+        return len(self.accepted) + len(self.finished)
+
+
+def test_an_output_finishing_work_in_the_background_is_served_at_once_not_at_the_next_flush():
+    output = BackgroundOutput()
+    runner = OutputRunner(output, ["*"], 1 << 20, 60.0, output.context.stats, threading.Event())  # flush: 1 min
+    runner.start()
+    done = []
+    started = time.monotonic()
+    runner.put(confirmed_batch(b"a\n", done))
+    while not done and time.monotonic() - started < 10:
+        time.sleep(0.01)
+    assert done == [b"a\n"] and time.monotonic() - started < 5  # the wake, not the 60 s flush
+    runner.finish()
+    runner.join(5)

@@ -15,7 +15,7 @@ The contract, which the runner (shipper.pipeline) relies on:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from shipper.outputs.retry import Backoff
 from shipper.record import Batch, Envelope
@@ -29,6 +29,8 @@ class OutputContext:
     envelope: Envelope
     stats: Stats
     backoff: Backoff = Backoff()
+    # Set by the runner: an output calls it when background work (an upload) finished.
+    wake: Callable[[], None] = lambda: None
 
 
 class Output:

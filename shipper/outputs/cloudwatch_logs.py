@@ -209,7 +209,9 @@ class CloudWatchLogsOutput(Output):
             if not force and stream.next_try > monotonic:
                 continue
             stream.sending = take_request(stream.pending, stream.limit)
-            self.in_flight[self.pool.submit(self._put, stream, stream.sending)] = stream
+            future = self.pool.submit(self._put, stream, stream.sending)
+            future.add_done_callback(self._wake)
+            self.in_flight[future] = stream
 
     def _put(self, stream: Stream, events: list[Event]) -> dict:
         """One PutLogEvents call (in a pool thread); a missing group or stream is created first."""
@@ -320,6 +322,9 @@ class CloudWatchLogsOutput(Output):
         if tally.remaining <= 0:
             self.open_batches -= 1
             tally.ack.confirm()
+
+    def _wake(self, future: Future) -> None:
+        self.context.wake()
 
     def pending(self) -> int:
         return self.open_batches

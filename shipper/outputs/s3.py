@@ -175,7 +175,9 @@ class S3Output(Output):
         keep = []
         for obj in self.waiting:
             if len(self.in_flight) < self.settings.upload_concurrency and (force or obj.next_try <= monotonic):
-                self.in_flight[self.pool.submit(self._upload, obj)] = obj
+                future = self.pool.submit(self._upload, obj)
+                future.add_done_callback(self._wake)
+                self.in_flight[future] = obj
             else:
                 keep.append(obj)
         self.waiting = keep
@@ -223,6 +225,9 @@ class S3Output(Output):
             self.failing_since = time.monotonic()
             log.warning("%s: upload of %s to bucket %s failed, retrying with backoff (objects wait in %s): %s",
                         self.context.name, obj.key, self.settings.bucket, self.spool.root, self.last_error)
+
+    def _wake(self, future: Future) -> None:
+        self.context.wake()
 
     def pending(self) -> int:
         return self.builder.pending() + len(self.waiting) + len(self.in_flight)

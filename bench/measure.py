@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import resource
 import shutil
@@ -210,3 +212,58 @@ class LineCounter:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, timeout: float, what: str) -> None:
+    """The flags every benchmark script shares: input generation, timing, repetition, results."""
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--exc-json-share", type=float, default=0.005,
+                        help="share of JSON lines with an exc_info holding escaped newlines (default 0.005)")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed for each {what}")
+    parser.add_argument("--results", default=None,
+                        help="results name under bench/results (default: the script's; none with --only)")
+    parser.add_argument("--quiet-wait", type=float, default=300,
+                        help="before each measurement, wait up to this many seconds for other processes "
+                             "to leave the CPUs alone (0: do not wait)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help=f"measure each {what} this many times and report the median run (all runs in the JSON)")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (configs, logs, outputs)")
+
+
+def measure_all(names: list[str], wanted: list[str], repeat: int, run_one, summary, work: str, keep: bool,
+                log) -> list[Result]:
+    """Measure each wanted name in order, ``repeat`` times, in a fresh run directory; keep the median run.
+
+    ``run_one(name, run_dir)`` returns a Result; ``summary(result)`` the figures kept of every run.
+    """
+    os.makedirs(work, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="run-", dir=work)
+    results: list[Result] = []
+    try:
+        for name in names:
+            if name not in wanted:
+                continue
+            runs = []
+            for attempt in range(repeat):
+                log(f"{name} ..." if repeat == 1 else f"{name} ({attempt + 1}/{repeat}) ...")
+                runs.append(run_one(name, run_dir))
+            result = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]  # the median run
+            if len(runs) > 1:
+                result.extra["runs"] = [summary(r) for r in runs]
+            results.append(result)
+    finally:
+        if keep:
+            log(f"kept {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return results
+
+
+def write_results(directory: str, name: str, document: dict, markdown: str, log) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.json"), "w") as handle:
+        json.dump(document, handle, indent=2)
+        handle.write("\n")
+    with open(os.path.join(directory, f"{name}.md"), "w") as handle:
+        handle.write(markdown)
+    log(f"wrote bench/results/{name}.json and .md")

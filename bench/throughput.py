@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
-import json
 import os
 import platform
 import re
@@ -36,8 +35,9 @@ import orjson
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loggen  # noqa: E402
-from measure import (Background, LineCounter, Result, cpu_seconds, minor_faults, peak_rss_mib,  # noqa: E402
-                     poll_until, read_chars, run_to_devnull, stop, wait_quiet)
+from measure import (Background, LineCounter, Result, add_common_arguments, cpu_seconds,  # noqa: E402
+                     measure_all, minor_faults, peak_rss_mib, poll_until, read_chars, run_to_devnull, stop,
+                     wait_quiet, write_results)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -134,7 +134,8 @@ def bench_rsyslog(meta: dict, workdir: str, timeout: float, background: Backgrou
 
 # ---------------------------------------------------------------- shipper
 
-SHIPPER_CONF = """\
+# The agent reading one file from its start, parser none; {output} is the [[outputs]] table.
+AGENT_CONF = """\
 [agent]
 data_dir = "{data}"
 checkpoint_interval = "100ms"
@@ -144,11 +145,13 @@ metadata = "off"
 
 [[inputs]]
 type = "file"
-tag = "bench"
+tag = "{tag}"
 paths = ["{input}"]
 parser = "none"
 start_at = "beginning"
+{output}"""
 
+DIRECTORY_OUTPUT = """
 [[outputs]]
 type = "directory"
 path = "{archive}"
@@ -157,14 +160,15 @@ upload_interval = "2s"
 """
 
 
-def checkpoint_offset(path: str) -> int:
+def checkpoint_offset(path: str, input_path: str = INPUT) -> int:
+    """The checkpointed offset of ``input_path`` in a checkpoint file; -1 while there is none."""
     try:
         with open(path, "rb") as handle:
             data = orjson.loads(handle.read())
     except (OSError, ValueError):
         return -1
     for entry in data.get("files", []):
-        if entry.get("path") == INPUT:
+        if entry.get("path") == input_path:
             return entry["offset"]
     return -1
 
@@ -175,7 +179,8 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
     archive = os.path.join(workdir, "archive")
     conf = os.path.join(workdir, "shipper.toml")
     with open(conf, "w") as handle:
-        handle.write(SHIPPER_CONF.format(data=data, input=INPUT, archive=archive))
+        handle.write(AGENT_CONF.format(data=data, tag="bench", input=INPUT,
+                                        output=DIRECTORY_OUTPUT.format(archive=archive)))
     checkpoint = os.path.join(data, "checkpoints", "file-bench.json")
     size = meta["bytes"]
     timeline = []
@@ -410,19 +415,8 @@ def measure(tool: str, meta: dict, run_dir: str, args: argparse.Namespace, py_sp
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=2_000_000, help="lines in the generated file")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--exc-json-share", type=float, default=0.005,
-                        help="share of JSON lines with an exc_info holding escaped newlines (default 0.005)")
     parser.add_argument("--only", nargs="+", choices=TOOLS, help="run only these measurements")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for rsyslog and for shipper")
-    parser.add_argument("--results", default=None,
-                        help="results name under bench/results (default: throughput; none with --only)")
-    parser.add_argument("--quiet-wait", type=float, default=300,
-                        help="before each measurement, wait up to this many seconds for other processes "
-                             "to leave the CPUs alone (0: do not wait)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="measure each tool this many times and report the median run (all runs in the JSON)")
-    parser.add_argument("--keep", action="store_true", help="keep the run directory (outputs, configs, logs)")
+    add_common_arguments(parser, timeout=900, what="tool")
     parser.add_argument("--py-spy", nargs=argparse.REMAINDER, metavar="ARG",
                         help="attach `py-spy record --pid PID ARG...` to shipper (skews its numbers), "
                              "e.g. --py-spy --threads --format raw -o /tmp/profile.txt")
@@ -439,42 +433,20 @@ def main(argv: list[str] | None = None) -> int:
     log("warm-up: cat (page cache)")
     run_to_devnull("warm-up", ["cat", INPUT], meta["bytes"], meta["lines"])
 
-    os.makedirs(WORK, exist_ok=True)
-    run_dir = tempfile.mkdtemp(prefix="run-", dir=WORK)
-    results: list[Result] = []
-    try:
-        for tool in TOOLS:
-            if tool not in tools:
-                continue
-            runs = []
-            for attempt in range(args.repeat):
-                log(f"{tool} ..." if args.repeat == 1 else f"{tool} ({attempt + 1}/{args.repeat}) ...")
-                runs.append(measure(tool, meta, run_dir, args, py_spy))
-            result = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]  # the median run
-            if len(runs) > 1:
-                result.extra["runs"] = [{"seconds": round(r.seconds, 3), "cpu_seconds": round(r.cpu_seconds, 2),
-                                         "peak_rss_mib": round(r.peak_rss_mib, 1)} for r in runs]
-            results.append(result)
-    finally:
-        if args.keep:
-            log(f"kept {run_dir}")
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
+    results = measure_all(
+        list(TOOLS), tools, args.repeat, lambda tool, run_dir: measure(tool, meta, run_dir, args, py_spy),
+        lambda r: {"seconds": round(r.seconds, 3), "cpu_seconds": round(r.cpu_seconds, 2),
+                   "peak_rss_mib": round(r.peak_rss_mib, 1)},
+        WORK, args.keep, log)
 
     print()
     print(text_table(results))
     for name, value in ratios(results).items():
         print(f"throughput {name}: {value:.2f}")
     if results_name:
-        os.makedirs(RESULTS, exist_ok=True)
         document = {"machine": info, "input": meta, "results": [r.as_dict() for r in results],
                     "ratios": ratios(results)}
-        with open(os.path.join(RESULTS, f"{results_name}.json"), "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-        with open(os.path.join(RESULTS, f"{results_name}.md"), "w") as handle:
-            handle.write(markdown(results, meta, info))
-        log(f"wrote bench/results/{results_name}.json and .md")
+        write_results(RESULTS, results_name, document, markdown(results, meta, info), log)
     shipper = next((r for r in results if r.name == "shipper"), None)
     return 0 if shipper is None or shipper.extra["verified"] else 1
 

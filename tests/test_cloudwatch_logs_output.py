@@ -143,6 +143,15 @@ def test_a_one_mib_line_is_split_into_events_under_256_kib(run_agent, workdir, a
         check_limits(request)
 
 
+def test_empty_lines_are_not_sent_as_events(run_agent, workdir, aws):
+    """PutLogEvents refuses an empty message (moto does not check): an empty line must never reach it."""
+    (workdir / "logs" / "app.log").write_text(seq_lines(0, 3) + "\n\n" + seq_lines(3, 3))
+    agent = start(run_agent, workdir, aws)
+    wait_for(lambda: all_seqs(aws) == list(range(6)), message="the non-empty lines")
+    assert agent.stop() == 0
+    assert all(e["message"] for request in sent_requests(aws) for e in request["logEvents"])
+
+
 def test_a_single_invalid_event_is_dropped_and_the_rest_delivered(run_agent, workdir, aws):
     poison = lambda request: b"POISON" in request.body  # noqa: E731 - a selector
     aws.proxy.inject("invalid_parameter", times=None, when=poison)

@@ -164,7 +164,11 @@ class CloudWatchLogsOutput(Output):
         fields = batch.fields
         ascii_only = batch.blob.isascii() if batch.blob is not None else False
         events = []
+        empty = 0
         for index, message in enumerate(messages):
+            if not message:  # CloudWatch refuses an empty message: an empty line is no event
+                empty += 1
+                continue
             extra = fields[index] if fields else None
             ts = timestamp_ms(extra.get(TIME), read_ms) if extra else read_ms
             size = len(message) if ascii_only else len(message.encode())
@@ -174,6 +178,8 @@ class CloudWatchLogsOutput(Output):
             parts = utf8_parts(message)
             self.context.stats.add("events_split", len(parts), output=self.context.name)
             events.extend(Event(ts, part, len(part.encode()) + EVENT_OVERHEAD, tally) for part in parts)
+        if empty:
+            self.context.stats.add("records_dropped", empty, output=self.context.name, reason="empty")
         return events
 
     # ------------------------------------------------------------ sending

@@ -22,8 +22,9 @@ from shipper.config import Option
 from shipper.errors import BufferFull, RetryableError
 from shipper.outputs import aws
 from shipper.outputs.base import Output
+from shipper.outputs.keys import unknown_placeholder
 from shipper.outputs.log_events import (
-    MAX_EVENTS, MAX_MESSAGE_BYTES, EVENT_OVERHEAD, Event, Tally, rejected_ranges, take_request, timestamp_ms,
+    EVENT_OVERHEAD, MAX_EVENTS, MAX_MESSAGE_BYTES, Event, Tally, rejected_ranges, take_request, timestamp_ms,
     utf8_parts,
 )
 from shipper.record import TIME, Batch
@@ -45,11 +46,9 @@ def _template_check(unsafe: re.Pattern, rule: str):
     """A check for a log group or stream name template: known placeholders, valid literal text."""
 
     def check(template: str) -> str | None:
-        names = _PLACEHOLDER.findall(template)
-        unknown = [n for n in names if n not in NAME_FIELDS and not re.fullmatch(r"labels\.[A-Za-z0-9_.-]+", n)]
+        unknown = unknown_placeholder(template, NAME_FIELDS)
         if unknown:
-            return (f"unknown placeholder {{{unknown[0]}}} (known: "
-                    f"{', '.join('{' + f + '}' for f in NAME_FIELDS)}, {{labels.NAME}})")
+            return unknown
         literal = _PLACEHOLDER.sub("", template)
         if not template or len(literal) > 512 or unsafe.search(literal):
             return f"not a valid name: {rule}"
@@ -66,7 +65,8 @@ def check_retention(days: int) -> str | None:
 
 OPTIONS = {
     "log_group": Option("str", check=_template_check(_GROUP_UNSAFE, "1-512 letters, digits and . _ - / #")),
-    "log_stream": Option("str", "{instance_id}/{tag}/{source}", check=_template_check(_STREAM_UNSAFE, "1-512 characters, without : or *")),
+    "log_stream": Option("str", "{instance_id}/{tag}/{source}",
+                         check=_template_check(_STREAM_UNSAFE, "1-512 characters, without : or *")),
     **aws.AWS_OPTIONS,
     "format": Option("choice", "raw", choices=("raw", "json")),
     "create_missing": Option("bool", True),

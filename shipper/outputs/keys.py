@@ -18,14 +18,22 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
 
 
-def check_template(template: str, fields=KEY_FIELDS) -> str | None:
-    """An error text for a key template with an unknown placeholder or without {seq}; else None."""
-    names = _PLACEHOLDER.findall(template)
-    unknown = [n for n in names if n not in fields and not re.fullmatch(r"labels\.[A-Za-z0-9_.-]+", n)]
+def unknown_placeholder(template: str, fields) -> str | None:
+    """An error text naming the first placeholder of ``template`` that is neither a field nor a label."""
+    unknown = [n for n in _PLACEHOLDER.findall(template)
+               if n not in fields and not re.fullmatch(r"labels\.[A-Za-z0-9_.-]+", n)]
     if unknown:
         return (f"unknown placeholder {{{unknown[0]}}} (known: "
                 f"{', '.join('{' + f + '}' for f in fields)}, {{labels.NAME}})")
-    if "seq" not in names:
+    return None
+
+
+def check_template(template: str, fields=KEY_FIELDS) -> str | None:
+    """An error text for a key template with an unknown placeholder or without {seq}; else None."""
+    unknown = unknown_placeholder(template, fields)
+    if unknown:
+        return unknown
+    if "seq" not in _PLACEHOLDER.findall(template):
         return "needs {seq}, so that two objects never get the same key"
     if template.startswith("/") or ".." in template.split("/"):
         return "must be a relative key without '..'"

@@ -24,6 +24,7 @@ OUTPUT_MODULES = {
     "directory": "shipper.outputs.directory",
     "s3": "shipper.outputs.s3",
     "cloudwatch_logs": "shipper.outputs.cloudwatch_logs",
+    "fluentd": "shipper.outputs.fluentd",
     "stdout": "shipper.outputs.stdout",
 }
 
@@ -291,6 +292,8 @@ def target_of(settings: Settings) -> str:
         return f"s3://{settings.bucket}/{settings.get('prefix', '')}".rstrip("/")
     if settings.get("log_group"):
         return f"log group {settings.log_group}"
+    if settings.get("hosts"):
+        return ", ".join(settings.hosts)
     return ""
 
 

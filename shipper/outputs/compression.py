@@ -124,3 +124,9 @@ class PlainStream:
         out = b"".join(self.blocks)
         self.blocks.clear()
         return out
+
+
+def gzip_bytes(data: bytes, level: int = 1, engine: ModuleType = DEFLATE) -> bytes:
+    """``data`` as one gzip member, in the calling thread (small payloads: a forward chunk)."""
+    compressor = engine.compressobj(engine_level(level, engine), engine.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()

@@ -1,0 +1,133 @@
+"""The Fluentd Forward Protocol v1, as pure functions: events, messages, the shared-key handshake.
+
+A batch becomes one Forward mode message ``[tag, [[time, record], ...], {"chunk": id, "size": n}]``
+(or CompressedPackedForward: the entries gzip-compressed in a bin). The entries are packed
+once per batch; for plain lines only the message string is packed per line, the rest of
+each entry is the same bytes for the whole batch. Times are EventTime (msgpack ext type 0:
+seconds and nanoseconds), fluent-logger's type.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from datetime import datetime
+
+import msgpack
+from fluent.sender import EventTime
+
+from shipper.outputs.compression import gzip_bytes
+from shipper.record import Batch, Envelope
+
+# The record travels without these: the forward message carries the tag and the event time.
+CARRIED_OUTSIDE = ("time", "tag")
+
+
+class HandshakeError(Exception):
+    """The server refused us, or could not prove it knows the shared key."""
+
+
+def new_chunk_id() -> str:
+    """A unique chunk id, as fluentd makes them: 16 random bytes in base64."""
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def event_time(epoch: float) -> EventTime:
+    seconds = int(epoch)
+    return EventTime(seconds, int(round((epoch - seconds) * 1e9)) % 1_000_000_000)
+
+
+def _rfc3339_seconds(text: str, default: float) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return default
+
+
+def encode_entries(batch: Batch, envelope: Envelope) -> bytes:
+    """The batch's events as concatenated msgpack ``[time, record]`` arrays."""
+    packer = msgpack.Packer()
+    if batch.blob is not None:
+        return _plain_entries(batch, envelope, packer)
+    out = []
+    for record in batch.records(envelope):
+        seconds = _rfc3339_seconds(record.pop("time"), batch.read_time)
+        del record["tag"]
+        out.append(packer.pack([event_time(seconds), record]))
+    return b"".join(out)
+
+
+def _plain_entries(batch: Batch, envelope: Envelope, packer: msgpack.Packer) -> bytes:
+    """The fast path: every entry is ``prefix + message + suffix`` with one prefix and suffix per batch."""
+    head = envelope.head("", batch.tag, batch.source)
+    for key in CARRIED_OUTSIDE:
+        del head[key]
+    fields = len(head) + 1 + (1 if envelope.labels else 0)
+    prefix = b"".join([
+        packer.pack_array_header(2), packer.pack(event_time(batch.read_time)), packer.pack_map_header(fields),
+        *(packer.pack(key) + packer.pack(value) for key, value in head.items()), packer.pack("message"),
+    ])
+    suffix = packer.pack("labels") + packer.pack(envelope.labels) if envelope.labels else b""
+    packed = list(map(packer.pack, batch.message_list()))
+    if not packed:
+        return b""
+    return b"".join((prefix, (suffix + prefix).join(packed), suffix))
+
+
+def forward_message(tag: str, entries: bytes, count: int, chunk_id: str | None, compression: str = "none",
+                    level: int = 1) -> bytes:
+    """One Forward (or CompressedPackedForward) mode message around already packed entries."""
+    packer = msgpack.Packer()
+    option: dict = {"size": count}
+    if chunk_id is not None:
+        option["chunk"] = chunk_id
+    if compression == "gzip":
+        option["compressed"] = "gzip"
+        body = packer.pack(gzip_bytes(entries, level))  # bytes pack as msgpack bin
+    else:
+        body = packer.pack_array_header(count) + entries
+    return b"".join((packer.pack_array_header(3), packer.pack(tag), body, packer.pack(option)))
+
+
+# ---------------------------------------------------------------- the shared-key handshake
+
+def _sha512_hex(*parts: bytes) -> str:
+    digest = hashlib.sha512()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def ping(helo: object, self_hostname: str, shared_key: str, username: str = "",
+         password: str = "") -> tuple[list, bytes, bytes]:
+    """Answer the server's HELO: the PING message, our salt and the server's nonce (to check its PONG)."""
+    if not (isinstance(helo, list) and len(helo) == 2 and helo[0] == "HELO" and isinstance(helo[1], dict)):
+        raise HandshakeError(f"expected HELO from the server, got {str(helo)[:80]!r}")
+    nonce = _as_bytes(helo[1].get("nonce", b""))
+    auth_salt = _as_bytes(helo[1].get("auth", b""))
+    salt = os.urandom(16)
+    password_digest = ""
+    if auth_salt:
+        if not username:
+            raise HandshakeError("the server asks for a username and password (set username and password)")
+        password_digest = _sha512_hex(auth_salt, username.encode(), password.encode())
+    digest = _sha512_hex(salt, self_hostname.encode(), nonce, shared_key.encode())
+    return ["PING", self_hostname, salt, digest, username, password_digest], salt, nonce
+
+
+def check_pong(pong: object, salt: bytes, nonce: bytes, shared_key: str) -> str:
+    """Verify the server's PONG; return the server's host name."""
+    if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == "PONG"):
+        raise HandshakeError(f"expected PONG from the server, got {str(pong)[:80]!r}")
+    _, accepted, reason, server_hostname, digest = pong
+    if not accepted:
+        raise HandshakeError(f"the server refused the handshake: {reason}")
+    expected = _sha512_hex(salt, str(server_hostname).encode(), nonce, shared_key.encode())
+    if digest != expected:
+        raise HandshakeError("the server's PONG does not prove it knows the shared key")
+    return str(server_hostname)
+
+
+def _as_bytes(value: object) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value or b"")

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-pytest_plugins = ["aws"]
+pytest_plugins = ["aws", "forward_peer"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

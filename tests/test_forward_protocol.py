@@ -81,7 +81,9 @@ def test_handshake_answers_helo_and_checks_the_servers_proof():
                    "secret")
     with pytest.raises(HandshakeError, match="refused the handshake: shared_key mismatch"):
         check_pong(["PONG", False, "shared_key mismatch", "", ""], salt, nonce, "secret")
-    with pytest.raises(HandshakeError, match="asks for a username"):
-        ping(["HELO", {"nonce": nonce, "auth": auth}], "client-1", "secret")
+    without_user, _, _ = ping(["HELO", {"nonce": nonce, "auth": auth}], "client-1", "secret")
+    assert without_user[4:] == ["", sha512_hex(auth, b"", b"")]  # what fluentd's out_forward sends too
+    no_auth, _, _ = ping(["HELO", {"nonce": nonce.decode(), "auth": ""}], "client-1", "secret")
+    assert no_auth[5] == ""
     with pytest.raises(HandshakeError, match="expected HELO"):
         ping({"ack": "x"}, "client-1", "secret")

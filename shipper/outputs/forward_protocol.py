@@ -107,11 +107,9 @@ def ping(helo: object, self_hostname: str, shared_key: str, username: str = "",
     nonce = _as_bytes(helo[1].get("nonce", b""))
     auth_salt = _as_bytes(helo[1].get("auth", b""))
     salt = os.urandom(16)
-    password_digest = ""
-    if auth_salt:
-        if not username:
-            raise HandshakeError("the server asks for a username and password (set username and password)")
-        password_digest = _sha512_hex(auth_salt, username.encode(), password.encode())
+    # As fluentd's out_forward: a password digest whenever the server sent an auth salt (with
+    # whatever username is configured, maybe none), else "".
+    password_digest = _sha512_hex(auth_salt, username.encode(), password.encode()) if auth_salt else ""
     digest = _sha512_hex(salt, self_hostname.encode(), nonce, shared_key.encode())
     return ["PING", self_hostname, salt, digest, username, password_digest], salt, nonce
 

@@ -178,3 +178,17 @@ def test_check_rejects_bad_hosts_offline(workdir, forward_peer):
     assert result.returncode == 2
     assert "outputs[0].hosts: 'host:99999' has an invalid port" in result.stderr
     assert "outputs[0].username: the user login is part of the shared_key handshake" in result.stderr
+
+
+def test_no_more_than_max_in_flight_chunks_wait_for_acks(run_agent, workdir, forward_peer):
+    forward_peer.ack_delay(0.1)
+    agent = start(run_agent, workdir, forward_peer, extra="max_in_flight = 2", read_bytes="16KiB")
+    write(workdir, 0, 3000)
+    most_unacked, deadline = 0, time.monotonic() + 30
+    while not all_arrived(3000, forward_peer):
+        assert time.monotonic() < deadline, "not every line arrived within 30 s"
+        most_unacked = max(most_unacked, len(forward_peer.messages()) - len(forward_peer.acks()))
+        time.sleep(0.01)
+    assert agent.stop() == 0
+    assert 1 <= most_unacked <= 2
+    assert "delivery failed" not in agent.log()  # waiting for acks is not a failure

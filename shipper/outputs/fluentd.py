@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from shipper.config import Option
-from shipper.errors import RetryableError
+from shipper.errors import BufferFull, RetryableError
 from shipper.outputs.base import Output
 from shipper.outputs.forward_protocol import (
     HandshakeError, check_pong, encode_entries, forward_message, new_chunk_id, ping,
@@ -166,6 +166,7 @@ class FluentdOutput(Output):
         self.in_flight: dict[str, Chunk] = {}                          # sent, waiting for the ack
         self.conn: Connection | None = None
         self.failing_since: float | None = None
+        self.queued_bytes = 0  # payloads accepted and not yet sent
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.settings.tls_ca or None)
@@ -181,6 +182,7 @@ class FluentdOutput(Output):
         payload = forward_message(self.settings.tag_prefix + batch.tag, encode_entries(batch, self.context.envelope),
                                   batch.count, chunk_id, self.settings.compression)
         self.queue.append(Chunk(chunk_id or "", payload, [batch.ack], batch.count))
+        self.queued_bytes += len(payload)
 
     # ------------------------------------------------------------ delivering
 
@@ -191,12 +193,23 @@ class FluentdOutput(Output):
         self._failback_when_due()
         if self.conn is None and (self.queue or self.in_flight):
             self._connect()
-        while self.queue and len(self.in_flight) < self.settings.max_in_flight:
-            self._send(self.queue[0])
-            self.queue.popleft()
+        self._send_queued()
         if force and self.in_flight:  # draining: wait a little for the acks rather than spin
             self._wait_readable(0.2)
             self._read_acks()
+        elif self.queued_bytes >= self.settings.buffer_max_bytes and self.conn is not None:
+            # The peer acknowledges slower than we read: wait for acks, then let the reader go on.
+            self._wait_readable(1.0)
+            self._read_acks()
+            if self.conn is not None:
+                self._send_queued()
+            if self.queued_bytes >= self.settings.buffer_max_bytes:
+                raise BufferFull(f"{self.context.name}: {self.queued_bytes} bytes wait for acknowledgements")
+
+    def _send_queued(self) -> None:
+        while self.queue and len(self.in_flight) < self.settings.max_in_flight:
+            self._send(self.queue[0])
+            self.queued_bytes -= len(self.queue.popleft().payload)
 
     def _send(self, chunk: Chunk) -> None:
         conn = self.conn
@@ -268,6 +281,7 @@ class FluentdOutput(Output):
         resend = sorted(self.in_flight.values(), key=lambda c: c.sent_at)
         self.in_flight.clear()
         self.queue.extendleft(reversed(resend))
+        self.queued_bytes += sum(len(c.payload) for c in resend)
         if resend:
             self.context.stats.add("chunks_resent", len(resend), output=self.context.name)
         self._note_failure(f"{conn.host}: {why}" + (f"; {len(resend)} chunks are sent again" if resend else ""))

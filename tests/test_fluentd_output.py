@@ -192,3 +192,25 @@ def test_no_more_than_max_in_flight_chunks_wait_for_acks(run_agent, workdir, for
     assert agent.stop() == 0
     assert 1 <= most_unacked <= 2
     assert "delivery failed" not in agent.log()  # waiting for acks is not a failure
+
+
+def checkpoint_offset(workdir: Path) -> int:
+    import orjson
+
+    try:
+        files = orjson.loads((workdir / "data" / "checkpoints" / "file-app.json").read_bytes())["files"]
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return 0
+    return files[0]["offset"] if files else 0
+
+
+def test_checkpoints_follow_acks_while_a_slow_peer_holds_the_reader_back(run_agent, workdir, forward_peer):
+    """The reader waits inside one long read of the file; acknowledged lines still reach the checkpoint."""
+    forward_peer.ack_delay(0.15)
+    write(workdir, 0, 3000)
+    agent = start(run_agent, workdir, forward_peer, extra="max_in_flight = 1\nbuffer_max_bytes = \"1KiB\"",
+                  read_bytes="16KiB")
+    wait_for(lambda: checkpoint_offset(workdir) > 0, timeout=20, interval=0.01, message="a first checkpoint")
+    assert len(seq_counts(forward_peer)) < 2000  # long before the file's end was read
+    wait_for(lambda: all_arrived(3000, forward_peer), timeout=30, message="every line")
+    assert agent.stop() == 0

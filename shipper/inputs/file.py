@@ -134,10 +134,14 @@ class FileInput:
                     tailed.failing = True
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
+        self._checkpoint_when_due()
+        return worked
+
+    def _checkpoint_when_due(self) -> None:
+        now = time.monotonic()
         if now - self._last_checkpoint >= self.checkpoint_interval:
             self.save_checkpoints()
             self._last_checkpoint = now
-        return worked
 
     def _follow(self, tailed: TailedFile, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
         """Read one file until it is drained (or has had its fair share); True when anything was read.
@@ -158,6 +162,9 @@ class FileInput:
             worked = True
             budget -= read.end - read.start
             self._emit(tailed, read, emit)
+            # emit waits while the outputs are full: the acknowledgements that free them must
+            # reach the checkpoint file meanwhile, not only after the file's fair share.
+            self._checkpoint_when_due()
         return worked
 
     def _drain(self, emit: Callable[[Batch], None]) -> None:

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench bench-aws clean
+.PHONY: run test bench bench-aws bench-fluentd clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -30,6 +30,9 @@ bench: $(VENV)/.installed-test
 
 bench-aws: $(VENV)/.installed-test
 	$(BIN)/python bench/aws.py
+
+bench-fluentd: $(VENV)/.installed-test
+	$(BIN)/python bench/fluentd.py
 
 clean:
 	rm -rf $(VENV) shipper-data

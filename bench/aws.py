@@ -30,7 +30,6 @@ import argparse
 import collections
 import gzip
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -50,8 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loggen  # noqa: E402
 from measure import (Background, Result, add_common_arguments, cpu_seconds, measure_all,  # noqa: E402
                      minor_faults, own_cpu_seconds, peak_rss_mib, poll_until, read_chars, stop, wait_quiet,
-                     write_results)
-from throughput import AGENT_CONF, checkpoint_offset, machine, thread_cpu  # noqa: E402
+                     warn_if_disturbed, write_results)
+from throughput import AGENT_CONF, checkpoint_offset, directory_figure, machine, thread_cpu  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -415,19 +414,6 @@ def verify_cwl(stack: Stack, meta: dict, input_path: str, recorded_events: int) 
 
 # ---------------------------------------------------------------- report
 
-def directory_figure() -> dict | None:
-    """The shipper row of bench/results/throughput.json (file -> directory), for comparison."""
-    try:
-        with open(os.path.join(RESULTS, "throughput.json")) as handle:
-            document = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    row = next((r for r in document["results"] if r["name"] == "shipper"), None)
-    if row is None:
-        return None
-    return {**row, "date": document["machine"]["date"], "commit": document["machine"]["commit"]}
-
-
 HEADER = ("destination", "lines", "MB", "seconds", "MB/s", "lines/s", "agent CPU s", "agent RSS MiB",
           "moto CPU s", "proxy CPU s", "requests", "bytes/request")
 
@@ -588,10 +574,7 @@ def measure(name: str, meta: dict, input_path: str, run_dir: str, args: argparse
     log(f"  {result.seconds:.2f}s, {result.mb_per_s:.1f} MB/s, {result.lines_per_s:,.0f} lines/s, agent "
         f"{result.cpu_seconds:.2f} CPU s, {result.peak_rss_mib:.1f} MiB peak RSS; moto {e['moto_cpu_seconds']:.2f} "
         f"CPU s, proxy {e['proxy_cpu_seconds']:.2f} CPU s; {count:,} requests of {mean:,.0f} bytes on average")
-    if e["other_cpu_seconds"] > max(0.1 * result.seconds, 0.2):
-        log(f"  WARNING: other processes used {e['other_cpu_seconds']:.2f} CPU s meanwhile: this number is disturbed")
-    if e["steal_cpu_seconds"] > max(0.1 * result.seconds, 0.2):
-        log(f"  WARNING: the hypervisor stole {e['steal_cpu_seconds']:.2f} CPU s meanwhile: this number is disturbed")
+    warn_if_disturbed(result.seconds, e["other_cpu_seconds"], e["steal_cpu_seconds"], log)
     return result
 
 

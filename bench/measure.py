@@ -267,3 +267,23 @@ def write_results(directory: str, name: str, document: dict, markdown: str, log)
     with open(os.path.join(directory, f"{name}.md"), "w") as handle:
         handle.write(markdown)
     log(f"wrote bench/results/{name}.json and .md")
+
+
+def warn_if_disturbed(seconds: float, other_cpu: float, steal_cpu: float, log) -> None:
+    """Say so when other processes or the hypervisor took CPU during a measurement."""
+    if other_cpu > max(0.1 * seconds, 0.2):
+        log(f"  WARNING: other processes used {other_cpu:.2f} CPU s meanwhile: this number is disturbed")
+    if steal_cpu > max(0.1 * seconds, 0.2):
+        log(f"  WARNING: the hypervisor stole {steal_cpu:.2f} CPU s meanwhile: this number is disturbed")
+
+
+def add_py_spy_argument(parser: argparse.ArgumentParser, target: str) -> None:
+    parser.add_argument("--py-spy", nargs=argparse.REMAINDER, metavar="ARG",
+                        help=f"attach `py-spy record --pid PID ARG...` to {target} (skews its numbers), "
+                             "e.g. --py-spy --threads --format raw -o /tmp/profile.txt")
+
+
+def py_spy_command(args: argparse.Namespace, venv_bin: str) -> list[str] | None:
+    if args.py_spy is None:
+        return None
+    return [shutil.which("py-spy", path=venv_bin) or "py-spy", *args.py_spy]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
+import json
 import os
 import platform
 import re
@@ -35,9 +36,9 @@ import orjson
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loggen  # noqa: E402
-from measure import (Background, LineCounter, Result, add_common_arguments, cpu_seconds,  # noqa: E402
-                     measure_all, minor_faults, peak_rss_mib, poll_until, read_chars, run_to_devnull, stop,
-                     wait_quiet, write_results)
+from measure import (Background, LineCounter, Result, add_common_arguments, add_py_spy_argument,  # noqa: E402
+                     cpu_seconds, measure_all, minor_faults, peak_rss_mib, poll_until, py_spy_command, read_chars,
+                     run_to_devnull, stop, wait_quiet, warn_if_disturbed, write_results)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -405,11 +406,22 @@ def measure(tool: str, meta: dict, run_dir: str, args: argparse.Namespace, py_sp
     other, steal = result.extra["other_cpu_seconds"], result.extra["steal_cpu_seconds"]
     log(f"  {result.seconds:.2f}s, {result.mb_per_s:.1f} MB/s, {result.cpu_seconds:.2f} CPU s, "
         f"{result.peak_rss_mib:.1f} MiB peak RSS")
-    if other > max(0.1 * result.seconds, 0.2):
-        log(f"  WARNING: other processes used {other:.2f} CPU s meanwhile: this number is disturbed")
-    if steal > max(0.1 * result.seconds, 0.2):
-        log(f"  WARNING: the hypervisor stole {steal:.2f} CPU s meanwhile: this number is disturbed")
+    warn_if_disturbed(result.seconds, other, steal, log)
     return result
+
+
+def directory_figure() -> dict | None:
+    """The shipper row of bench/results/throughput.json (file -> directory), for comparison."""
+    try:
+        with open(os.path.join(RESULTS, "throughput.json")) as handle:
+            document = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    row = next((r for r in document["results"] if r["name"] == "shipper"), None)
+    if row is None:
+        return None
+    return {**row, "date": document["machine"]["date"], "commit": document["machine"]["commit"]}
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,15 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", type=int, default=2_000_000, help="lines in the generated file")
     parser.add_argument("--only", nargs="+", choices=TOOLS, help="run only these measurements")
     add_common_arguments(parser, timeout=900, what="tool")
-    parser.add_argument("--py-spy", nargs=argparse.REMAINDER, metavar="ARG",
-                        help="attach `py-spy record --pid PID ARG...` to shipper (skews its numbers), "
-                             "e.g. --py-spy --threads --format raw -o /tmp/profile.txt")
+    add_py_spy_argument(parser, "shipper")
     args = parser.parse_args(argv)
     tools = args.only or list(TOOLS)
     results_name = args.results or (None if args.only else "throughput")
-    py_spy = None
-    if args.py_spy is not None:
-        py_spy = [shutil.which("py-spy", path=os.path.join(ROOT, ".venv", "bin")) or "py-spy", *args.py_spy]
+    py_spy = py_spy_command(args, os.path.join(ROOT, ".venv", "bin"))
 
     meta = loggen.ensure(INPUT, args.lines, args.seed, args.exc_json_share, log=log)
     info = machine()

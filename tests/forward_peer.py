@@ -15,6 +15,9 @@ It speaks the Forward Protocol Specification v1 the way fluentd's ``in_forward``
 Faults can be switched on and off at any time, from any thread, while the agent is connected:
 ``drop_acks``, ``set_down``, ``close_mid_batch``, ``ack_delay``.
 
+For timing (bench/fluentd.py): every ``MessageInfo`` says when it was received, and ``ack_log()``
+when each ack was sent.
+
 Anything the peer finds wrong with what it received (a broken message, a ``size`` option that does
 not match the entries, an event without time, a failed TLS handshake...) is appended to
 ``errors()``; a message that cannot be decoded is neither recorded nor acknowledged, and its
@@ -36,7 +39,7 @@ import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -131,6 +134,19 @@ class MessageInfo:
     compressed: str | None    # the ``compressed`` option ("gzip"), None when not compressed
     connection: int
     nbytes: int               # the message's encoded length on the wire
+    # When the whole message had been received and decoded (time.time(), time.monotonic());
+    # not part of equality.
+    received: float = field(default=0.0, compare=False)
+    received_monotonic: float = field(default=0.0, compare=False)
+
+
+class AckInfo(NamedTuple):
+    """One acknowledgement sent: the chunk id and when (taken just before it is written to the socket)."""
+
+    chunk: str | bytes
+    wall: float        # time.time()
+    monotonic: float   # time.monotonic()
+    connection: int
 
 
 class Handshake(NamedTuple):
@@ -309,6 +325,7 @@ class ForwardPeer:
         self._handshakes: list[Handshake] = []
         self._errors: list[str] = []
         self._acks: list = []
+        self._ack_log: list[AckInfo] = []
         self._dropped_acks: list = []
         self._connections_accepted = 0
         self._tls_handshakes = 0
@@ -372,6 +389,11 @@ class ForwardPeer:
         with self._lock:
             return list(self._acks)
 
+    def ack_log(self) -> list[AckInfo]:
+        """Every ack sent, with when it was sent (``acks()`` with times and connections), in order."""
+        with self._lock:
+            return list(self._ack_log)
+
     def dropped_acks(self) -> list:
         """Chunk ids whose ack was withheld by ``drop_acks``."""
         with self._lock:
@@ -411,6 +433,7 @@ class ForwardPeer:
             self._handshakes.clear()
             self._errors.clear()
             self._acks.clear()
+            self._ack_log.clear()
             self._dropped_acks.clear()
             self._connections_accepted = 0
             self._tls_handshakes = 0
@@ -719,11 +742,12 @@ class ForwardPeer:
             return False
         chunk = option.get("chunk")
         size = option.get("size")
+        received, received_monotonic = time.time(), time.monotonic()
         with self._lock:
             self._errors.extend(f"connection {conn.number}: {note}" for note in notes)
             self._messages.append(MessageInfo(
                 tag, mode, chunk, option, len(entries), size if isinstance(size, int) else None,
-                compressed, conn.number, nbytes))
+                compressed, conn.number, nbytes, received, received_monotonic))
             self._events.extend(Event(tag, seconds, nanos, record, mode, chunk, conn.number)
                                 for seconds, nanos, record in entries)
             self._changed.notify_all()
@@ -741,6 +765,7 @@ class ForwardPeer:
                 return True
             # noted before it is written, so whoever reads the ack finds it in acks()
             self._acks.append(chunk)
+            self._ack_log.append(AckInfo(chunk, time.time(), time.monotonic(), conn.number))
             self._changed.notify_all()
         self._send(conn.sock, {"ack": chunk})
         return True

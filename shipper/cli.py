@@ -11,7 +11,7 @@ import threading
 import time
 
 from shipper import __version__
-from shipper.config import DEFAULT_CONFIG_PATH, Config, load, target_of
+from shipper.config import DEFAULT_CONFIG_PATH, Config, load, source_of, target_of
 from shipper.errors import ConfigError
 
 log = logging.getLogger("shipper")
@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     log.info("shipper %s starting with %s", __version__, config.source)
     for settings in config.inputs:
-        log.info("reading %s (tag %s)", ", ".join(os.path.abspath(p) for p in settings.paths), settings.tag)
+        log.info("reading %s (%s, tag %s)", source_of(settings), settings.type, settings.tag)
     for settings in config.outputs:
         log.info("writing %s %s (match %s)", settings.type, target_of(settings), ", ".join(settings.match))
     log.info("state (checkpoints) in %s", pipeline.data_dir)

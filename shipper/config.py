@@ -19,7 +19,7 @@ from shipper.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/shipper/shipper.toml"
 
-INPUT_MODULES = {"file": "shipper.inputs.file"}
+INPUT_MODULES = {"file": "shipper.inputs.file", "metrics": "shipper.inputs.metrics"}
 OUTPUT_MODULES = {
     "directory": "shipper.outputs.directory",
     "s3": "shipper.outputs.s3",
@@ -273,8 +273,7 @@ class Config:
         """The resolved pipeline, as `shipper check` prints it."""
         lines = [f"config: {self.source}", f"data_dir: {self.agent.data_dir}"]
         for settings in self.inputs:
-            detail = ", ".join(settings.paths) if settings.type == "file" else ""
-            lines.append(f"{settings.where}: {settings.type} tag={settings.tag} {detail}".rstrip())
+            lines.append(f"{settings.where}: {settings.type} tag={settings.tag} {source_of(settings)}".rstrip())
         for settings in self.outputs:
             target = target_of(settings)
             lines.append(f"{settings.where}: {settings.type} match={','.join(settings.match)} {target}".rstrip())
@@ -282,6 +281,15 @@ class Config:
             routed = [o.where for o in self.outputs if tag_matches(settings.tag, o.match)]
             lines.append(f"route: {settings.tag} -> {', '.join(routed) or 'nothing (no output matches)'}")
         return "\n".join(lines)
+
+
+def source_of(settings: Settings) -> str:
+    """What an input reads, for people: globs, or a sampling interval."""
+    if settings.get("paths"):
+        return ", ".join(os.path.abspath(p) for p in settings.paths)
+    if settings.get("interval"):
+        return f"every {settings.interval:g}s: {', '.join(settings.get('groups', []))}"
+    return ""
 
 
 def target_of(settings: Settings) -> str:

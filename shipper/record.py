@@ -58,7 +58,7 @@ class Batch:
                  "start", "end", "on_done", "ack", "_ndjson", "size")
 
     def __init__(self, tag: str, source: str | None, read_time: float, *, blob: bytes | None = None,
-                 messages: list[str] | None = None, fields: list[dict | None] | None = None,
+                 messages: list[str | None] | None = None, fields: list[dict | None] | None = None,
                  start: int = 0, end: int = 0):
         self.tag = tag
         self.source = source
@@ -71,7 +71,7 @@ class Batch:
             self.size = len(blob)
         else:
             self.count = len(messages or ())
-            self.size = sum(map(len, messages or ()))
+            self.size = sum(len(m) for m in messages or () if m)  # None: a record without message
         self.start = start
         self.end = end
         self.on_done = None  # set by the input: what to do once every output confirmed
@@ -92,7 +92,8 @@ class Batch:
         labels = envelope.labels
         for message, extra in zip(self.message_list(), self.fields or _none_forever()):
             record = dict(head)
-            record["message"] = message
+            if message is not None:  # a metrics sample has no message
+                record["message"] = message
             if extra:
                 _merge_fields(record, extra)
             if labels:

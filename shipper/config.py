@@ -25,6 +25,7 @@ OUTPUT_MODULES = {
     "s3": "shipper.outputs.s3",
     "cloudwatch_logs": "shipper.outputs.cloudwatch_logs",
     "fluentd": "shipper.outputs.fluentd",
+    "cloudwatch_metrics": "shipper.outputs.cloudwatch_metrics",
     "stdout": "shipper.outputs.stdout",
 }
 
@@ -302,6 +303,8 @@ def target_of(settings: Settings) -> str:
         return f"log group {settings.log_group}"
     if settings.get("hosts"):
         return ", ".join(settings.hosts)
+    if settings.get("namespace"):
+        return f"namespace {settings.namespace}"
     return ""
 
 

@@ -18,6 +18,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+import orjson
+
 from shipper.config import Option
 from shipper.errors import BufferFull, RetryableError
 from shipper.outputs import aws
@@ -27,7 +29,10 @@ from shipper.outputs.log_events import (
     EVENT_OVERHEAD, MAX_EVENTS, MAX_MESSAGE_BYTES, Event, Tally, rejected_ranges, take_request, timestamp_ms,
     utf8_parts,
 )
-from shipper.record import TIME, Batch
+from shipper.outputs.metric_data import (
+    DEFAULT_DIMENSIONS, base_dimensions, check_dimensions, check_namespace, emf_events,
+)
+from shipper.record import METRICS, TIME, Batch
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,10 @@ OPTIONS = {
     "log_stream": Option("str", "{instance_id}/{tag}/{source}",
                          check=_template_check(_STREAM_UNSAFE, "1-512 characters, without : or *")),
     **aws.AWS_OPTIONS,
-    "format": Option("choice", "raw", choices=("raw", "json")),
+    "format": Option("choice", "raw", choices=("raw", "json", "emf")),
+    # format = "emf": metrics samples become Embedded Metric Format events (other records: json).
+    "emf_namespace": Option("str", "Shipper", check=check_namespace),
+    "emf_dimensions": Option("strlist", DEFAULT_DIMENSIONS, check=check_dimensions),
     "create_missing": Option("bool", True),
     "retention_days": Option("int", 0, check=check_retention),
     "log_group_class": Option("choice", "", choices=("", "STANDARD", "INFREQUENT_ACCESS")),
@@ -107,8 +115,10 @@ class CloudWatchLogsOutput(Output):
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
-        if settings.format == "json":
+        if settings.format in ("json", "emf"):
             self.encoding = "ndjson"
+        self.emf_dimensions = base_dimensions(settings.emf_dimensions, context.envelope.identity,
+                                              context.envelope.labels, True)
         self.client = aws.make_client("logs", settings, context.envelope.identity, attempts=1,
                                       connections=settings.max_concurrency + 1, validate=False)
         self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix=f"{context.name}")
@@ -155,7 +165,9 @@ class CloudWatchLogsOutput(Output):
     def _events(self, batch: Batch, tally: Tally) -> list[Event]:
         """The events of a batch, in its order; long messages become several events."""
         read_ms = int(batch.read_time * 1000)
-        if self.settings.format == "json":
+        if self.settings.format == "emf" and batch.fields and any(METRICS in (f or {}) for f in batch.fields):
+            return self._emf_events(batch, tally, read_ms)
+        if self.settings.format in ("json", "emf"):
             text = batch.ndjson(self.context.envelope).decode()
             messages = text.split("\n")
             messages.pop()
@@ -180,6 +192,21 @@ class CloudWatchLogsOutput(Output):
             events.extend(Event(ts, part, len(part.encode()) + EVENT_OVERHEAD, tally) for part in parts)
         if empty:
             self.context.stats.add("records_dropped", empty, output=self.context.name, reason="empty")
+        return events
+
+    def _emf_events(self, batch: Batch, tally: Tally, read_ms: int) -> list[Event]:
+        events = []
+        for extra in batch.fields:
+            sample = (extra or {}).get(METRICS)
+            if sample is None:
+                continue
+            ts = timestamp_ms(extra.get(TIME), read_ms)
+            made, dropped = emf_events(sample, ts, self.settings.emf_namespace, self.emf_dimensions, [], [], 60)
+            if dropped:
+                self.context.stats.add("values_dropped", dropped, output=self.context.name, reason="not_finite")
+            for event in made:
+                text = orjson.dumps(event).decode()
+                events.append(Event(ts, text, len(text.encode()) + EVENT_OVERHEAD, tally))
         return events
 
     # ------------------------------------------------------------ sending

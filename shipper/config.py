@@ -19,7 +19,11 @@ from shipper.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/shipper/shipper.toml"
 
-INPUT_MODULES = {"file": "shipper.inputs.file", "metrics": "shipper.inputs.metrics"}
+INPUT_MODULES = {
+    "file": "shipper.inputs.file",
+    "metrics": "shipper.inputs.metrics",
+    "journald": "shipper.inputs.journald",
+}
 OUTPUT_MODULES = {
     "directory": "shipper.outputs.directory",
     "s3": "shipper.outputs.s3",
@@ -290,6 +294,9 @@ def source_of(settings: Settings) -> str:
         return ", ".join(os.path.abspath(p) for p in settings.paths)
     if settings.get("interval"):
         return f"every {settings.interval:g}s: {', '.join(settings.get('groups', []))}"
+    if settings.type == "journald":
+        where = f"the journal in {settings.directory}" if settings.directory else "the system journal"
+        return f"{where}" + (f", units {', '.join(settings.units)}" if settings.units else "")
     return ""
 
 

@@ -26,7 +26,7 @@ from shipper.outputs import aws
 from shipper.outputs.base import Output
 from shipper.outputs.keys import unknown_placeholder
 from shipper.outputs.log_events import (
-    EVENT_OVERHEAD, MAX_EVENTS, MAX_MESSAGE_BYTES, Event, Tally, rejected_ranges, take_request, timestamp_ms,
+    EVENT_OVERHEAD, MAX_EVENTS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, Event, Tally, rejected_ranges, take_request, timestamp_ms,
     utf8_parts,
 )
 from shipper.outputs.metric_data import (
@@ -107,6 +107,8 @@ class Stream:
     next_try: float = 0.0
     limit: int = MAX_EVENTS            # lowered while a refused request is halved
     careful: int = 0                   # events still to send under that lower limit
+    waiting_since: float = 0.0         # when the oldest pending event arrived (monotonic)
+    pending_bytes: int = 0
     failing_since: float | None = None
 
 
@@ -138,8 +140,12 @@ class CloudWatchLogsOutput(Output):
         events = self._events(batch, tally)
         tally.remaining = len(events)
         self.open_batches += 1
+        if not stream.pending:
+            stream.waiting_since = time.monotonic()
         stream.pending.extend(events)
-        self.buffered_bytes += sum(e.size for e in events)
+        size = sum(e.size for e in events)
+        stream.pending_bytes += size
+        self.buffered_bytes += size
         if not events:
             self._settle(tally, 0)
 
@@ -239,12 +245,21 @@ class CloudWatchLogsOutput(Output):
                 return
             if stream.sending is not None or not stream.pending:
                 continue
-            if not force and stream.next_try > monotonic:
+            if not force and (stream.next_try > monotonic or not self._due(stream, monotonic)):
                 continue
             stream.sending = take_request(stream.pending, stream.limit)
+            stream.pending_bytes -= sum(e.size for e in stream.sending)
+            stream.waiting_since = monotonic
             future = self.pool.submit(self._put, stream, stream.sending)
             future.add_done_callback(self._wake)
             self.in_flight[future] = stream
+
+    def _due(self, stream: Stream, monotonic: float) -> bool:
+        """Send a full request at once; a smaller one when its oldest event waited flush_interval
+        (a call per batch read would cost a request, and CPU, per poll of a quiet file)."""
+        return (len(stream.pending) >= MAX_EVENTS or stream.pending_bytes >= MAX_REQUEST_BYTES
+                or monotonic - stream.waiting_since >= self.context.flush_interval
+                or stream.attempts > 0 or stream.careful > 0)  # a retry waits for its backoff only
 
     def _put(self, stream: Stream, events: list[Event]) -> dict:
         """One PutLogEvents call (in a pool thread); a missing group or stream is created first."""
@@ -321,6 +336,7 @@ class CloudWatchLogsOutput(Output):
         """The request's content was refused: halve it until the bad event is alone, then drop that one."""
         if len(events) > 1:
             stream.pending.extendleft(reversed(events))
+            stream.pending_bytes += sum(e.size for e in events)
             stream.limit = max(1, len(events) // 2)
             stream.careful = len(events)
             return
@@ -334,6 +350,7 @@ class CloudWatchLogsOutput(Output):
 
     def _retry(self, stream: Stream, events: list[Event], error: BaseException) -> None:
         stream.pending.extendleft(reversed(events))
+        stream.pending_bytes += sum(e.size for e in events)
         stream.attempts += 1
         stream.next_try = time.monotonic() + self.context.backoff.delay(stream.attempts)
         self.last_error = aws.describe(error)

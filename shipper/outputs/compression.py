@@ -32,6 +32,9 @@ except ImportError:
 DEFLATE: ModuleType = _isal or zlib
 
 WINDOW = 32 * 1024
+# Pieces are gathered to at least this size before a block is compressed: a quiet file's small
+# batches would otherwise cost a pool task and a primed compressor each.
+MIN_BLOCK = 64 * 1024
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no mtime, unknown OS
 
 
@@ -63,14 +66,26 @@ class GzipStream:
         self.length = 0
         self.window = b""
         self.blocks: collections.deque[Future | bytes] = collections.deque([GZIP_HEADER])
+        self.gathered: list[bytes] = []
+        self.gathered_bytes = 0
 
     def add(self, data: bytes) -> None:
         self.crc = self.engine.crc32(data, self.crc)
         self.length += len(data)
+        self.gathered.append(data)
+        self.gathered_bytes += len(data)
+        if self.gathered_bytes >= MIN_BLOCK:
+            self._submit()
+
+    def _submit(self) -> None:
+        data = self.gathered[0] if len(self.gathered) == 1 else b"".join(self.gathered)
+        self.gathered, self.gathered_bytes = [], 0
         self.blocks.append(self.pool.submit(compress_block, self.engine, data, self.level, self.window))
         self.window = data[-WINDOW:] if len(data) >= WINDOW else (self.window + data)[-WINDOW:]
 
     def finish(self) -> None:
+        if self.gathered:
+            self._submit()
         self.blocks.append(_FINAL_BLOCK + struct.pack("<II", self.crc, self.length & 0xFFFFFFFF))
 
     def take(self, keep: int | None = None) -> bytes:

@@ -23,6 +23,9 @@ IDENTITY_PATHS = {
     "region": "meta-data/placement/region",
     "availability_zone": "meta-data/placement/availability-zone",
     "instance_type": "meta-data/instance-type",
+    # Only when the instance allows tags in its metadata (and it is in an Auto Scaling group):
+    # a dimension for CloudWatch Metrics, not a record field.
+    "autoscaling_group": "meta-data/tags/instance/aws:autoscaling:groupName",
 }
 EC2_HINT_FILES = (
     ("/sys/devices/virtual/dmi/id/sys_vendor", "Amazon EC2"),

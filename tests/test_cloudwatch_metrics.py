@@ -44,6 +44,13 @@ def test_dimensions_never_exceed_thirty_and_unknown_identity_is_left_out():
     assert len(made[0]["Dimensions"]) == MAX_DIMENSIONS
 
 
+def test_identity_dimensions_in_the_order_asked_when_known():
+    identity = {"host": "h", "instance_id": "i-1", "image_id": "ami-1", "autoscaling_group": "web-asg"}
+    assert base_dimensions(["InstanceId", "ImageId", "AutoScalingGroupName"], identity, {"app": "web"}, True) == {
+        "InstanceId": "i-1", "ImageId": "ami-1", "AutoScalingGroupName": "web-asg", "app": "web"}
+    assert base_dimensions(["Host"], identity, {"app": "web"}, False) == {"Host": "h"}
+
+
 def test_calls_hold_at_most_a_thousand_datums_and_about_a_megabyte():
     many, _ = datums({f"m.metric{i}": float(i) for i in range(2500)}, 0.0, {"InstanceId": "i-1"}, [], [], 60)
     calls = list(requests(many))

@@ -17,6 +17,13 @@ def test_imdsv2_identity_uses_a_token_and_caches_it():
     assert all(r[2] == TOKEN for r in imds.requests if r[0] == "GET")
 
 
+def test_the_auto_scaling_group_comes_from_instance_tags_when_allowed():
+    with FakeImds({"meta-data/instance-id": "i-1",
+                   "meta-data/tags/instance/aws:autoscaling:groupName": "web-asg"}) as imds:
+        identity = resolve_identity("ec2", imds.endpoint, 1.0)
+    assert identity["autoscaling_group"] == "web-asg"
+
+
 def test_missing_values_are_left_out():
     with FakeImds({"meta-data/instance-id": "i-1"}) as imds:
         assert resolve_identity("ec2", imds.endpoint, 1.0) == {"host": socket.gethostname(), "instance_id": "i-1"}

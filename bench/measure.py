@@ -89,6 +89,118 @@ def minor_faults(pid: int) -> int:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def proc_status(pid: int) -> dict:
+    """Memory and threads from /proc/PID/status: VmRSS, VmHWM, RssAnon, RssFile, RssShmem (MiB), Threads,
+    and the process's context switches (of its main thread only: see task_stats for all threads)."""
+    out: dict = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "VmSize"):
+                out[key] = int(value.split()[0]) / 1024
+            elif key in ("Threads", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                out[key] = int(value)
+    return out
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Restart VmHWM from the current RSS (``5 > /proc/PID/clear_refs``, Linux 4.0+): the peak of an
+    interval, not of the process's whole life. False when not allowed (needs ptrace rights on it)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def task_stat(pid: int, tid: int | str) -> dict | None:
+    """One thread of ``pid``: kernel name, user and system CPU seconds (ticks), time on a CPU in ns
+    (schedstat, exact), voluntary (it waited) / involuntary (preempted) context switches; None once it ended."""
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/stat") as handle:
+            stat = handle.read()
+        with open(f"{base}/schedstat") as handle:
+            run_ns = int(handle.read().split()[0])
+        switches = {}
+        with open(f"{base}/status") as handle:
+            for line in handle:
+                if "ctxt_switches" in line:
+                    key, _, value = line.partition(":")
+                    switches[key] = int(value)
+    except (OSError, ValueError, IndexError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return {"comm": stat[stat.index("(") + 1:stat.rindex(")")],
+            "user": int(fields[11]) / _TICKS, "sys": int(fields[12]) / _TICKS, "run_ns": run_ns,
+            "voluntary": switches.get("voluntary_ctxt_switches", 0),
+            "involuntary": switches.get("nonvoluntary_ctxt_switches", 0)}
+
+
+def task_stats(pid: int) -> dict[int, dict]:
+    """task_stat of every thread of ``pid``, by thread id."""
+    tasks: dict[int, dict] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = task_stat(pid, tid)
+        if stat is not None:  # else the thread ended meanwhile
+            tasks[int(tid)] = stat
+    return tasks
+
+
+def smaps_rss(pid: int) -> dict[str, float]:
+    """Resident MiB of ``pid`` by kind of mapping (/proc/PID/smaps): "heap" (glibc's main arena, brk),
+    "thread arenas" (glibc's per-thread heaps: anonymous read-write mappings followed by the
+    inaccessible rest of their 64 MiB reservation), "thread stacks" (anonymous 8 MiB after a guard
+    page), "other anonymous" (mmap: Python's object arenas, large buffers) and "files" (code, data)."""
+    maps = []  # (start, end, perms, name, rss kB)
+    current = None
+    with open(f"/proc/{pid}/smaps") as handle:
+        for line in handle:
+            first = line.split(None, 5)
+            if "-" in first[0] and len(first) >= 5 and not first[0].endswith(":"):
+                start, end = (int(x, 16) for x in first[0].split("-"))
+                current = [start, end, first[1], first[5].strip() if len(first) > 5 else "", 0]
+                maps.append(current)
+            elif first[0] == "Rss:" and current is not None:
+                current[4] = int(first[1])
+    out = dict.fromkeys(("heap", "thread arenas", "thread stacks", "other anonymous", "files"), 0.0)
+    for index, (start, end, perms, name, rss) in enumerate(maps):
+        size = end - start
+        before = maps[index - 1] if index else None
+        after = maps[index + 1] if index + 1 < len(maps) else None
+        if name == "[heap]":
+            kind = "heap"
+        elif name.startswith("/"):
+            kind = "files"
+        elif name:
+            kind = "other anonymous" if name.startswith("[anon") else "files" if not name.startswith("[") else \
+                "thread stacks" if name == "[stack]" else "other anonymous"
+        elif perms.startswith("rw") and after is not None and after[2].startswith("---") and not after[3] \
+                and after[0] == end and (after[1] - start) == 64 << 20:
+            kind = "thread arenas"
+        elif perms.startswith("rw") and size == 8 << 20 and before is not None and before[2].startswith("---") \
+                and before[1] == start:
+            kind = "thread stacks"
+        else:
+            kind = "other anonymous"
+        out[kind] += rss / 1024
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def io_counters(pid: int) -> dict[str, int]:
+    """/proc/PID/io: rchar, wchar, syscr, syscw (read-like and write-like system calls), read_bytes, write_bytes."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/io") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                out[key] = int(value)
+    except OSError:
+        pass
+    return out
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, steal): CPU seconds of all cores since boot, busy in this VM and taken by the hypervisor."""
     with open("/proc/stat") as handle:
@@ -231,10 +343,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, timeout: float, what: 
 
 
 def measure_all(names: list[str], wanted: list[str], repeat: int, run_one, summary, work: str, keep: bool,
-                log) -> list[Result]:
+                log, median_of=lambda r: r.seconds) -> list[Result]:
     """Measure each wanted name in order, ``repeat`` times, in a fresh run directory; keep the median run.
 
-    ``run_one(name, run_dir)`` returns a Result; ``summary(result)`` the figures kept of every run.
+    ``run_one(name, run_dir)`` returns a Result; ``summary(result)`` the figures kept of every run;
+    ``median_of(result)`` what the median is taken of (default: the seconds).
     """
     os.makedirs(work, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix="run-", dir=work)
@@ -247,7 +360,7 @@ def measure_all(names: list[str], wanted: list[str], repeat: int, run_one, summa
             for attempt in range(repeat):
                 log(f"{name} ..." if repeat == 1 else f"{name} ({attempt + 1}/{repeat}) ...")
                 runs.append(run_one(name, run_dir))
-            result = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]  # the median run
+            result = sorted(runs, key=median_of)[len(runs) // 2]  # the median run
             if len(runs) > 1:
                 result.extra["runs"] = [summary(r) for r in runs]
             results.append(result)

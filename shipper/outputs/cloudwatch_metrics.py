@@ -54,7 +54,8 @@ class CloudWatchMetricsOutput(Output):
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
-        self.client = aws.make_client("cloudwatch", settings, context.envelope.identity, attempts=1, connections=2)
+        self.client = aws.make_client("cloudwatch", settings, context.envelope.identity, attempts=1, connections=2,
+                                      validate=False)
         self.dimensions = base_dimensions(settings.dimensions, context.envelope.identity, context.envelope.labels,
                                           settings.label_dimensions)
         self.pending_datums: deque[tuple[dict, Tally]] = deque()

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench bench-aws bench-fluentd clean
+.PHONY: run test bench bench-aws bench-fluentd bench-idle clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -33,6 +33,9 @@ bench-aws: $(VENV)/.installed-test
 
 bench-fluentd: $(VENV)/.installed-test
 	$(BIN)/python bench/fluentd.py
+
+bench-idle: $(VENV)/.installed-test
+	$(BIN)/python bench/idle.py
 
 clean:
 	rm -rf $(VENV) shipper-data

@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loggen  # noqa: E402
 from measure import (Background, Result, add_common_arguments, cpu_seconds, measure_all,  # noqa: E402
                      minor_faults, own_cpu_seconds, peak_rss_mib, poll_until, read_chars, stop, wait_quiet,
-                     warn_if_disturbed, write_results)
+                     warn_if_disturbed, write_results, format_table)
 from throughput import AGENT_CONF, checkpoint_offset, directory_figure, machine, thread_cpu  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -444,12 +444,7 @@ def rows(results: list[Result], directory: dict | None) -> list[tuple[str, ...]]
 
 
 def text_table(results: list[Result], directory: dict | None) -> str:
-    table = [HEADER, *rows(results, directory)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(HEADER, rows(results, directory))
 
 
 def request_lines(r: Result) -> list[str]:

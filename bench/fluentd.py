@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loggen  # noqa: E402
 from measure import (Background, Result, add_common_arguments, add_py_spy_argument, cpu_seconds,  # noqa: E402
                      measure_all, minor_faults, own_cpu_seconds, peak_rss_mib, poll_until, py_spy_command,
-                     read_chars, stop, wait_quiet, warn_if_disturbed, write_results)
+                     read_chars, stop, wait_for_text, wait_quiet, warn_if_disturbed, write_results, format_table)
 from throughput import AGENT_CONF, checkpoint_offset, directory_figure, machine, thread_cpu  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -486,19 +486,6 @@ def latency_lines(input_path: str, count: int) -> list[bytes]:
     return bodies
 
 
-def wait_for_text(path: str, text: bytes, proc: subprocess.Popen, timeout: float) -> float:
-    """Wait until the agent's log holds ``text``; return when (monotonic)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(path, "rb") as handle:
-            if text in handle.read():
-                return time.monotonic()
-        if proc.poll() is not None:
-            raise RuntimeError(f"shipper exited with {proc.returncode} before logging {text!r}; see {path}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"shipper did not log {text!r} within {timeout:.0f}s; see {path}")
-        time.sleep(0.02)
-
 
 def bench_latency(input_path: str, workdir: str, seconds: float, rate: int, timeout: float) -> Result:
     peer = harness.ForwardPeer()
@@ -696,14 +683,6 @@ def latency_rows(results: list[Result]) -> list[tuple[str, ...]]:
                     f"{e['steady_state']['agent_cpu_percent_of_a_core']:.1f}", f"{e['agent_rss_mib_end']:.1f}"))
     return out
 
-
-def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -904,12 +883,12 @@ def main(argv: list[str] | None = None) -> int:
     directory = directory_figure()
     print()
     if any(r.name in THROUGHPUT_LABELS for r in results):
-        print(text_table(THROUGHPUT_HEADER, throughput_rows(results, directory)))
+        print(format_table(THROUGHPUT_HEADER, throughput_rows(results, directory)))
         if directory:
             print("* directory: the shipper row of bench/results/throughput.json, not measured here")
         print()
     if any(r.name == "latency" for r in results):
-        print(text_table(LATENCY_HEADER, latency_rows(results)))
+        print(format_table(LATENCY_HEADER, latency_rows(results)))
     if results_name:
         document = {"machine": info, "input": meta, "results": [r.as_dict() for r in results],
                     "directory_from_throughput_json": directory}

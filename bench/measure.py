@@ -400,3 +400,26 @@ def py_spy_command(args: argparse.Namespace, venv_bin: str) -> list[str] | None:
     if args.py_spy is None:
         return None
     return [shutil.which("py-spy", path=venv_bin) or "py-spy", *args.py_spy]
+
+
+def wait_for_text(path: str, text: bytes, proc: subprocess.Popen, timeout: float) -> float:
+    """Wait until the agent's log holds ``text``; return when (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, "rb") as handle:
+            if text in handle.read():
+                return time.monotonic()
+        if proc.poll() is not None:
+            raise RuntimeError(f"shipper exited with {proc.returncode} before logging {text!r}; see {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"shipper did not log {text!r} within {timeout:.0f}s; see {path}")
+        time.sleep(0.02)
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

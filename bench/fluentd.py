@@ -18,7 +18,7 @@ acknowledges every chunk. One measurement after the other (never in parallel, th
               the events are decoded and checked after the run): the ForwardPeer decodes every
               event into Python objects on one thread and is the bottleneck of the first
               measurement, this one shows what the agent does when the peer keeps up
-- latency     the agent with flush_interval 1s and the default input settings (poll_interval 250ms...)
+- latency     the agent with flush_interval 1s and the default input settings (poll_interval 500ms...)
               follows a file to which this script appends R lines/s (default 1,000) for S seconds
               (default 30), in batches every 10 ms, each line with a unique sequence number. A line's
               latency is the time the peer sent the ack of the first chunk that carried it minus the
@@ -96,7 +96,7 @@ require_ack = true
 compression = "none"
 """
 
-# The latency run: agent and input defaults (flush_interval 1s spelled out, poll_interval 250ms,
+# The latency run: agent and input defaults (flush_interval 1s spelled out, poll_interval 500ms,
 # checkpoint_interval 1s...), only what must be set.
 LATENCY_CONF = """\
 [agent]
@@ -809,7 +809,7 @@ def markdown(results: list[Result], meta: dict | None, info: dict, directory: di
         "beginning, parser none); timed from process start until the checkpoint equals the file size (it "
         "moves only once the peer acknowledged the chunks), then SIGTERM; chunk figures count the forward "
         "messages as the peer received them (bytes: the message's msgpack length on the wire). latency: agent "
-        "and input defaults (flush_interval 1s, poll_interval 250ms, read_bytes 1 MiB, checkpoint_interval 1s), "
+        "and input defaults (flush_interval 1s, poll_interval 500ms, read_bytes 1 MiB, checkpoint_interval 1s), "
         "only data_dir, metadata off, the input's tag and path and the output set; the file exists (empty) "
         "before the agent starts and the writer starts once the agent logged that it tails it. The writer "
         "appends, every 10 ms on a fixed schedule, a batch of lines `seq=NNNNNNNNN <a line of the throughput "

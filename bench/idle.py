@@ -6,7 +6,7 @@
 Issue 5's targets for a server that logs little: under 0.5 % of one core and under 50 MiB peak
 RSS. Each variant is its own agent, run one after the other (never in parallel, the machine has
 2 cores), each after waiting for a quiet machine; the agent's settings are the defaults
-(flush_interval 1s, poll_interval 250ms, checkpoint_interval 1s, upload_interval 60s, gzip level 1,
+(flush_interval 1s, poll_interval 500ms, checkpoint_interval 1s, upload_interval 60s, gzip level 1,
 metrics every 10 s, ...): only data_dir, `[cloud] metadata = "off"`, the paths, the bucket, the
 endpoint and region, the log group and the match patterns are set.
 
@@ -592,11 +592,11 @@ from shipper import cli
 cli._tune_allocator()
 import orjson, psutil, watchdog.observers
 mark("+ orjson, psutil, watchdog (libraries every agent loads)")
-import urllib.request
-mark("+ urllib.request (ssl, http.client: shipper.identity's IMDS client)")
 import shipper.pipeline, shipper.config, shipper.inputs.file, shipper.inputs.metrics, shipper.outputs.directory
 import shipper.outputs.s3, shipper.outputs.cloudwatch_logs, shipper.outputs.cloudwatch_metrics
-mark("+ the rest of shipper's modules (inputs, outputs; no boto3): an agent without AWS outputs")
+mark("+ the rest of shipper's modules (inputs, outputs; no boto3): an agent without AWS outputs, off EC2")
+import urllib.request
+mark("+ urllib.request (ssl, http.client: the IMDS client's, on EC2; boto3 imports it too)")
 import boto3
 mark("+ import boto3")
 from shipper.outputs import aws

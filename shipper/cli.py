@@ -37,9 +37,10 @@ def _tune_allocator() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 16 * 1024 * 1024)
         libc.mallopt(m_trim_threshold, 32 * 1024 * 1024)
+        libc.mallopt(m_arena_max, 2)
     except (OSError, AttributeError):
         pass
 
@@ -138,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        pipeline = Pipeline(config)
+        pipeline = Pipeline(config, wakeup=stop)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("cannot start: %s", problem)
@@ -154,9 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("state (checkpoints) in %s", pipeline.data_dir)
     pipeline.start()
     _release_startup_memory()
-    while not stop.wait(0.5):
-        if pipeline.failed.is_set():
-            break
+    while not stop.wait(60):  # set by SIGTERM/SIGINT or by a failing part of the pipeline
+        pass
     complete = pipeline.stop()
     log.info("stopped%s", "" if complete else " with undelivered records")
     code = EXIT_FAILED if pipeline.failed.is_set() or not complete else EXIT_OK

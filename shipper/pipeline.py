@@ -27,6 +27,10 @@ from shipper.stats import Stats
 
 log = logging.getLogger(__name__)
 
+# Queued bytes past which an output's runner is woken at once (see OutputRunner.wake_bytes): a file
+# written faster than ~50 KB/s is handed on as it is read, a quieter one once per flush_interval.
+WAKE_BYTES = 64 * 1024
+
 
 @dataclass
 class InputContext:
@@ -39,7 +43,7 @@ class OutputRunner(threading.Thread):
     """Feeds one output from its bounded queue and retries its deliveries."""
 
     def __init__(self, output: Output, match: list[str], max_bytes: int, flush_interval: float, stats: Stats,
-                 failed: threading.Event):
+                 failed: threading.Event, wake_bytes: int | None = None):
         super().__init__(name=f"output-{output.context.name}", daemon=True)
         self.failed = failed
         self.output = output
@@ -47,6 +51,10 @@ class OutputRunner(threading.Thread):
         self.match = match
         self.max_bytes = max_bytes
         self.flush_interval = flush_interval
+        # Queued batches wake the runner at once only past this many bytes; smaller ones wait for
+        # the next flush tick (flush_interval is how long records may be held to go out together).
+        # A quiet file then costs each output one wake-up per flush_interval, not one per poll.
+        self.wake_bytes = min(max_bytes // 4, WAKE_BYTES) if wake_bytes is None else wake_bytes
         self.stats = stats
         self.queue: collections.deque[tuple[Batch, int]] = collections.deque()  # (batch, its cost)
         self.queued_bytes = 0
@@ -66,10 +74,12 @@ class OutputRunner(threading.Thread):
             while self.queue and self.queued_bytes + cost > self.max_bytes:
                 if self._past_deadline():
                     return False
+                self.cond.notify_all()  # full: the runner takes what is queued now, not at its next tick
                 self.cond.wait(0.5)
             self.queue.append((batch, cost))
             self.queued_bytes += cost
-            self.cond.notify_all()
+            if self.queued_bytes >= self.wake_bytes:
+                self.cond.notify_all()
         return True
 
     def finish(self) -> None:
@@ -95,22 +105,34 @@ class OutputRunner(threading.Thread):
 
     def _feed(self) -> None:
         next_flush = time.monotonic() + self.flush_interval
+        flushing = False  # the flush tick came: take what is queued, batch by batch, without waiting
+        forced = False    # delivered with force since stopping: now wait for in-flight work to wake us
         while True:
             with self.cond:
-                if not self.queue and not self.stopping and not self.woken:
-                    self.cond.wait(max(0.0, next_flush - time.monotonic()))
+                idle = not self.woken and (not self.queue or (not flushing and self.queued_bytes < self.wake_bytes))
+                if idle:
+                    if not self.stopping:
+                        self.cond.wait(max(0.0, next_flush - time.monotonic()))
+                    elif forced and not self.queue:
+                        self.cond.wait(0.05)
                 batch, cost = self.queue.popleft() if self.queue else (None, 0)
                 if batch is not None:
                     self.queued_bytes -= cost
-                    self.cond.notify_all()
+                    self.cond.notify_all()  # room for a waiting producer
+                flushing = flushing and bool(self.queue)
                 draining = self.stopping and not self.queue
                 woken, self.woken = self.woken, False
             if batch is not None:
                 self.output.accept(batch)
             now = time.monotonic()
-            if batch is not None or woken or now >= next_flush or draining:
-                self._deliver(force=draining)
+            tick = now >= next_flush
+            if tick:
                 next_flush = now + self.flush_interval
+                flushing = True
+            # One delivery per batch: an output that is full (BufferFull) holds the rest in the queue.
+            if batch is not None or woken or tick or draining:
+                self._deliver(force=draining)
+                forced = draining
             if draining and (self.output.pending() == 0 or self._past_deadline()):
                 return
 
@@ -161,8 +183,23 @@ def _cost(batch: Batch) -> int:
     return batch.size + (len(batch._ndjson) if batch._ndjson is not None else 0)
 
 
+class Tripwire(threading.Event):
+    """An Event that also sets ``also`` (the main thread's wake-up), so nobody polls for it."""
+
+    def __init__(self, also: threading.Event | None = None):
+        super().__init__()
+        self.also = also
+
+    def set(self) -> None:
+        super().set()
+        if self.also is not None:
+            self.also.set()
+
+
 class Pipeline:
-    def __init__(self, config: Config, identity: dict[str, str] | None = None):
+    def __init__(self, config: Config, identity: dict[str, str] | None = None,
+                 wakeup: threading.Event | None = None):
+        """``wakeup``: set when a part of the pipeline failed (the agent then stops)."""
         self.config = config
         agent = config.agent
         self.data_dir = os.path.abspath(agent.data_dir)
@@ -173,7 +210,7 @@ class Pipeline:
             identity = resolve_identity(cloud.metadata, cloud.imds_endpoint, cloud.imds_timeout)
         self.envelope = Envelope(identity, dict(agent.labels))
         self.runners: list[OutputRunner] = []
-        self.failed = threading.Event()
+        self.failed = Tripwire(wakeup)
         for index, settings in enumerate(config.outputs):
             module = importlib.import_module(OUTPUT_MODULES[settings.type])
             context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats,

@@ -142,7 +142,8 @@ class BackgroundOutput(Output):
 
 def test_an_output_finishing_work_in_the_background_is_served_at_once_not_at_the_next_flush():
     output = BackgroundOutput()
-    runner = OutputRunner(output, ["*"], 1 << 20, 60.0, output.context.stats, threading.Event())  # flush: 1 min
+    # flush: 1 min; any queued batch wakes the runner (so the first delivery is at once too)
+    runner = OutputRunner(output, ["*"], 1 << 20, 60.0, output.context.stats, threading.Event(), wake_bytes=1)
     runner.start()
     done = []
     started = time.monotonic()
@@ -152,3 +153,36 @@ def test_an_output_finishing_work_in_the_background_is_served_at_once_not_at_the
     assert done == [b"a\n"] and time.monotonic() - started < 5  # the wake, not the 60 s flush
     runner.finish()
     runner.join(5)
+
+
+def test_small_batches_wait_for_the_flush_tick_and_a_big_queue_wakes_the_runner_at_once():
+    output = ScriptedOutput([])
+    runner = OutputRunner(output, ["*"], 1 << 20, 60.0, output.context.stats, threading.Event())  # flush: 1 min
+    assert runner.wake_bytes == 64 * 1024  # at most a quarter of the queue
+    runner.start()
+    done = []
+    for n in range(3):
+        runner.put(confirmed_batch(b"small %d\n" % n, done))
+    time.sleep(0.3)
+    assert done == [] and output.accepted == []  # held until the tick: one wake-up a flush_interval
+    big = b"x" * (64 * 1024) + b"\n"
+    runner.put(confirmed_batch(big, done))
+    deadline = time.monotonic() + 10
+    while len(done) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [b"small 0\n", b"small 1\n", b"small 2\n", big]  # all of the queue, in order, at once
+    assert len(output.delivered) == 4
+    runner.finish()
+    runner.join(5)
+    assert not runner.is_alive()
+
+
+def test_finish_delivers_what_is_held_for_the_tick():
+    output = ScriptedOutput([])
+    runner = OutputRunner(output, ["*"], 1 << 20, 60.0, output.context.stats, threading.Event())
+    runner.start()
+    done = []
+    runner.put(confirmed_batch(b"held\n", done))
+    runner.finish()
+    runner.join(5)
+    assert done == [b"held\n"] and not runner.is_alive()

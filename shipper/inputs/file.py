@@ -46,7 +46,7 @@ OPTIONS = {
     "multiline": Option("table", None),
     "max_line_bytes": Option("size", 256 * 1024, minimum=1024),
     "read_bytes": Option("size", 1024 * 1024, minimum=4096),
-    "poll_interval": Option("duration", 0.25, minimum=0.01),
+    "poll_interval": Option("duration", 0.5, minimum=0.01),
     "refresh_interval": Option("duration", 10.0, minimum=0.1),
     "rotate_wait": Option("duration", 5.0),
     "partial_line_timeout": Option("duration", 5.0),
@@ -107,7 +107,7 @@ class FileInput:
         self._recover_rotated()
         try:
             while not stop.is_set():
-                if not self.poll(emit, stop):
+                if not self.poll(emit, stop):  # nothing left unread: sleep until the next poll
                     self.wake.wait(self.settings.poll_interval)
                     self.wake.clear()
             self._drain(emit)
@@ -116,7 +116,7 @@ class FileInput:
                 self.watcher.stop()
 
     def poll(self, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
-        """One pass over every file; True when anything was read."""
+        """One pass over every file; True when a file had more than its fair share to read (go on at once)."""
         now = time.monotonic()
         if self.changed.is_set() or now - self._last_refresh >= self.settings.refresh_interval:
             self.changed.clear()
@@ -124,10 +124,10 @@ class FileInput:
             if self.watcher:
                 self.watcher.refresh()
             self.discover(at_startup=False)
-        worked = False
+        more = False
         for tailed in list(self.files.values()):
             try:
-                worked |= self._follow(tailed, emit, stop)
+                more |= self._follow(tailed, emit, stop)
                 tailed.failing = False
             except OSError as exc:  # an I/O error on one file (EIO, a vanished mount): retried next pass
                 if not tailed.failing:
@@ -135,7 +135,7 @@ class FileInput:
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
         self._checkpoint_when_due()
-        return worked
+        return more
 
     def _checkpoint_when_due(self) -> None:
         now = time.monotonic()
@@ -144,7 +144,7 @@ class FileInput:
             self._last_checkpoint = now
 
     def _follow(self, tailed: TailedFile, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
-        """Read one file until it is drained (or has had its fair share); True when anything was read.
+        """Read one file until it is drained or has had its fair share; True when it has more to read.
 
         What happened to the file is decided before reading, so that a file truncated and refilled
         past our offset is not read from the middle (the size alone cannot tell; its first bytes can).
@@ -152,20 +152,18 @@ class FileInput:
         state = self._state(tailed)
         if state == TRUNCATED:
             self._restart(tailed, emit)
-        worked = False
         budget = FAIR_SHARE_BYTES
         while budget > 0 and not stop.is_set():
             read = tailed.read(self.settings.read_bytes)
             if read is None:
                 self._at_end_of_file(tailed, emit, state)
-                break
-            worked = True
+                return False
             budget -= read.end - read.start
             self._emit(tailed, read, emit)
             # emit waits while the outputs are full: the acknowledgements that free them must
             # reach the checkpoint file meanwhile, not only after the file's fair share.
             self._checkpoint_when_due()
-        return worked
+        return True
 
     def _drain(self, emit: Callable[[Batch], None]) -> None:
         """Stopping: read what is already written (bounded), then ship partial lines and held events."""

@@ -120,15 +120,26 @@ class TailedFile:
         self.max_line_bytes = max_line_bytes
         self.tracker = OffsetTracker(offset)
         self.fp_len, self.fp = fingerprint(fd)
+        self.known_size = st.st_size  # the file's size when last looked at (reads stop there)
         self.last_data = time.monotonic()
         self.released_since: float | None = None  # when the path stopped pointing here
         self.failing = False  # the last read failed (reported once)
         self.closed = False
 
     def read(self, chunk_size: int) -> Read | None:
-        """Read up to ``chunk_size`` new bytes; None at end of file."""
-        data = os.pread(self.fd, chunk_size, self.read_offset)
-        if not data:
+        """Read up to ``chunk_size`` new bytes; None at end of file.
+
+        Reads only what the file holds: a quiet file then costs an fstat, not a ``chunk_size``
+        buffer that the allocator hands out, shrinks to the few new bytes and leaves fragmented
+        (the heap grew ~0.3 MiB a minute at 10 lines/s that way).
+        """
+        if self.known_size <= self.read_offset:
+            self.known_size = os.fstat(self.fd).st_size
+            if self.known_size <= self.read_offset:
+                return None
+        data = os.pread(self.fd, min(chunk_size, self.known_size - self.read_offset), self.read_offset)
+        if not data:  # truncated since the fstat: the rotation check finds out
+            self.known_size = self.read_offset
             return None
         self.read_offset += len(data)
         self.last_data = time.monotonic()
@@ -172,6 +183,7 @@ class TailedFile:
     def restart(self) -> None:
         """The file was truncated (copytruncate): read it again from the start."""
         self.read_offset = self.emit_offset = 0
+        self.known_size = 0
         self.carry = b""
         self.in_long_line = False
         self.tracker.reset(0)

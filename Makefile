@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench bench-aws bench-fluentd bench-idle clean
+.PHONY: run test deb bench bench-aws bench-fluentd bench-idle clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -25,6 +25,10 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# dist/shipper_VERSION_ARCH.deb (needs dpkg-deb and /usr/bin/python3 >= 3.11 with venv)
+deb:
+	packaging/build-deb.sh dist
+
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/throughput.py
 
@@ -38,4 +42,4 @@ bench-idle: $(VENV)/.installed-test
 	$(BIN)/python bench/idle.py
 
 clean:
-	rm -rf $(VENV) shipper-data
+	rm -rf $(VENV) shipper-data dist

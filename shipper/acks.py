@@ -37,6 +37,25 @@ class Acknowledgement:
             callback()
 
 
+class OutputAck:
+    """One output's share of a batch's Acknowledgement: confirms it, and tells the output's runner
+    (which keeps the oldest unconfirmed record's age for /metrics and /healthz)."""
+
+    __slots__ = ("_parent", "_on_confirm", "_done")
+
+    def __init__(self, parent: Acknowledgement, on_confirm: Callable[["OutputAck"], None]):
+        self._parent = parent
+        self._on_confirm = on_confirm
+        self._done = False
+
+    def confirm(self) -> None:
+        if self._done:  # an output confirming twice must not count for another output
+            return
+        self._done = True
+        self._on_confirm(self)
+        self._parent.confirm()
+
+
 class OffsetTracker:
     """The committed offset of one file: the end of the contiguous run of done byte ranges."""
 

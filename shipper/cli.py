@@ -1,17 +1,15 @@
-"""The command line: shipper run | check | version."""
+"""The command line: shipper run | check | status | version."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 
 from shipper import __version__
-from shipper.config import DEFAULT_CONFIG_PATH, Config, load, source_of, target_of
+from shipper.config import DEFAULT_CONFIG_PATH, Config, load, target_of
 from shipper.errors import ConfigError
 
 log = logging.getLogger("shipper")
@@ -118,28 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _setup_logging(config.agent.log_level)
     _tune_allocator()
-    from shipper.pipeline import Pipeline
+    from shipper.service import Service
 
-    stop = threading.Event()
-    first_signal: list[float] = []
-
-    def on_signal(signum, frame):
-        now = time.monotonic()
-        if first_signal:
-            # One Ctrl-C often arrives twice (from the terminal and from a parent such as make):
-            # only a signal well after the first means "stop now".
-            if now - first_signal[0] > 1.0:
-                log.warning("second signal: exiting now (undelivered records are read again on the next start)")
-                os._exit(EXIT_FAILED)
-            return
-        first_signal.append(now)
-        log.info("received %s: draining", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        pipeline = Pipeline(config, wakeup=stop)
+        service = Service(config, args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("cannot start: %s", problem)
@@ -147,25 +127,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILED
-    log.info("shipper %s starting with %s", __version__, config.source)
-    for settings in config.inputs:
-        log.info("reading %s (%s, tag %s)", source_of(settings), settings.type, settings.tag)
-    for settings in config.outputs:
-        log.info("writing %s %s (match %s)", settings.type, target_of(settings), ", ".join(settings.match))
-    log.info("state (checkpoints) in %s", pipeline.data_dir)
-    pipeline.start()
     _release_startup_memory()
-    while not stop.wait(60):  # set by SIGTERM/SIGINT or by a failing part of the pipeline
-        pass
-    complete = pipeline.stop()
-    log.info("stopped%s", "" if complete else " with undelivered records")
-    code = EXIT_FAILED if pipeline.failed.is_set() or not complete else EXIT_OK
+    code = service.run()
     # Exit now: an upload thread stuck in a socket call past the deadline must not hold the
     # process (the interpreter would otherwise wait for every worker thread).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shipper.status import fetch_status, render_status
+
+    url = args.url
+    if url is None:
+        try:
+            listen = load(args.config).server.listen
+        except ConfigError:
+            listen = "127.0.0.1:2020"
+        if not listen:
+            print("shipper status: the status server is off ([server] listen = \"\")", file=sys.stderr)
+            return EXIT_FAILED
+        url = f"http://{listen}"
+    try:
+        first = fetch_status(url)
+        time.sleep(args.interval)
+        second = fetch_status(url)
+    except OSError as exc:
+        print(f"shipper status: no agent answers at {url}: {getattr(exc, 'reason', exc)} "
+              f"(is it running? `systemctl status shipper`)", file=sys.stderr)
+        return EXIT_FAILED
+    print(render_status(first, second, args.interval))
+    return EXIT_OK if second["healthy"] else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--probe", action="store_true",
                        help="also try credentials and reach each destination (HeadBucket, DescribeLogGroups)")
     check.set_defaults(func=cmd_check)
+    status = commands.add_parser("status", help="show the running agent's inputs, outputs, rates and health")
+    status.add_argument("-c", "--config", help=config_help + "; its [server] listen is asked")
+    status.add_argument("--url", help="the agent's server (default: http://LISTEN from the config)")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between the two samples for rates")
+    status.set_defaults(func=cmd_status)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return parser

@@ -246,11 +246,21 @@ CLOUD_OPTIONS = {
     "metadata": Option("choice", "auto", choices=("auto", "ec2", "off")),
     "imds_endpoint": Option("str", "http://169.254.169.254"),
     "imds_timeout": Option("duration", 1.0),
+    # On EC2: how often IMDS is asked for Spot and Auto Scaling termination notices (0: never).
+    "termination_check_interval": Option("duration", 5.0),
 }
 
 SERVER_OPTIONS = {
-    "listen": Option("str", "127.0.0.1:2020"),
+    "listen": Option("str", "127.0.0.1:2020", check=lambda v: _check_listen(v)),
+    # An output that has had something to send and delivered nothing for this long is unhealthy.
+    "unhealthy_after": Option("duration", 300.0, minimum=1.0),
 }
+
+
+def _check_listen(value: str) -> str | None:
+    from shipper.server import check_listen
+
+    return check_listen(value)
 
 COMMON_INPUT_OPTIONS = {
     "type": Option("str"),

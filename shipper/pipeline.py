@@ -16,13 +16,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from shipper.acks import Acknowledgement
+from shipper.acks import Acknowledgement, OutputAck
 from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, tag_matches
 from shipper.errors import BufferFull, FatalError, RetryableError
 from shipper.identity import resolve_identity
 from shipper.outputs.base import Output, OutputContext
 from shipper.outputs.retry import Backoff
 from shipper.record import Batch, Envelope
+from shipper.server import OutputState
 from shipper.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,26 @@ class OutputRunner(threading.Thread):
         self.stopping = False
         self.deadline: float | None = None
         self.failing_since: float | None = None
+        self.last_error: str | None = None
         self.woken = False
+        self.urgent = False  # flush-now (the instance is going away): force a delivery every tick
+        self.heartbeat = time.monotonic()  # the last time this thread made progress (systemd watchdog)
+        # Batches this output accepted and has not confirmed: their OutputAck -> the read time.
+        self.unsent: dict[OutputAck, float] = {}
+        self.unsent_lock = threading.Lock()
         output.context.wake = self.wake
 
     # ------------------------------------------------------------ producer side
 
     def put(self, batch: Batch) -> bool:
-        """Queue a batch, waiting while the queue is full; False if the shutdown deadline passed first."""
+        """Queue a batch, waiting while the queue is full; False if the shutdown deadline passed first.
+
+        The batch is this output's own view (``Batch.for_output``): its ``ack`` reports to this runner.
+        """
         cost = _cost(batch)
+        if isinstance(batch.ack, OutputAck):
+            with self.unsent_lock:
+                self.unsent[batch.ack] = batch.read_time
         with self.cond:
             while self.queue and self.queued_bytes + cost > self.max_bytes:
                 if self._past_deadline():
@@ -103,6 +116,35 @@ class OutputRunner(threading.Thread):
             self.woken = True
             self.cond.notify_all()
 
+    def confirmed(self, ack: OutputAck) -> None:
+        """Called (from any thread) when this output confirmed a batch."""
+        with self.unsent_lock:
+            self.unsent.pop(ack, None)
+
+    def flush_now(self) -> None:
+        with self.cond:
+            self.urgent = True
+            self.flush_interval = min(self.flush_interval, 1.0)
+            self.woken = True
+            self.cond.notify_all()
+
+    def state(self) -> OutputState:
+        """What the health server shows of this output (read from another thread)."""
+        now = time.monotonic()
+        with self.unsent_lock:
+            oldest = next(iter(self.unsent.values()), None)
+        output = self.output
+        since, error = output.failing()
+        if since is None and self.failing_since is not None:
+            since, error = self.failing_since, self.last_error
+        hold = getattr(output.settings, "upload_interval", None) if output.settings is not None else None
+        return OutputState(
+            name=self.name_, buffered_bytes=self.queued_bytes + output.buffered_bytes(),
+            pending=output.pending() + len(self.queue),
+            oldest_unsent_age=None if oldest is None else max(0.0, time.time() - oldest),
+            failing_for=None if since is None else now - since, last_error=error,
+            hold_seconds=(hold or 0.0) + self.flush_interval)
+
     def _feed(self) -> None:
         next_flush = time.monotonic() + self.flush_interval
         flushing = False  # the flush tick came: take what is queued, batch by batch, without waiting
@@ -124,14 +166,14 @@ class OutputRunner(threading.Thread):
                 woken, self.woken = self.woken, False
             if batch is not None:
                 self.output.accept(batch)
-            now = time.monotonic()
+            now = self.heartbeat = time.monotonic()
             tick = now >= next_flush
             if tick:
                 next_flush = now + self.flush_interval
                 flushing = True
             # One delivery per batch: an output that is full (BufferFull) holds the rest in the queue.
             if batch is not None or woken or tick or draining:
-                self._deliver(force=draining)
+                self._deliver(force=draining or (self.urgent and tick))
                 forced = draining
             if draining and (self.output.pending() == 0 or self._past_deadline()):
                 return
@@ -147,11 +189,13 @@ class OutputRunner(threading.Thread):
             except BufferFull:
                 if self._past_deadline():
                     return
+                self.heartbeat = time.monotonic()
                 time.sleep(0.01)
                 continue
             except RetryableError as exc:
                 attempt += 1
                 self.stats.add("retries", 1, output=self.name_)
+                self.last_error = str(exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                     log.warning("%s: delivery failed, retrying with backoff: %s", self.name_, exc)
@@ -161,7 +205,7 @@ class OutputRunner(threading.Thread):
                     if delay <= 0:
                         log.error("%s: shutdown deadline reached with undelivered records: %s", self.name_, exc)
                         return
-                time.sleep(delay)
+                self._sleep(delay)
                 continue
             except FatalError as exc:
                 self._drop(exc)
@@ -169,7 +213,15 @@ class OutputRunner(threading.Thread):
                 log.warning("%s: delivering again after %.1fs of failures", self.name_,
                             time.monotonic() - self.failing_since)
                 self.failing_since = None
+                self.last_error = None
             return
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait out a backoff, still beating: waiting on purpose is progress for the watchdog."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 1.0))
+            self.heartbeat = time.monotonic()
 
     def _drop(self, exc: FatalError) -> None:
         records = sum(b.count for b in exc.batches)
@@ -177,6 +229,12 @@ class OutputRunner(threading.Thread):
         log.error("%s: dropped %d records that can never be delivered (%s): %s", self.name_, records, exc.reason, exc)
         for batch in exc.batches:
             batch.ack.confirm()
+
+
+def stalled(runners: list[OutputRunner], period: float) -> list[str]:
+    """The outputs whose runner made no progress for ``period`` seconds (stuck in a call, deadlocked)."""
+    now = time.monotonic()
+    return [r.name_ for r in runners if now - r.heartbeat > period]
 
 
 def _cost(batch: Batch) -> int:
@@ -198,13 +256,14 @@ class Tripwire(threading.Event):
 
 class Pipeline:
     def __init__(self, config: Config, identity: dict[str, str] | None = None,
-                 wakeup: threading.Event | None = None):
-        """``wakeup``: set when a part of the pipeline failed (the agent then stops)."""
+                 wakeup: threading.Event | None = None, stats: Stats | None = None):
+        """``wakeup``: set when a part of the pipeline failed (the agent then stops).
+        ``stats``: the counters to add to (kept across reloads)."""
         self.config = config
         agent = config.agent
         self.data_dir = os.path.abspath(agent.data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
-        self.stats = Stats()
+        self.stats = Stats() if stats is None else stats
         if identity is None:
             cloud = config.cloud
             identity = resolve_identity(cloud.metadata, cloud.imds_endpoint, cloud.imds_timeout)
@@ -246,9 +305,22 @@ class Pipeline:
         if any(r.output.encoding == "ndjson" for r in runners):
             batch.ndjson(self.envelope)  # encode here, in the reading thread, once for all
         for runner in runners:
-            runner.put(batch)
+            runner.put(batch.for_output(OutputAck(batch.ack, runner.confirmed)))
 
     # ------------------------------------------------------------ lifecycle
+
+    # ------------------------------------------------------------ service
+
+    def output_states(self) -> list[OutputState]:
+        return [runner.state() for runner in self.runners]
+
+    def stalled(self, period: float) -> list[str]:
+        return stalled(self.runners, period)
+
+    def flush_now(self) -> None:
+        """The instance is going away: every output delivers what it holds at each tick, now."""
+        for runner in self.runners:
+            runner.flush_now()
 
     def start(self) -> None:
         for runner in self.runners:

@@ -7,6 +7,7 @@ messages with optional per-record fields: parsed values, flags, event time).
 
 from __future__ import annotations
 
+import copy
 import time as _time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -77,6 +78,13 @@ class Batch:
         self.on_done = None  # set by the input: what to do once every output confirmed
         self.ack = None      # set by the router: the countdown outputs confirm
         self._ndjson: bytes | None = None
+
+    def for_output(self, ack) -> "Batch":
+        """A shallow copy for one output, with that output's share of the acknowledgement
+        (the data, and the NDJSON already encoded, are shared)."""
+        view = copy.copy(self)
+        view.ack = ack
+        return view
 
     # ------------------------------------------------------------ views for outputs
 

@@ -97,10 +97,11 @@ INPUT_DEFAULTS = {"poll_interval": "50ms", "refresh_interval": "200ms", "rotate_
 
 def agent_config(logs: Path, data: Path, input_extra: str = "", output_extra: str = "",
                  agent_extra: str = "", pattern: str = "*.log", upload_interval: str = "200ms",
-                 output: str | None = None, **input_options: str) -> str:
+                 output: str | None = None, server: str = 'listen = ""', **input_options: str) -> str:
     """A config tuned for tests: fast polling, objects closed within a fraction of a second.
 
     ``output``: the whole [[outputs]] table(s) instead of the default directory archive.
+    ``server``: the [server] section's body (off by default: tests may run agents side by side).
     """
     options = "\n".join(f'{k} = "{v}"' for k, v in {**INPUT_DEFAULTS, **input_options}.items())
     if output is None:
@@ -121,6 +122,9 @@ shutdown_timeout = "10s"
 
 [cloud]
 metadata = "off"
+
+[server]
+{server}
 
 [[inputs]]
 type = "file"

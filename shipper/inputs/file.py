@@ -328,6 +328,10 @@ class FileInput:
         self.releasing.append(tailed)
         log.info("released %s (rotated or deleted, read to its end)", tailed.path)
 
+    def lag(self) -> dict[str, int]:
+        """Per followed file: bytes known to be in it that not every output confirmed yet."""
+        return {t.path: max(0, t.known_size - t.tracker.committed) for t in list(self.files.values())}
+
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoints(self) -> None:

@@ -9,7 +9,9 @@ The contract, which the runner (shipper.pipeline) relies on:
   It raises :class:`RetryableError` to be called again after a backoff (nothing accepted is
   lost), or :class:`FatalError` naming the batches that can never be delivered (counted as
   dropped with the reason, and confirmed so they do not hold the checkpoint back).
-- ``pending()`` says how many accepted batches still wait for confirmation.
+- ``pending()`` says how many accepted batches still wait for confirmation;
+  ``buffered_bytes()`` and ``failing()`` tell the health server what the output holds and
+  whether its background deliveries fail (both are read from another thread).
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ class Output:
 
     def pending(self) -> int:
         return 0
+
+    def buffered_bytes(self) -> int:
+        """Bytes held for delivery (memory, spool): shown by /metrics."""
+        return 0
+
+    def failing(self) -> tuple[float | None, str | None]:
+        """(monotonic time since when, error) while background deliveries fail; (None, None) otherwise."""
+        return None, None
 
     def close(self) -> None:
         """Release resources; called after the last deliver(force=True)."""

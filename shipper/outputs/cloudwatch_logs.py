@@ -128,7 +128,7 @@ class CloudWatchLogsOutput(Output):
         self.names: dict[tuple[str, str | None], tuple[str, str]] = {}
         self.in_flight: dict[Future, Stream] = {}
         self.open_batches = 0
-        self.buffered_bytes = 0
+        self.held_bytes = 0
         self.last_error = ""
         self.turn = 0
 
@@ -145,7 +145,7 @@ class CloudWatchLogsOutput(Output):
         stream.pending.extend(events)
         size = sum(e.size for e in events)
         stream.pending_bytes += size
-        self.buffered_bytes += size
+        self.held_bytes += size
         if not events:
             self._settle(tally, 0)
 
@@ -227,13 +227,13 @@ class CloudWatchLogsOutput(Output):
             if self.open_batches:
                 raise RetryableError(f"{self.context.name}: events not delivered yet: {self.last_error}")
             return
-        if self.buffered_bytes >= self.settings.buffer_max_bytes:
+        if self.held_bytes >= self.settings.buffer_max_bytes:
             if self.in_flight:  # healthy but behind: wait for a request, then let the reader go on
                 self._reap(block=True)
                 self._start_requests(force)
-            if self.buffered_bytes >= self.settings.buffer_max_bytes:
+            if self.held_bytes >= self.settings.buffer_max_bytes:
                 error = BufferFull if self.in_flight else RetryableError
-                raise error(f"{self.context.name}: {self.buffered_bytes} bytes wait for CloudWatch Logs "
+                raise error(f"{self.context.name}: {self.held_bytes} bytes wait for CloudWatch Logs "
                             f"({self.last_error or 'sending'}); reading waits")
 
     def _start_requests(self, force: bool) -> None:
@@ -363,7 +363,7 @@ class CloudWatchLogsOutput(Output):
 
     def _settle_events(self, events: list[Event]) -> None:
         counts = collections.Counter(e.tally for e in events)
-        self.buffered_bytes -= sum(e.size for e in events)
+        self.held_bytes -= sum(e.size for e in events)
         for tally, count in counts.items():
             self._settle(tally, count)
 
@@ -378,6 +378,13 @@ class CloudWatchLogsOutput(Output):
 
     def pending(self) -> int:
         return self.open_batches
+
+    def buffered_bytes(self) -> int:
+        return self.held_bytes
+
+    def failing(self) -> tuple[float | None, str | None]:
+        since = [s.failing_since for s in list(self.streams.values()) if s.failing_since is not None]
+        return (min(since), self.last_error) if since else (None, None)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

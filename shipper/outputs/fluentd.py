@@ -368,6 +368,14 @@ class FluentdOutput(Output):
     def pending(self) -> int:
         return len(self.queue) + len(self.in_flight)
 
+    def buffered_bytes(self) -> int:
+        return self.queued_bytes + sum(len(c.payload) for c in list(self.in_flight.values()))
+
+    def failing(self) -> tuple[float | None, str | None]:
+        if self.failing_since is None:
+            return None, None
+        return self.failing_since, "; ".join(f"{h}: {h.last_error}" for h in self.hosts if h.last_error) or None
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()

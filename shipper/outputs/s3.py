@@ -232,6 +232,12 @@ class S3Output(Output):
     def pending(self) -> int:
         return self.builder.pending() + len(self.waiting) + len(self.in_flight)
 
+    def buffered_bytes(self) -> int:
+        return self.spooled_bytes + sum(o.size for o in list(self.builder.objects.values()))
+
+    def failing(self) -> tuple[float | None, str | None]:
+        return (self.failing_since, self.last_error) if self.failing_since is not None else (None, None)
+
     def close(self) -> None:
         self.builder.close()
         self.pool.shutdown(wait=False, cancel_futures=True)

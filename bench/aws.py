@@ -133,6 +133,7 @@ log_group = "/bench/{{tag}}"
 endpoint_url = "{endpoint}"
 region = "us-east-1"
 format = "raw"
+flush_interval = "1s"
 """
 
 

@@ -6,7 +6,7 @@
 Issue 5's targets for a server that logs little: under 0.5 % of one core and under 50 MiB peak
 RSS. Each variant is its own agent, run one after the other (never in parallel, the machine has
 2 cores), each after waiting for a quiet machine; the agent's settings are the defaults
-(flush_interval 1s, poll_interval 500ms, checkpoint_interval 1s, upload_interval 60s, gzip level 1,
+(flush_interval 1s, CloudWatch Logs flush_interval 5s, poll_interval 500ms, checkpoint_interval 1s, upload_interval 60s, gzip level 1,
 metrics every 10 s, ...): only data_dir, `[cloud] metadata = "off"`, the paths, the bucket, the
 endpoint and region, the log group and the match patterns are set.
 

@@ -1,4 +1,4 @@
-"""The command line: shipper run | check | status | version."""
+"""The command line: shipper run | check | status | fetch | report | version."""
 
 from __future__ import annotations
 
@@ -162,6 +162,112 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if second["healthy"] else EXIT_FAILED
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    import re
+
+    import orjson
+
+    from shipper.postmortem import fetch
+    from shipper.postmortem.selection import Filter, SelectionError, check_level, parse_time, render
+    from shipper.postmortem.sources import CloudWatchLogsSource, SourceError, open_source
+
+    def warn(text: str) -> None:
+        print(f"shipper fetch: {text}", file=sys.stderr)
+
+    try:
+        now = time.time()
+        since, until = parse_time(args.since, now), parse_time(args.until, now) if args.until else now
+        level = check_level(args.level) if args.level else None
+        grep = re.compile(args.grep) if args.grep else None
+        source = open_source(args.source, args.endpoint_url, args.region)
+    except (SelectionError, SourceError) as exc:
+        warn(str(exc))
+        return EXIT_CONFIG
+    except re.error as exc:
+        warn(f"--grep: not a regular expression: {exc}")
+        return EXIT_CONFIG
+    out = sys.stdout
+    try:
+        if args.list_instances:
+            if isinstance(source, CloudWatchLogsSource):
+                warn("--list-instances reads an archive (s3:// or a directory), not CloudWatch Logs")
+                return EXIT_CONFIG
+            rows = fetch.list_instances(source, since, until, warn)
+            if args.json:
+                out.writelines(orjson.dumps(row).decode() + "\n" for row in rows)
+            else:
+                out.write(f"{'INSTANCE':<22} {'FIRST RECORD':<27} {'LAST RECORD':<27} {'IMAGE':<22} HOST / LABELS\n")
+                for row in rows:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items()))
+                    out.write(f"{row['instance']:<22} {row['first']:<27} {row['last']:<27} {row['image_id'] or '-':<22} "
+                              f"{row['host']} {labels}\n".rstrip() + "\n")
+            return EXIT_OK
+        wanted = Filter(since, until, args.tag or None, grep, level)
+        if isinstance(source, CloudWatchLogsSource):
+            records = fetch.cloudwatch_records(source, since, until, args.instance, args.tag or None)
+        else:
+            refs = fetch.select_objects(source, since, until, args.instance, args.tag or None)
+            if not refs and args.instance:
+                seen = fetch.instances_seen(source, since, until)
+                hint = fetch.suggest(args.instance, seen)
+                warn(f"no records of instance {args.instance} in {source.name} between {args.since} and "
+                     f"{args.until or 'now'}" + (f"; did you mean {', '.join(hint)}?" if hint else
+                                                 f" ({len(seen)} other instances there: --list-instances)"))
+                return EXIT_FAILED
+            records = fetch.merged_records(source, refs, warn, fetch.Progress(len(refs)))
+        for record in fetch.filtered(records, wanted, args.host):
+            if args.json:
+                out.write(orjson.dumps(record).decode())
+            else:
+                out.write(render(record, args.format))
+            out.write("\n")
+        out.flush()
+    except SourceError as exc:
+        warn(str(exc))
+        return EXIT_FAILED
+    except BrokenPipeError:  # piped into head: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from shipper.postmortem import fetch, report
+    from shipper.postmortem.selection import SelectionError, parse_time
+    from shipper.postmortem.sources import CloudWatchLogsSource, SourceError, open_source
+
+    def warn(text: str) -> None:
+        print(f"shipper report: {text}", file=sys.stderr)
+
+    try:
+        now = time.time()
+        since, until = parse_time(args.since, now), parse_time(args.until, now) if args.until else now
+        source = open_source(args.source, args.endpoint_url, args.region)
+        if isinstance(source, CloudWatchLogsSource):
+            records = fetch.cloudwatch_records(source, since, until, args.instance, None)
+        else:
+            refs = fetch.select_objects(source, since, until, args.instance, None)
+            if not refs:
+                hint = fetch.suggest(args.instance or "", fetch.instances_seen(source, since, until))
+                warn(f"no records of instance {args.instance} in {source.name} in that range"
+                     + (f"; did you mean {', '.join(hint)}?" if hint else ""))
+                return EXIT_FAILED
+            records = fetch.merged_records(source, refs, warn, fetch.Progress(len(refs)))
+        from shipper.postmortem.selection import Filter
+
+        wanted = Filter(since, until)
+        summary = report.summarize(fetch.filtered(records, wanted, args.host), args.lines,
+                                   report.bucket_for(until - since))
+    except (SelectionError, SourceError) as exc:
+        warn(str(exc))
+        return EXIT_FAILED
+    page = report.render_html(summary, source.name, since, until)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    print(f"wrote {args.output}: {summary.records:,} records, {len(summary.metrics)} metric series, "
+          f"{len(summary.events)} lifecycle events", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shipper", description="Ship log files and metrics off the box.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +285,33 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="the agent's server (default: http://LISTEN from the config)")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between the two samples for rates")
     status.set_defaults(func=cmd_status)
+    fetch = commands.add_parser("fetch", help="read a (dead) server's records back from S3, a directory or CloudWatch",
+                                description="Print one instance's records of a time range, in time order.")
+    fetch.add_argument("source", help="s3://BUCKET[/PREFIX], a directory archive, or cwl://LOG_GROUP")
+    fetch.add_argument("--instance", help="the instance id (the archive's instance= partition)")
+    fetch.add_argument("--host", help="only records of this host name")
+    fetch.add_argument("--since", default="1d", help="a time (2026-11-29T13:00Z) or a duration ago (2h, 30m); default 1d")
+    fetch.add_argument("--until", help="a time or a duration ago; default now")
+    fetch.add_argument("--tag", action="append", help="only this tag (repeatable)")
+    fetch.add_argument("--grep", help="only records whose message matches this regular expression")
+    fetch.add_argument("--level", help="only records of this level or more severe (parsed level, or journald priority)")
+    fetch.add_argument("--json", action="store_true", help="whole records as JSON lines")
+    fetch.add_argument("--format", help="a line per record, e.g. '{time} {host} {tag} {message}'")
+    fetch.add_argument("--list-instances", action="store_true", help="list the instances seen in the range instead")
+    fetch.add_argument("--endpoint-url", help="an S3/CloudWatch-compatible endpoint")
+    fetch.add_argument("--region", help="the AWS region (default: boto3's)")
+    fetch.set_defaults(func=cmd_fetch)
+    rep = commands.add_parser("report", help="one self-contained HTML page about one (dead) instance")
+    rep.add_argument("source", help="s3://BUCKET[/PREFIX], a directory archive, or cwl://LOG_GROUP")
+    rep.add_argument("--instance", required=True, help="the instance id (or the host name off EC2)")
+    rep.add_argument("--host", help="only records of this host name")
+    rep.add_argument("--since", default="1d", help="a time or a duration ago; default 1d")
+    rep.add_argument("--until", help="a time or a duration ago; default now")
+    rep.add_argument("--lines", type=int, default=50, help="the last lines shown (default 50)")
+    rep.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
+    rep.add_argument("--endpoint-url", help="an S3/CloudWatch-compatible endpoint")
+    rep.add_argument("--region", help="the AWS region (default: boto3's)")
+    rep.set_defaults(func=cmd_report)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return parser

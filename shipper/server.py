@@ -164,11 +164,19 @@ class Server:
     def __init__(self, listen: str, agent_state: Callable[[], AgentState]):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        from prometheus_client.core import CollectorRegistry
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+        exposition: list = []  # prometheus-client, imported at the first scrape (an agent nobody scrapes: -1 MiB)
+        lock = threading.Lock()
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(agent_state))
+        def metrics_text() -> tuple[str, bytes]:
+            with lock:
+                if not exposition:
+                    from prometheus_client.core import CollectorRegistry
+                    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+                    registry = CollectorRegistry(auto_describe=False)
+                    registry.register(_Collector(agent_state))
+                    exposition.extend([CONTENT_TYPE_LATEST, lambda: generate_latest(registry)])
+            return exposition[0], exposition[1]()
 
         class Handler(BaseHTTPRequestHandler):
             server_version = f"shipper/{__version__}"
@@ -180,7 +188,7 @@ class Server:
                         healthy, body = health(agent_state())
                         self._reply(200 if healthy else 503, "application/json", orjson.dumps(body))
                     elif path == "/metrics":
-                        self._reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                        self._reply(200, *metrics_text())
                     elif path == "/status":
                         self._reply(200, "application/json", orjson.dumps(status_document(agent_state())))
                     else:

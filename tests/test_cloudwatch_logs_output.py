@@ -26,6 +26,7 @@ log_group = "/shipper/{{tag}}"
 log_stream = "{{host}}/{{source}}"
 endpoint_url = "{aws.endpoint}"
 region = "us-east-1"
+flush_interval = "100ms"
 {extra}
 """
 

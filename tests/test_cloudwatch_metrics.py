@@ -133,6 +133,7 @@ format = "emf"
 emf_namespace = "Shipper/EMF"
 endpoint_url = "{aws.endpoint}"
 region = "us-east-1"
+flush_interval = "100ms"
 """
     agent = run_agent(metrics_config(workdir / "data", output), env=aws.env)
     sent = lambda: [e for r in aws.proxy.requests(target_contains="PutLogEvents") if r.status == 200  # noqa: E731

@@ -1,0 +1,161 @@
+"""What a person asks for when debugging a dead server, as pure functions: time ranges, archive keys,
+the partitions to list, and which records match.
+
+The archive's keys follow the default layout (shipper.outputs.keys.DEFAULT_KEY), after an
+optional prefix: ``[prefix/]dt=YYYY-MM-DD/hour=HH/instance=ID/TAG/YYYYMMDDTHHMMSSZ-SEQ.ndjson[.gz|.zst]``.
+Only the partitions of the asked hours (and instance) are listed, never the whole bucket.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+KEY = re.compile(r"(?:^|/)dt=(?P<date>\d{4}-\d{2}-\d{2})/hour=(?P<hour>\d{2})/instance=(?P<instance>[^/]+)/"
+                 r"(?P<tag>[^/]+)/(?P<start>\d{8}T\d{6}Z)-(?P<seq>\d+)\.ndjson(?P<ext>\.gz|\.zst)?$")
+LEVELS = ("trace", "debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+_LEVEL_ALIASES = {"warn": "warning", "err": "error", "crit": "critical", "fatal": "critical", "emerg": "emergency",
+                  "panic": "emergency", "severe": "error", "dbg": "debug", "information": "info"}
+# journald priorities (0 emerg .. 7 debug) as levels
+_PRIORITIES = ("emergency", "alert", "critical", "error", "warning", "notice", "info", "debug")
+
+
+class SelectionError(ValueError):
+    """A bad --since/--until/--level value: the message says what is expected."""
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """"2h" (ago), "30m", "1d", an ISO 8601 time ("2026-11-29T13:00:00Z", "2026-11-29 13:00", a date),
+    or epoch seconds -> epoch seconds. Times without a zone are UTC."""
+    now = time.time() if now is None else now
+    relative = _RELATIVE.match(text)
+    if relative:
+        return now - float(relative.group(1)) * _UNITS[relative.group(2)]
+    value = text.strip()
+    if re.fullmatch(r"\d{9,11}(\.\d+)?", value):
+        return float(value)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise SelectionError(f"{text!r} is neither a time (2026-11-29T13:00:00Z) nor a duration ago (2h, 30m, 1d)") \
+            from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def rfc3339(epoch: float) -> str:
+    """The records' own time format, so that time strings compare in time order."""
+    seconds = int(epoch)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((epoch - seconds) * 1e6):06d}Z"
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    key: str
+    instance: str
+    tag: str
+    start: float   # when the object was opened: its first record was read then
+    seq: int
+    size: int = 0
+
+
+def parse_key(key: str, size: int = 0) -> ObjectRef | None:
+    """An archive object's key -> what it holds; None for keys of other layouts (ignored)."""
+    match = KEY.search(key)
+    if match is None:
+        return None
+    start = calendar.timegm(time.strptime(match.group("start"), "%Y%m%dT%H%M%SZ"))
+    return ObjectRef(key, match.group("instance"), match.group("tag"), float(start), int(match.group("seq")), size)
+
+
+def hour_prefixes(since: float, until: float, prefix: str = "", instance: str | None = None) -> list[str]:
+    """The partitions to list for [since, until]: one per hour, narrowed to the instance when known."""
+    base = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    prefixes = []
+    hour = int(since // 3600) * 3600
+    while hour <= until:
+        moment = time.gmtime(hour)
+        partition = f"{base}dt={time.strftime('%Y-%m-%d', moment)}/hour={time.strftime('%H', moment)}/"
+        prefixes.append(partition + (f"instance={instance}/" if instance else ""))
+        hour += 3600
+    return prefixes
+
+
+def may_hold(ref: ObjectRef, since: float, until: float, tags: list[str] | None, max_span: float) -> bool:
+    """Can this object hold records of [since, until]? It starts at ``ref.start`` and spans at most
+    ``max_span`` seconds (the writer's upload_interval; objects never straddle an hour)."""
+    if tags and ref.tag not in tags:
+        return False
+    return ref.start <= until and ref.start + max_span >= since
+
+
+def level_of(record: dict[str, Any]) -> str | None:
+    """A record's severity, from a parsed field (level, severity, lvl) or a journald priority."""
+    fields = record.get("fields") if isinstance(record.get("fields"), dict) else {}
+    for source in (record, fields):
+        for key in ("level", "severity", "lvl", "loglevel", "log_level"):
+            value = source.get(key)
+            if isinstance(value, str) and value:
+                name = value.strip().lower()
+                return _LEVEL_ALIASES.get(name, name)
+    priority = record.get("priority")
+    if isinstance(priority, (int, str)) and str(priority).isdigit() and int(priority) < len(_PRIORITIES):
+        return _PRIORITIES[int(priority)]
+    return None
+
+
+def check_level(level: str) -> str:
+    name = _LEVEL_ALIASES.get(level.lower(), level.lower())
+    if name not in LEVELS:
+        raise SelectionError(f"--level {level!r}: one of {', '.join(LEVELS)}")
+    return name
+
+
+@dataclass
+class Filter:
+    since: float
+    until: float
+    tags: list[str] | None = None
+    grep: re.Pattern | None = None
+    level: str | None = None   # this level and more severe
+
+    def __post_init__(self) -> None:
+        self._since = rfc3339(self.since)
+        self._until = rfc3339(self.until)
+        self._min_rank = LEVELS.index(self.level) if self.level else None
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        stamp = record.get("time", "")
+        if not (self._since <= stamp <= self._until):
+            return False
+        if self.tags and record.get("tag") not in self.tags:
+            return False
+        if self._min_rank is not None:
+            level = level_of(record)
+            if level not in LEVELS or LEVELS.index(level) < self._min_rank:
+                return False
+        if self.grep is not None and not self.grep.search(record.get("message") or ""):
+            return False
+        return True
+
+
+def render(record: dict[str, Any], template: str | None) -> str:
+    """``--format '{time} {host} {message}'``; a missing field renders empty. Without a template:
+    the raw line (the message), like reading the original log."""
+    if template is None:
+        return record.get("message") or ""
+
+    def fill(match: re.Match) -> str:
+        value: Any = record
+        for part in match.group(1).split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return "" if value is None else str(value)
+
+    return re.sub(r"\{([A-Za-z0-9_.]+)\}", fill, template)

@@ -1,0 +1,260 @@
+"""`shipper fetch` and `shipper report`: the selection logic as pure functions, then against archives the
+agent itself filled (a directory, the moto server's S3 and CloudWatch Logs), and the report in a real
+headless Chromium."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import FAST_RETRIES, Agent, agent_config, wait_for
+from imds import FakeImds
+from shipper.postmortem.report import reduce_series, summarize, svg_chart
+from shipper.postmortem.selection import (Filter, SelectionError, check_level, hour_prefixes, level_of, parse_key,
+                                          parse_time, render)
+
+HOST = socket.gethostname()
+
+
+# ---------------------------------------------------------------- pure selection logic
+
+def test_parse_time_takes_durations_ago_iso_times_dates_and_epochs():
+    now = 1_764_417_600.0  # 2025-11-29T12:00:00Z
+    assert parse_time("2h", now) == now - 7200
+    assert parse_time("30m", now) == now - 1800
+    assert parse_time("1d", now) == now - 86400
+    assert parse_time("2025-11-29T10:00:00Z", now) == now - 7200
+    assert parse_time("2025-11-29 10:00", now) == now - 7200  # no zone: UTC
+    assert parse_time("2025-11-29T11:00:00+01:00", now) == now - 7200
+    assert parse_time("2025-11-29", now) == now - 12 * 3600
+    assert parse_time("1764410400", now) == now - 7200
+    with pytest.raises(SelectionError, match="neither a time"):
+        parse_time("yesterday", now)
+    with pytest.raises(SelectionError, match="one of trace, debug"):
+        check_level("loud")
+    assert check_level("WARN") == "warning"
+
+
+def test_keys_are_parsed_and_only_the_asked_hours_are_listed():
+    ref = parse_key("fleet/dt=2026-11-29/hour=23/instance=i-0abc/app/20261129T235910Z-000042.ndjson.gz", 10)
+    assert (ref.instance, ref.tag, ref.seq, ref.size) == ("i-0abc", "app", 42, 10)
+    assert ref.start == parse_time("2026-11-29T23:59:10Z")
+    assert parse_key("fleet/other/layout.json") is None
+    assert parse_key("dt=2026-11-29/hour=23/instance=i-0abc/app/20261129T235910Z-000042.ndjson").tag == "app"
+    since, until = parse_time("2026-11-29T22:30:00Z"), parse_time("2026-11-30T00:10:00Z")
+    assert hour_prefixes(since, until, "fleet/", "i-0abc") == [
+        "fleet/dt=2026-11-29/hour=22/instance=i-0abc/", "fleet/dt=2026-11-29/hour=23/instance=i-0abc/",
+        "fleet/dt=2026-11-30/hour=00/instance=i-0abc/"]
+    assert hour_prefixes(since, since) == ["dt=2026-11-29/hour=22/"]
+
+
+def test_filter_by_time_tag_level_and_grep_and_render_a_format():
+    wanted = Filter(parse_time("2026-11-29T10:00:00Z"), parse_time("2026-11-29T11:00:00Z"), ["app"],
+                    re.compile("timeout"), "warning")
+    base = {"time": "2026-11-29T10:30:00.000000Z", "tag": "app", "message": "db timeout", "level": "ERROR"}
+    assert wanted.matches(base)
+    assert not wanted.matches(base | {"time": "2026-11-29T11:00:01.000000Z"})
+    assert not wanted.matches(base | {"tag": "syslog"})
+    assert not wanted.matches(base | {"level": "info"})
+    assert not wanted.matches(base | {"message": "all fine"})
+    assert wanted.matches(base | {"level": None, "fields": {"severity": "warn"}})
+    assert level_of({"priority": 3}) == "error" and level_of({"message": "x"}) is None
+    assert render(base | {"labels": {"app": "web"}}, "{time} {labels.app} {missing} {message}") == \
+        "2026-11-29T10:30:00.000000Z web  db timeout"
+    assert render(base, None) == "db timeout"
+
+
+def test_series_are_reduced_to_min_and_max_per_column_and_charts_draw_events():
+    points = [(float(t), float(t % 97)) for t in range(86_400 // 10 * 10) if t % 10 == 0]  # a day at 10 s
+    reduced = reduce_series(points, 0.0, 86_400.0, 800)
+    assert len(reduced) <= 1600 and max(v for _, v in reduced) == 96 and min(v for _, v in reduced) == 0
+    assert reduced == sorted(reduced)
+    svg = svg_chart("CPU", "%", [("total", points)], 0.0, 86_400.0, [(43_200.0, "termination notice")])
+    assert svg.count("<polyline") == 1 and "termination notice" in svg and svg.startswith("<svg")
+    assert "no data" in svg_chart("Load", "", [], 0.0, 60.0, [])
+
+
+# ---------------------------------------------------------------- against real archives
+
+def shipper(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shipper", *args], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def fill_archive(workdir: Path, output: str | None = None, env: dict | None = None, lines: int = 300,
+                 metrics: bool = True) -> None:
+    """Run the agent on two files (tags app and web) and metrics every second; stop it once all is shipped."""
+    metrics_input = '[[inputs]]\ntype = "metrics"\ninterval = "1s"\n' if metrics else ""
+    config = agent_config(workdir / "logs", workdir / "data", output=output, agent_extra=FAST_RETRIES,
+                          pattern="app.log", input_extra=f'\n[[inputs]]\ntype = "file"\ntag = "web"\n'
+                                                         f'paths = ["{workdir}/logs/web.log"]\npoll_interval = "50ms"\n'
+                                                         f'{metrics_input}')
+    agent = Agent(workdir, config, env=env).start()
+    try:
+        for n in range(lines):
+            name = "app.log" if n % 3 else "web.log"
+            with open(workdir / "logs" / name, "a") as handle:
+                handle.write(f"seq={n:05d} {'ERROR' if n % 50 == 0 else 'INFO'} request {n}\n")
+            if n % 50 == 0:
+                time.sleep(0.3)
+        time.sleep(2.5)  # a few metrics samples
+        assert agent.stop() == 0
+    finally:
+        agent.ensure_stopped()
+
+
+def seqs(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"seq=(\d+)", text)]
+
+
+def test_fetch_from_a_directory_archive_returns_exactly_the_lines_in_time_order(workdir):
+    fill_archive(workdir)
+    archive = str(workdir / "data" / "archive")
+    result = shipper("fetch", archive, "--instance", HOST, "--since", "10m")
+    assert result.returncode == 0, result.stderr
+    assert sorted(seqs(result.stdout)) == list(range(300))  # every line, once
+    assert [s for s in seqs(result.stdout) if s % 3] == [s for s in range(300) if s % 3]  # app: in written order
+    times = [orjson.loads(line)["time"] for line in shipper("fetch", archive, "--json").stdout.splitlines()]
+    assert times == sorted(times) and len(times) > 300  # metrics samples too, merged in time order
+
+    web = shipper("fetch", archive, "--tag", "web", "--format", "{tag} {host} {message}").stdout.splitlines()
+    assert web and all(line.startswith(f"web {HOST} seq=") for line in web) and len(web) == 100
+    errors = shipper("fetch", archive, "--grep", "request (0|50|100)$").stdout
+    assert seqs(errors) == [0, 50, 100]
+    assert seqs(shipper("fetch", archive, "--level", "error").stdout) == []  # no parser: no level field
+
+    listing = shipper("fetch", archive, "--list-instances", "--since", "1h", "--json")
+    rows = [orjson.loads(line) for line in listing.stdout.splitlines()]
+    assert [row["instance"] for row in rows] == [HOST] and rows[0]["first"] < rows[0]["last"]
+    assert set(rows[0]["tags"]) == {"app", "web", "metrics"}
+
+    unknown = shipper("fetch", archive, "--instance", HOST[:-1] + "x")
+    assert unknown.returncode == 1 and f"did you mean {HOST}" in unknown.stderr
+    old = shipper("fetch", archive, "--until", "1h")
+    assert old.returncode == 0 and old.stdout == ""
+
+
+def test_a_corrupt_object_is_reported_and_skipped_and_the_rest_printed(workdir):
+    fill_archive(workdir, metrics=False)
+    archive = workdir / "data" / "archive"
+    objects = sorted(archive.rglob("*.ndjson.gz"))
+    victim = next(o for o in objects if "/web/" in str(o))
+    lost = seqs(gzip.decompress(victim.read_bytes()).decode())
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # truncated, as by a disk that filled up
+    result = shipper("fetch", str(archive))
+    assert result.returncode == 0
+    assert f"skipped {victim.relative_to(archive)}: cannot decompress" in result.stderr
+    assert sorted(seqs(result.stdout)) == sorted(set(range(300)) - set(lost)) and lost
+
+
+def test_fetch_from_s3_and_from_cloudwatch_logs_on_the_moto_server(workdir, aws):
+    aws.s3.create_bucket(Bucket="fleet")
+    output = f"""
+[[outputs]]
+type = "s3"
+bucket = "fleet"
+prefix = "prod"
+region = "us-east-1"
+endpoint_url = "{aws.endpoint}"
+upload_interval = "1s"
+
+[[outputs]]
+type = "cloudwatch_logs"
+match = ["app", "web"]
+log_group = "/fleet/prod"
+format = "json"
+flush_interval = "100ms"
+region = "us-east-1"
+endpoint_url = "{aws.endpoint}"
+"""
+    fill_archive(workdir, output=output, env=aws.env, metrics=False)
+    env_args = ["--endpoint-url", aws.endpoint, "--region", "us-east-1"]
+    from_s3 = shipper("fetch", "s3://fleet/prod", "--instance", HOST, *env_args, env=aws.env)
+    assert from_s3.returncode == 0, from_s3.stderr
+    assert sorted(seqs(from_s3.stdout)) == list(range(300))
+    assert [s for s in seqs(from_s3.stdout) if s % 3] == [s for s in range(300) if s % 3]
+    from_cwl = shipper("fetch", "cwl:///fleet/prod", "--instance", HOST, "--tag", "app", *env_args, env=aws.env)
+    assert from_cwl.returncode == 0, from_cwl.stderr
+    assert seqs(from_cwl.stdout) == [s for s in range(300) if s % 3]
+    missing = shipper("fetch", "s3://no-such-bucket", *env_args, env=aws.env)
+    assert missing.returncode == 1 and "cannot list s3://no-such-bucket" in missing.stderr
+
+
+def png_is_not_blank(data: bytes) -> bool:
+    """A PNG's pixels are not one flat colour (decoded with zlib; filters leave variety in place)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, idat = 8, b""
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        if kind == b"IDAT":
+            idat += data[position + 8:position + 8 + length]
+        position += 12 + length
+    pixels = zlib.decompress(idat)
+    return len(set(pixels)) > 20
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed (.ci/run installs it)")
+def test_the_report_of_a_terminated_instance_renders_in_chromium_with_its_charts_and_the_notice(workdir, tmp_path):
+    with FakeImds() as imds:
+        config = agent_config(workdir / "logs", workdir / "data", agent_extra=FAST_RETRIES,
+                              input_extra='\n[[inputs]]\ntype = "metrics"\ninterval = "1s"\n')
+        config = config.replace('metadata = "off"', f'metadata = "ec2"\nimds_endpoint = "{imds.endpoint}"\n'
+                                                      f'termination_check_interval = "300ms"')
+        agent = Agent(workdir, config).start()
+        try:
+            for n in range(200):
+                with open(workdir / "logs" / "app.log", "a") as handle:
+                    handle.write(f"seq={n:05d} {'ERROR' if n % 20 == 0 else 'INFO'} working\n")
+                time.sleep(0.01)
+            time.sleep(2)
+            imds.metadata["meta-data/spot/instance-action"] = '{"action": "terminate", "time": "2026-11-29T20:00:00Z"}'
+            wait_for(lambda: "termination notice (spot)" in agent.log(), message="the notice")
+            time.sleep(1.5)
+            assert agent.stop() == 0
+        finally:
+            agent.ensure_stopped()
+    page = tmp_path / "report.html"
+    result = shipper("report", str(workdir / "data" / "archive"), "--instance", "i-0abc1234def567890",
+                     "--since", "10m", "-o", str(page))
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert "termination notice (spot): terminate at 2026-11-29T20:00:00Z" in text
+    assert "ami-0def1234abc567890" in text and "seq=00199 INFO working" in text
+    assert "<script" not in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+
+    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--window-size=1000,1600", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*chromium, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count('<svg class="chart"') == 8 and "termination notice" in dom.stdout
+    assert "<polyline" in dom.stdout  # the CPU, memory and load lines are drawn
+    shot = tmp_path / "report.png"
+    capture = subprocess.run([*chromium, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True,
+                             timeout=120)
+    assert capture.returncode == 0 and shot.exists(), capture.stderr[-2000:]
+    assert png_is_not_blank(shot.read_bytes())
+
+
+def test_a_day_of_metrics_summarizes_into_charts_of_bounded_size():
+    start = parse_time("2026-11-28T00:00:00Z")
+    records = ({"time": f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(start + i * 10))}.000000Z",
+                "tag": "metrics", "instance_id": "i-1",
+                "metrics": {"cpu.percent": float(i % 100), "disk.used_percent": {"/": 50.0}}}
+               for i in range(8640))
+    summary = summarize(records)
+    assert len(summary.metrics["cpu.percent"]) == 8640 and summary.metrics["disk.used_percent[/]"]
+    chart = svg_chart("CPU", "%", [("total", summary.metrics["cpu.percent"])], start, start + 86_400, [])
+    assert len(chart) < 200_000  # a day of samples stays a light page

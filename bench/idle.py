@@ -588,13 +588,14 @@ def mark(stage):
     print(json.dumps({"stage": stage, **values, "modules": len(sys.modules)}), flush=True)
 
 mark("python (interpreter only)")
-from shipper import cli
-cli._tune_allocator()
+from shipper import memory
+memory.tune_allocator()
 import orjson, psutil, watchdog.observers
 mark("+ orjson, psutil, watchdog (libraries every agent loads)")
 import shipper.pipeline, shipper.config, shipper.inputs.file, shipper.inputs.metrics, shipper.outputs.directory
-import shipper.outputs.s3, shipper.outputs.cloudwatch_logs, shipper.outputs.cloudwatch_metrics
-mark("+ the rest of shipper's modules (inputs, outputs; no boto3): an agent without AWS outputs, off EC2")
+import shipper.outputs.s3, shipper.outputs.cloudwatch_logs, shipper.outputs.cloudwatch_metrics, shipper.service
+import http.server
+mark("+ the rest of shipper's modules (inputs, outputs, service, health server; no boto3): an agent without AWS outputs, off EC2")
 import urllib.request
 mark("+ urllib.request (ssl, http.client: the IMDS client's, on EC2; boto3 imports it too)")
 import boto3
@@ -609,7 +610,7 @@ from boto3.s3.transfer import TransferConfig
 mark("+ boto3.s3.transfer (s3transfer)")
 aws.make_client("s3", settings, {}, attempts=3, connections=8)
 mark("+ S3 client")
-cli._release_startup_memory()
+memory.trim_heap(collect=True)
 mark("after gc.collect() + malloc_trim(0) (as the agent after start-up)")
 """
 

@@ -11,6 +11,7 @@ import time
 from shipper import __version__
 from shipper.config import DEFAULT_CONFIG_PATH, Config, load, target_of
 from shipper.errors import ConfigError
+from shipper.memory import trim_heap, tune_allocator
 
 log = logging.getLogger("shipper")
 
@@ -21,40 +22,6 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
-
-
-def _tune_allocator() -> None:
-    """Keep glibc from handing every large buffer back to the kernel.
-
-    The hot path makes a few MiB-sized temporaries per chunk; by default glibc serves each from
-    a fresh mmap and unmaps it on free, so every page is faulted in again on the next chunk.
-    Serving them from the heap (and trimming only past 32 MiB free) removes most page faults
-    (bench/: shipper's minor faults per run). No-op where glibc is not the allocator.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-        libc.mallopt(m_mmap_threshold, 16 * 1024 * 1024)
-        libc.mallopt(m_trim_threshold, 32 * 1024 * 1024)
-        libc.mallopt(m_arena_max, 2)
-    except (OSError, AttributeError):
-        pass
-
-
-def _release_startup_memory() -> None:
-    """Start-up (config, boto3's models and endpoint rules) leaves freed memory in the heap; the
-    allocator keeps up to 32 MiB of it (see _tune_allocator) unless told to give it back once."""
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _load_or_report(path: str | None) -> Config | None:
@@ -115,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     _setup_logging(config.agent.log_level)
-    _tune_allocator()
+    tune_allocator()
     from shipper.service import Service
 
     try:
@@ -127,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILED
-    _release_startup_memory()
+    trim_heap(collect=True)  # start-up (config, boto3's models) leaves freed memory in the heap
     code = service.run()
     # Exit now: an upload thread stuck in a socket call past the deadline must not hold the
     # process (the interpreter would otherwise wait for every worker thread).
@@ -168,15 +135,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     import orjson
 
     from shipper.postmortem import fetch
-    from shipper.postmortem.selection import Filter, SelectionError, check_level, parse_time, render
+    from shipper.postmortem.selection import Filter, SelectionError, check_level, render, time_range
     from shipper.postmortem.sources import CloudWatchLogsSource, SourceError, open_source
 
     def warn(text: str) -> None:
         print(f"shipper fetch: {text}", file=sys.stderr)
 
     try:
-        now = time.time()
-        since, until = parse_time(args.since, now), parse_time(args.until, now) if args.until else now
+        since, until = time_range(args.since, args.until)
         level = check_level(args.level) if args.level else None
         grep = re.compile(args.grep) if args.grep else None
         source = open_source(args.source, args.endpoint_url, args.region)
@@ -203,18 +169,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                               f"{row['host']} {labels}\n".rstrip() + "\n")
             return EXIT_OK
         wanted = Filter(since, until, args.tag or None, grep, level)
-        if isinstance(source, CloudWatchLogsSource):
-            records = fetch.cloudwatch_records(source, since, until, args.instance, args.tag or None)
-        else:
-            refs = fetch.select_objects(source, since, until, args.instance, args.tag or None)
-            if not refs and args.instance:
-                seen = fetch.instances_seen(source, since, until)
-                hint = fetch.suggest(args.instance, seen)
-                warn(f"no records of instance {args.instance} in {source.name} between {args.since} and "
-                     f"{args.until or 'now'}" + (f"; did you mean {', '.join(hint)}?" if hint else
-                                                 f" ({len(seen)} other instances there: --list-instances)"))
-                return EXIT_FAILED
-            records = fetch.merged_records(source, refs, warn, fetch.Progress(len(refs)))
+        records = fetch.records_of(source, since, until, args.instance, args.tag or None, warn)
+        if records is None:
+            return EXIT_FAILED
         for record in fetch.filtered(records, wanted, args.host):
             if args.json:
                 out.write(orjson.dumps(record).decode())
@@ -232,28 +189,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from shipper.postmortem import fetch, report
-    from shipper.postmortem.selection import SelectionError, parse_time
-    from shipper.postmortem.sources import CloudWatchLogsSource, SourceError, open_source
+    from shipper.postmortem.selection import Filter, SelectionError, time_range
+    from shipper.postmortem.sources import SourceError, open_source
 
     def warn(text: str) -> None:
         print(f"shipper report: {text}", file=sys.stderr)
 
     try:
-        now = time.time()
-        since, until = parse_time(args.since, now), parse_time(args.until, now) if args.until else now
+        since, until = time_range(args.since, args.until)
         source = open_source(args.source, args.endpoint_url, args.region)
-        if isinstance(source, CloudWatchLogsSource):
-            records = fetch.cloudwatch_records(source, since, until, args.instance, None)
-        else:
-            refs = fetch.select_objects(source, since, until, args.instance, None)
-            if not refs:
-                hint = fetch.suggest(args.instance or "", fetch.instances_seen(source, since, until))
-                warn(f"no records of instance {args.instance} in {source.name} in that range"
-                     + (f"; did you mean {', '.join(hint)}?" if hint else ""))
-                return EXIT_FAILED
-            records = fetch.merged_records(source, refs, warn, fetch.Progress(len(refs)))
-        from shipper.postmortem.selection import Filter
-
+        records = fetch.records_of(source, since, until, args.instance, None, warn)
+        if records is None:
+            return EXIT_FAILED
         wanted = Filter(since, until)
         summary = report.summarize(fetch.filtered(records, wanted, args.host), args.lines,
                                    report.bucket_for(until - since))

@@ -514,3 +514,18 @@ def aws(moto_server):
     proxy = FaultProxy(moto_server.url)
     yield Aws(proxy, moto_server)
     proxy.stop()
+
+
+def s3_output(endpoint: str, bucket: str, prefix: str = "shipper", upload_interval: str = "300ms",
+              extra: str = "") -> str:
+    """An [[outputs]] table of the S3 output writing to ``bucket`` on the moto server at ``endpoint``."""
+    return f"""
+[[outputs]]
+type = "s3"
+bucket = "{bucket}"
+prefix = "{prefix}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+upload_interval = "{upload_interval}"
+{extra}
+"""

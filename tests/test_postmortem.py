@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from aws import s3_output
 from conftest import FAST_RETRIES, Agent, agent_config, wait_for
 from imds import FakeImds
 from shipper.postmortem.report import reduce_series, summarize, svg_chart
@@ -162,15 +163,7 @@ def test_a_corrupt_object_is_reported_and_skipped_and_the_rest_printed(workdir):
 
 def test_fetch_from_s3_and_from_cloudwatch_logs_on_the_moto_server(workdir, aws):
     aws.s3.create_bucket(Bucket="fleet")
-    output = f"""
-[[outputs]]
-type = "s3"
-bucket = "fleet"
-prefix = "prod"
-region = "us-east-1"
-endpoint_url = "{aws.endpoint}"
-upload_interval = "1s"
-
+    output = s3_output(aws.endpoint, "fleet", prefix="prod", upload_interval="1s") + f"""
 [[outputs]]
 type = "cloudwatch_logs"
 match = ["app", "web"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 from aws import s3_complete_multipart, s3_put
+from aws import s3_output as harness_s3_output
 from backports.zstd import decompress as zstd_decompress
 from conftest import FAST_RETRIES, agent_config, seq_lines, seqs, wait_for
 
@@ -20,16 +21,7 @@ KEY = re.compile(r"^shipper/dt=\d{4}-\d\d-\d\d/hour=\d\d/instance=[^/]+/app/\d{8
 
 
 def s3_output(aws, extra: str = "", upload_interval: str = "300ms") -> str:
-    return f"""
-[[outputs]]
-type = "s3"
-bucket = "{BUCKET}"
-prefix = "shipper"
-endpoint_url = "{aws.endpoint}"
-region = "us-east-1"
-upload_interval = "{upload_interval}"
-{extra}
-"""
+    return harness_s3_output(aws.endpoint, BUCKET, upload_interval=upload_interval, extra=extra)
 
 
 def start(run_agent, workdir: Path, aws, extra: str = "", upload_interval: str = "300ms", **options):

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aws import free_port
+from aws import free_port, s3_output
 from conftest import FAST_RETRIES, Agent, agent_config, messages, read_archive, wait_for
 from imds import FakeImds
 from shipper.outputs.base import Output, OutputContext
@@ -210,14 +210,7 @@ def test_status_says_clearly_when_no_agent_answers(workdir):
 def test_healthz_turns_503_while_s3_is_down_and_200_again_after(workdir, aws):
     aws.s3.create_bucket(Bucket="health")
     port = free_port()
-    output = f"""
-[[outputs]]
-type = "s3"
-bucket = "health"
-region = "us-east-1"
-endpoint_url = "{aws.endpoint}"
-upload_interval = "200ms"
-"""
+    output = s3_output(aws.endpoint, "health", upload_interval="200ms")
     config = agent_config(workdir / "logs", workdir / "data", output=output, agent_extra=FAST_RETRIES,
                           server=f'listen = "127.0.0.1:{port}"\nunhealthy_after = "1s"')
     agent = start_agent(workdir, config, env=aws.env)
@@ -272,14 +265,7 @@ def test_sighup_with_a_broken_config_keeps_the_running_pipeline_then_a_good_one_
 
 def test_a_spot_termination_notice_ships_the_open_s3_object_within_seconds(workdir, aws):
     aws.s3.create_bucket(Bucket="doomed")
-    output = f"""
-[[outputs]]
-type = "s3"
-bucket = "doomed"
-region = "us-east-1"
-endpoint_url = "{aws.endpoint}"
-upload_interval = "1h"
-"""
+    output = s3_output(aws.endpoint, "doomed", upload_interval="1h")
     with FakeImds() as imds:
         config = agent_config(workdir / "logs", workdir / "data", output=output, agent_extra=FAST_RETRIES)
         config = config.replace('metadata = "off"', f'metadata = "ec2"\nimds_endpoint = "{imds.endpoint}"\n'

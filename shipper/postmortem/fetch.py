@@ -164,6 +164,23 @@ def suggest(instance: str, known: Iterable[str]) -> list[str]:
     return close or [k for k in known if instance.lower() in k.lower()][:3]
 
 
+def records_of(source, since: float, until: float, instance: str | None, tags: list[str] | None,
+               warn: Callable[[str], None]) -> Iterator[dict[str, Any]] | None:
+    """The records of the range from any source, in time order; None (said through ``warn``, with the
+    nearest names) when an archive holds nothing of that instance in the range."""
+    if isinstance(source, CloudWatchLogsSource):
+        return cloudwatch_records(source, since, until, instance, tags)
+    refs = select_objects(source, since, until, instance, tags)
+    if not refs and instance:
+        seen = instances_seen(source, since, until)
+        hint = suggest(instance, seen)
+        warn(f"no records of instance {instance} in {source.name} between {rfc3339(since)} and {rfc3339(until)}"
+             + (f"; did you mean {', '.join(hint)}?" if hint else f" ({len(seen)} other instances there: "
+                                                                  f"--list-instances)"))
+        return None
+    return merged_records(source, refs, warn, Progress(len(refs)))
+
+
 def filtered(records: Iterable[dict[str, Any]], wanted: Filter, host: str | None) -> Iterator[dict[str, Any]]:
     for record in records:
         if host is not None and record.get("host") != host:

@@ -50,6 +50,12 @@ def parse_time(text: str, now: float | None = None) -> float:
     return moment.timestamp()
 
 
+def time_range(since: str, until: str | None) -> tuple[float, float]:
+    """--since and --until (default: now) as epoch seconds."""
+    now = time.time()
+    return parse_time(since, now), parse_time(until, now) if until else now
+
+
 def rfc3339(epoch: float) -> str:
     """The records' own time format, so that time strings compare in time order."""
     seconds = int(epoch)

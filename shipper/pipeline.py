@@ -244,7 +244,7 @@ def _cost(batch: Batch) -> int:
 class Tripwire(threading.Event):
     """An Event that also sets ``also`` (the main thread's wake-up), so nobody polls for it."""
 
-    def __init__(self, also: threading.Event | None = None):
+    def __init__(self, also=None):  # anything with set(): a threading.Event, service.Wakeup
         super().__init__()
         self.also = also
 
@@ -256,7 +256,7 @@ class Tripwire(threading.Event):
 
 class Pipeline:
     def __init__(self, config: Config, identity: dict[str, str] | None = None,
-                 wakeup: threading.Event | None = None, stats: Stats | None = None):
+                 wakeup=None, stats: Stats | None = None):
         """``wakeup``: set when a part of the pipeline failed (the agent then stops).
         ``stats``: the counters to add to (kept across reloads)."""
         self.config = config

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import socket
 import threading
 import time
 
@@ -28,13 +30,46 @@ log = logging.getLogger("shipper")
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
+class Wakeup:
+    """What the main thread sleeps on: set by a signal or by another thread, never polled.
+
+    A signal is often delivered to another thread than the main one (the kernel picks any
+    thread that does not block it); Python then runs its handler only when the main thread next
+    runs Python code, which a thread blocked on a lock may not do for a minute. With
+    ``signal.set_wakeup_fd`` the signal also writes a byte to a socket the main thread waits on.
+    """
+
+    def __init__(self):
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+
+    def catch_signals(self) -> int:
+        """Signals wake the main thread too (call from the main thread); returns the previous fd."""
+        return signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+
+    def set(self) -> None:
+        try:
+            self._write.send(b"\0")
+        except (BlockingIOError, OSError):  # full: a wake-up is pending anyway
+            pass
+
+    def wait(self, timeout: float) -> None:
+        select.select([self._read], [], [], timeout)
+        try:
+            while self._read.recv(4096):  # the pending signal handlers run before this returns
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
 class Service:
     def __init__(self, config: Config, config_path: str | None, environ: dict[str, str] | None = None):
         self.config = config
         self.config_path = config_path
         self.stats = Stats()
         self.started = time.time()
-        self.wakeup = threading.Event()
+        self.wakeup = Wakeup()
         self.stop_requested = False
         self.reload_requested = False
         self.reloads = 0
@@ -77,6 +112,7 @@ class Service:
     # ------------------------------------------------------------ running
 
     def run(self) -> int:
+        self.wakeup.catch_signals()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_reload_signal)
@@ -90,7 +126,6 @@ class Service:
             self.watchdog.start()
         while True:
             self.wakeup.wait(60)
-            self.wakeup.clear()
             if self.stop_requested or self.pipeline.failed.is_set():
                 break
             if self.reload_requested:

@@ -335,3 +335,30 @@ def test_listen_is_checked_with_the_config():
     with pytest.raises(ConfigError) as caught:
         load_text(text, "t.toml")
     assert "server.listen: 'localhost' is not host:port" in str(caught.value)
+
+
+def test_a_signal_received_by_another_thread_wakes_the_main_thread_at_once():
+    """The kernel may deliver SIGTERM to any thread; the main thread must not sleep on until a timeout."""
+    from shipper.service import Wakeup
+
+    wakeup = Wakeup()
+    handled = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: handled.append(signum))
+    old_fd = wakeup.catch_signals() or -1
+    try:
+        ready = threading.Event()
+        other = threading.Thread(target=lambda: (ready.set(), time.sleep(2)))
+        other.start()
+        ready.wait()
+        threading.Timer(0.2, lambda: signal.pthread_kill(other.ident, signal.SIGUSR1)).start()
+        started = time.monotonic()
+        wakeup.wait(30)
+        assert time.monotonic() - started < 10 and handled == [signal.SIGUSR1]  # not the 30 s timeout
+        threading.Timer(0.1, wakeup.set).start()  # and a set() from any thread
+        started = time.monotonic()
+        wakeup.wait(30)
+        assert time.monotonic() - started < 10
+        other.join()
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGUSR1, previous)

@@ -62,7 +62,7 @@ def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
                    progress: Progress | None = None) -> Iterator[dict[str, Any]]:
     """Every record of ``refs`` in time order; a corrupt object is reported through ``warn`` and skipped."""
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="fetch")
-    waiting: collections.deque[tuple[ObjectRef, Future]] = collections.deque()
+    waiting: collections.deque[tuple[ObjectRef, Future, str]] = collections.deque()  # + its start, as a record time
     upcoming = iter(refs)
 
     def fill() -> None:
@@ -70,7 +70,7 @@ def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
             ref = next(upcoming, None)
             if ref is None:
                 return
-            waiting.append((ref, pool.submit(archive.read, ref)))
+            waiting.append((ref, pool.submit(archive.read, ref), rfc3339(ref.start)))
 
     heap: list[tuple[str, int, int, dict, Iterator[dict]]] = []
     counter = 0
@@ -87,8 +87,8 @@ def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
         order = 0
         while waiting or heap:
             # Open every object that starts before the next record to print.
-            while waiting and (not heap or rfc3339(waiting[0][0].start) <= heap[0][0]):
-                ref, future = waiting.popleft()
+            while waiting and (not heap or waiting[0][2] <= heap[0][0]):
+                ref, future, _ = waiting.popleft()
                 fill()
                 order += 1
                 try:

@@ -230,8 +230,12 @@ def test_the_report_of_a_terminated_instance_renders_in_chromium_with_its_charts
 
     chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--no-first-run", "--window-size=1000,1600", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*chromium, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*chromium, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
+    page_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line
+                   or "Failed to load resource" in line]
+    assert page_errors == []  # nothing the page asked for failed (it asks for nothing)
     assert dom.stdout.count('<svg class="chart"') == 8 and "termination notice" in dom.stdout
     assert "<polyline" in dom.stdout  # the CPU, memory and load lines are drawn
     shot = tmp_path / "report.png"

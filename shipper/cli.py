@@ -215,6 +215,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shipper", description="Ship log files and metrics off the box.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -230,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the running agent's inputs, outputs, rates and health")
     status.add_argument("-c", "--config", help=config_help + "; its [server] listen is asked")
     status.add_argument("--url", help="the agent's server (default: http://LISTEN from the config)")
-    status.add_argument("--interval", type=float, default=1.0, help="seconds between the two samples for rates")
+    status.add_argument("--interval", type=_positive_seconds, default=1.0,
+                        help="seconds between the two samples for rates")
     status.set_defaults(func=cmd_status)
     fetch = commands.add_parser("fetch", help="read a (dead) server's records back from S3, a directory or CloudWatch",
                                 description="Print one instance's records of a time range, in time order.")

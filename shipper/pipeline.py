@@ -65,7 +65,7 @@ class OutputRunner(threading.Thread):
         self.failing_since: float | None = None
         self.last_error: str | None = None
         self.woken = False
-        self.urgent = False  # flush-now (the instance is going away): force a delivery every tick
+        self.urgent = False  # flush-now (the instance is going away): everything held is due every tick
         self.heartbeat = time.monotonic()  # the last time this thread made progress (systemd watchdog)
         # Batches this output accepted and has not confirmed: their OutputAck -> the read time.
         self.unsent: dict[OutputAck, float] = {}
@@ -172,8 +172,10 @@ class OutputRunner(threading.Thread):
                 next_flush = now + self.flush_interval
                 flushing = True
             # One delivery per batch: an output that is full (BufferFull) holds the rest in the queue.
+            if self.urgent and tick and not draining:
+                self.output.hurry()  # close objects, send partial requests: never wait or force here
             if batch is not None or woken or tick or draining:
-                self._deliver(force=draining or (self.urgent and tick))
+                self._deliver(force=draining)
                 forced = draining
             if draining and (self.output.pending() == 0 or self._past_deadline()):
                 return
@@ -284,6 +286,7 @@ class Pipeline:
         self._routes: dict[str, list[OutputRunner]] = {}
         self._unrouted_reported: set[str] = set()
         self._input_threads: list[threading.Thread] = []
+        self._stopped: bool | None = None
 
     # ------------------------------------------------------------ routing
 
@@ -337,8 +340,21 @@ class Pipeline:
             log.exception("input %s failed; stopping the agent", getattr(source, "tag", source))
             self.failed.set()
 
+    def wait_closed(self, timeout: float) -> None:
+        """After stop(): wait for the outputs' background work (uploads) still running, at most ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            runner.output.wait_closed(max(0.0, deadline - time.monotonic()))
+
     def stop(self) -> bool:
-        """Stop reading, deliver what was read, save checkpoints. True when everything was delivered."""
+        """Stop reading, deliver what was read, save checkpoints. True when everything was delivered.
+        A second call returns the first one's answer."""
+        if self._stopped is not None:
+            return self._stopped
+        self._stopped = self._stop()
+        return self._stopped
+
+    def _stop(self) -> bool:
         timeout = self.config.agent.shutdown_timeout
         deadline = time.monotonic() + timeout
         for runner in self.runners:

@@ -180,6 +180,7 @@ class Server:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = f"shipper/{__version__}"
+            timeout = 10  # a client that connects and says nothing does not hold a thread forever
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
@@ -193,9 +194,14 @@ class Server:
                         self._reply(200, "application/json", orjson.dumps(status_document(agent_state())))
                     else:
                         self._reply(404, "text/plain", b"not found: try /healthz, /metrics or /status\n")
+                except OSError:  # the client went away
+                    pass
                 except Exception:  # a bug must not kill the server thread, nor go unseen
                     log.exception("server: %s failed", path)
-                    self._reply(500, "text/plain", b"internal error (see the agent's log)\n")
+                    try:
+                        self._reply(500, "text/plain", b"internal error (see the agent's log)\n")
+                    except OSError:
+                        pass
 
             def _reply(self, code: int, content_type: str, body: bytes) -> None:
                 self.send_response(code)

@@ -75,6 +75,7 @@ class Service:
         self.reloads = 0
         self.lifecycle: str | None = None
         self.lock = threading.Lock()  # guards self.pipeline against the watcher and the server
+        self.changing = threading.Lock()  # held while a reload swaps pipelines
         self.notifier = Notifier(environ)
         cloud = config.cloud
         self.identity = resolve_identity(cloud.metadata, cloud.imds_endpoint, cloud.imds_timeout)
@@ -172,7 +173,11 @@ class Service:
     # ------------------------------------------------------------ reload
 
     def reload(self) -> bool:
-        """Apply the configuration file again; False (old pipeline kept) when it is broken."""
+        """Apply the configuration file again; False (old pipeline kept) when it is broken.
+
+        Holds ``changing`` throughout, so a termination notice waits for the new pipeline instead
+        of being emitted into the one that is draining.
+        """
         log.info("received SIGHUP: reloading %s", self.config_path or "the configuration")
         try:
             config = load(self.config_path)
@@ -181,24 +186,34 @@ class Service:
                       len(exc.problems), self.config_path, "; ".join(exc.problems))
             self.stats.add("reloads_refused", 1)
             return False
-        old = self.pipeline
-        old.stop()  # drain: what was read is delivered and its checkpoints saved
-        try:
-            pipeline = self._make_pipeline(config)
-        except (ConfigError, OSError) as exc:
-            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-            log.error("reload failed, going back to the previous configuration: %s", "; ".join(problems))
-            self.stats.add("reloads_refused", 1)
-            pipeline, config = self._make_pipeline(self.config), self.config
-        with self.lock:
-            self.pipeline, self.config = pipeline, config
-        pipeline.start()
-        if config is not old.config:
-            self.reloads += 1
-            self._announce(config, "reloaded")
-        if self.lifecycle:
-            pipeline.flush_now()
-        return config is not old.config
+        with self.changing:
+            old = self.pipeline
+            old.stop()  # drain: what was read is delivered and its checkpoints saved
+            old.wait_closed(old.config.agent.shutdown_timeout)  # no old upload left behind
+            try:
+                pipeline = self._make_pipeline(config)
+            except Exception as exc:  # e.g. a region that cannot be resolved: back to what ran
+                log.error("reload failed, going back to the previous configuration: %s", exc)
+                self.stats.add("reloads_refused", 1)
+                config = self.config
+                try:
+                    pipeline = self._make_pipeline(config)
+                except Exception:
+                    log.exception("cannot start the previous configuration again; stopping (systemd restarts us)")
+                    old.failed.set()
+                    return False
+            with self.lock:
+                self.pipeline, self.config = pipeline, config
+            pipeline.start()
+            if config is not old.config:
+                self.reloads += 1
+                self._announce(config, "reloaded")
+                if (config.server.listen != old.config.server.listen
+                        or config.cloud.termination_check_interval != old.config.cloud.termination_check_interval):
+                    log.warning("[server] listen and [cloud] termination_check_interval apply at the next restart")
+            if self.lifecycle:
+                pipeline.flush_now()
+            return config is not old.config
 
     # ------------------------------------------------------------ health server
 
@@ -240,8 +255,8 @@ class Service:
         log.warning("%s: shipping everything now", message)
         self.lifecycle = message
         self.stats.add("termination_notices", 1, source=notice["source"])
-        with self.lock:
+        with self.changing:  # not into a pipeline that a reload is draining
             pipeline = self.pipeline
-        pipeline.flush_now()
-        pipeline.emit(lifecycle_batch("termination_notice", message, **notice))
+            pipeline.flush_now()
+            pipeline.emit(lifecycle_batch("termination_notice", message, **notice))
         self.notifier.status(message)

@@ -13,9 +13,14 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:
-            return orjson.loads(response.read())
+            document = orjson.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise OSError(f"HTTP {exc.code} from {url}/status") from None
+    except orjson.JSONDecodeError:
+        raise OSError(f"{url}/status did not answer with the agent's JSON: is it shipper?") from None
+    if not isinstance(document, dict) or "outputs" not in document:
+        raise OSError(f"{url}/status did not answer with the agent's JSON: is it shipper?")
+    return document
 
 
 def counter(document: dict[str, Any], name: str, **labels: str) -> float:

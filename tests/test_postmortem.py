@@ -255,3 +255,31 @@ def test_a_day_of_metrics_summarizes_into_charts_of_bounded_size():
     assert len(summary.metrics["cpu.percent"]) == 8640 and summary.metrics["disk.used_percent[/]"]
     chart = svg_chart("CPU", "%", [("total", summary.metrics["cpu.percent"])], start, start + 86_400, [])
     assert len(chart) < 200_000  # a day of samples stays a light page
+
+
+def test_event_times_before_their_object_start_come_out_in_order_and_odd_input_is_survived(tmp_path):
+    """A parsed event time can be earlier than the read time the key carries; odd keys and fields do no harm."""
+    def obj(key: str, records: list[dict]) -> None:
+        path = tmp_path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in records)))
+
+    base = "dt=2026-11-29/hour=13/instance=i-1/app/"
+    obj(base + "20261129T130500Z-000001.ndjson.gz", [
+        {"time": "2026-11-29T13:05:00.000000Z", "tag": "app", "message": "b"},
+        {"time": "2026-11-29T13:09:00.000000Z", "tag": "app", "message": "d"}])
+    obj(base + "20261129T131000Z-000002.ndjson.gz", [
+        {"time": "2026-11-29T13:02:00.000000Z", "tag": "app", "message": "a (event time, read at 13:10)"},
+        {"time": 1764421800, "tag": "app", "message": "numeric time"},
+        {"time": "2026-11-29T13:06:00.000000Z", "tag": "app", "message": 42, "labels": ["not", "a", "map"]}])
+    obj(base + "20261399T000000Z-000003.ndjson.gz", [{"time": "x", "tag": "app", "message": "bogus key"}])
+    result = shipper("fetch", str(tmp_path), "--since", "2026-11-29T13:00Z", "--until", "2026-11-29T13:08Z")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["a (event time, read at 13:10)", "b", "42"]
+    assert shipper("fetch", str(tmp_path), "--since", "2026-11-29T13:00Z", "--until", "2026-11-29T14:00Z",
+                   "--grep", "4").stdout == "42\n"
+    page = tmp_path / "r.html"
+    report = shipper("report", str(tmp_path), "--instance", "i-1", "--since", "2026-11-29T13:00Z",
+                     "--until", "2026-11-29T14:00Z", "-o", str(page))
+    assert report.returncode == 0, report.stderr
+    assert "event time, read at 13:10" in page.read_text()

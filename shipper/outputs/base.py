@@ -53,6 +53,10 @@ class Output:
     def pending(self) -> int:
         return 0
 
+    def hurry(self) -> None:
+        """The instance is going away: make what is held due now (close objects, send partial
+        requests), without waiting for it; the following deliver() does the rest."""
+
     def buffered_bytes(self) -> int:
         """Bytes held for delivery (memory, spool): shown by /metrics."""
         return 0
@@ -63,3 +67,7 @@ class Output:
 
     def close(self) -> None:
         """Release resources; called after the last deliver(force=True)."""
+
+    def wait_closed(self, timeout: float) -> None:
+        """After close(): wait (at most ``timeout`` s) for background work still running (a reload
+        must not leave an old upload racing the new pipeline's)."""

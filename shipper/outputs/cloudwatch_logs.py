@@ -383,6 +383,10 @@ class CloudWatchLogsOutput(Output):
     def pending(self) -> int:
         return self.open_batches
 
+    def hurry(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.waiting_since = float("-inf")  # every partial request is due
+
     def buffered_bytes(self) -> int:
         return self.held_bytes
 

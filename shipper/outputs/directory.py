@@ -69,6 +69,9 @@ class DirectoryOutput(Output):
     def pending(self) -> int:
         return self.builder.pending()
 
+    def hurry(self) -> None:
+        self.builder.finish_due(force=True)
+
     def buffered_bytes(self) -> int:
         return sum(o.size for o in list(self.builder.objects.values()))
 

@@ -199,6 +199,10 @@ class S3Output(Output):
                 error = future.exception()
                 if error is None:
                     self._uploaded(obj)
+                elif isinstance(error, FileNotFoundError) and not os.path.exists(obj.path):
+                    # Uploaded and removed by an earlier pipeline of this process (before a reload).
+                    log.info("%s: %s is no longer in the spool; not uploading it again", self.context.name, obj.key)
+                    self.spooled_bytes -= obj.size
                 else:
                     self._failed(obj, error)
             if not block:
@@ -232,6 +236,12 @@ class S3Output(Output):
     def pending(self) -> int:
         return self.builder.pending() + len(self.waiting) + len(self.in_flight)
 
+    def hurry(self) -> None:
+        self.builder.finish_due(force=True)
+        for obj in self.waiting:  # no backoff wait: the instance will not be there for it
+            obj.next_try = 0.0
+        self._start_uploads(force=False)
+
     def buffered_bytes(self) -> int:
         return self.spooled_bytes + sum(o.size for o in list(self.builder.objects.values()))
 
@@ -241,6 +251,9 @@ class S3Output(Output):
     def close(self) -> None:
         self.builder.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def wait_closed(self, timeout: float) -> None:
+        wait(list(self.in_flight), timeout=timeout)
 
 
 OUTPUT = S3Output

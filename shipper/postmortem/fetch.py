@@ -21,6 +21,10 @@ from shipper.postmortem.sources import CloudWatchLogsSource, CorruptObject, deco
 
 PREFETCH = 16   # objects downloaded ahead of the merge
 WORKERS = 8     # downloads at once
+# How much earlier than its object's start (the time it was read) a record's own time may be: a
+# parsed event time or a journald entry's. Objects are listed and opened this much earlier, so
+# such records still come out in time order and inside --since/--until.
+EVENT_TIME_SLACK = 300.0
 
 
 @dataclass
@@ -52,9 +56,10 @@ def hour_end(start: float) -> float:
 def select_objects(archive, since: float, until: float, instance: str | None,
                    tags: list[str] | None) -> list[ObjectRef]:
     """The objects that may hold records of the range, in start order (objects never straddle an hour)."""
-    refs = [ref for prefix in hour_prefixes(since, until, instance=instance) for ref in archive.list(prefix)]
-    refs = [r for r in refs if (not tags or r.tag in tags) and r.start <= until and hour_end(r.start) >= since
-            and (instance is None or r.instance == instance)]
+    prefixes = hour_prefixes(since, until + EVENT_TIME_SLACK, instance=instance)
+    refs = [ref for prefix in prefixes for ref in archive.list(prefix)]
+    refs = [r for r in refs if (not tags or r.tag in tags) and r.start - EVENT_TIME_SLACK <= until
+            and hour_end(r.start) >= since and (instance is None or r.instance == instance)]
     return sorted(set(refs), key=lambda r: (r.start, r.key))
 
 
@@ -70,7 +75,7 @@ def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
             ref = next(upcoming, None)
             if ref is None:
                 return
-            waiting.append((ref, pool.submit(archive.read, ref), rfc3339(ref.start)))
+            waiting.append((ref, pool.submit(archive.read, ref), rfc3339(ref.start - EVENT_TIME_SLACK)))
 
     heap: list[tuple[str, int, int, dict, Iterator[dict]]] = []
     counter = 0
@@ -105,7 +110,7 @@ def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
                         progress.advance(ref.size)
                 if bad:
                     warn(f"{ref.key}: {bad} lines that are not JSON records skipped")
-                records.sort(key=lambda r: str(r.get("time", "")))
+                records.sort(key=lambda r: str(r.get("time", "")))  # event times may run backwards
                 push(iter(records), order)
             if not heap:
                 continue
@@ -143,6 +148,9 @@ def list_instances(archive, since: float, until: float, warn: Callable[[str], No
                 records, _ = decode_object(ref.key, archive.read(ref))
             except CorruptObject as exc:
                 warn(f"skipped {exc}")
+                continue
+            except Exception as exc:  # one unreadable object must not hide the other instances
+                warn(f"skipped {ref.key}: cannot read it ({type(exc).__name__}: {exc})")
                 continue
             if records:
                 times = sorted(str(r.get("time", "")) for r in records)

@@ -72,9 +72,11 @@ class Summary:
         self.records += 1
         self.first = moment if self.first is None else min(self.first, moment)
         self.last = moment if self.last is None else max(self.last, moment)
-        for key in ("instance_id", "host", "image_id", "instance_type", "availability_zone", "labels"):
+        for key in ("instance_id", "host", "image_id", "instance_type", "availability_zone"):
             if key in record:
-                self.identity[key] = record[key]
+                self.identity[key] = str(record[key])
+        if isinstance(record.get("labels"), dict):
+            self.identity["labels"] = {str(k): str(v) for k, v in record["labels"].items()}
         tag = str(record.get("tag", "?"))
         sample = record.get("metrics")
         if isinstance(sample, dict):
@@ -95,7 +97,8 @@ class Summary:
         level = level_of(record)
         if level in LEVELS and LEVELS.index(level) >= ERROR_RANK:
             self.errors[tag][bucket] += 1
-        self.tail.append((moment, tag, str(record.get("message") or "")))
+        message = record.get("message")
+        self.tail.append((moment, tag, "" if message is None else str(message)))
         if len(self.tail) > self.last_lines:
             self.tail.popleft()
 

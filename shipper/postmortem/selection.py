@@ -77,7 +77,10 @@ def parse_key(key: str, size: int = 0) -> ObjectRef | None:
     match = KEY.search(key)
     if match is None:
         return None
-    start = calendar.timegm(time.strptime(match.group("start"), "%Y%m%dT%H%M%SZ"))
+    try:
+        start = calendar.timegm(time.strptime(match.group("start"), "%Y%m%dT%H%M%SZ"))
+    except ValueError:  # looks like the layout, but no real time (20261399T...): not ours
+        return None
     return ObjectRef(key, match.group("instance"), match.group("tag"), float(start), int(match.group("seq")), size)
 
 
@@ -138,8 +141,8 @@ class Filter:
         self._min_rank = LEVELS.index(self.level) if self.level else None
 
     def matches(self, record: dict[str, Any]) -> bool:
-        stamp = record.get("time", "")
-        if not (self._since <= stamp <= self._until):
+        stamp = record.get("time")
+        if not isinstance(stamp, str) or not (self._since <= stamp <= self._until):
             return False
         if self.tags and record.get("tag") not in self.tags:
             return False
@@ -147,7 +150,7 @@ class Filter:
             level = level_of(record)
             if level not in LEVELS or LEVELS.index(level) < self._min_rank:
                 return False
-        if self.grep is not None and not self.grep.search(record.get("message") or ""):
+        if self.grep is not None and not self.grep.search(str(record.get("message") or "")):
             return False
         return True
 
@@ -156,7 +159,8 @@ def render(record: dict[str, Any], template: str | None) -> str:
     """``--format '{time} {host} {message}'``; a missing field renders empty. Without a template:
     the raw line (the message), like reading the original log."""
     if template is None:
-        return record.get("message") or ""
+        message = record.get("message")
+        return "" if message is None else str(message)
 
     def fill(match: re.Match) -> str:
         value: Any = record

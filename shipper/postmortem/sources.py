@@ -147,6 +147,8 @@ class CloudWatchLogsSource:
 
     def records(self, stream: str, since: float, until: float) -> Iterator[dict[str, Any]]:
         """One stream's events in time order, as records."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         instance, _, rest = stream.partition("/")
         tag = rest.split("/", 1)[0] if rest else ""
         token = None
@@ -155,12 +157,19 @@ class CloudWatchLogsSource:
                                       "startTime": int(since * 1000), "endTime": int(until * 1000) + 1}
             if token:
                 kwargs["nextToken"] = token
-            page = self.client.get_log_events(**kwargs)
+            try:
+                page = self.client.get_log_events(**kwargs)
+            except (BotoCoreError, ClientError) as exc:
+                from shipper.outputs.aws import describe
+
+                raise SourceError(f"cannot read stream {stream} of {self.group}: {describe(exc)}") from None
             for event in page.get("events", []):
                 yield event_record(event, instance, tag, stream)
-            if not page.get("events") or page.get("nextForwardToken") == token:
+            # An empty page is not the end: the end is a forward token that does not move.
+            following = page.get("nextForwardToken")
+            if not following or following == token:
                 return
-            token = page.get("nextForwardToken")
+            token = following
 
 
 def event_record(event: dict[str, Any], instance: str, tag: str, stream: str) -> dict[str, Any]:

@@ -275,7 +275,7 @@ class Pipeline:
         for index, settings in enumerate(config.outputs):
             module = importlib.import_module(OUTPUT_MODULES[settings.type])
             context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats,
-                                    Backoff(agent.retry_initial_delay, agent.retry_max_delay), agent.flush_interval)
+                                    Backoff(agent.retry_initial_delay, agent.retry_max_delay))
             output = module.OUTPUT(settings, context)
             self.runners.append(OutputRunner(output, settings.match, settings.buffer_max_bytes,
                                              agent.flush_interval, self.stats, self.failed))

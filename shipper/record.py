@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time as _time
 from dataclasses import dataclass, field
+from datetime import datetime as _datetime
 from typing import Any, Iterator
 
 import orjson
@@ -30,6 +31,14 @@ def format_time(epoch: float) -> str:
     if micros == 1_000_000:
         seconds, micros = seconds + 1, 0
     return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+def epoch_of(stamp: Any) -> float | None:
+    """A record's time (RFC 3339, as format_time writes it) -> seconds since the epoch; None if it is not one."""
+    try:
+        return _datetime.fromisoformat(stamp).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

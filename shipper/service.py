@@ -21,7 +21,7 @@ from shipper import __version__
 from shipper.config import Config, ConfigError, load, source_of, target_of
 from shipper.identity import ImdsClient, resolve_identity
 from shipper.lifecycle import TerminationWatcher, lifecycle_batch
-from shipper.server import AgentState, InputState, Server
+from shipper.server import AgentState, InputState, Server, output_problem
 from shipper.stats import Stats
 from shipper.systemd import Notifier, Watchdog
 
@@ -160,8 +160,6 @@ class Service:
         return text
 
     def _problem(self, output) -> str | None:
-        from shipper.server import output_problem
-
         return output_problem(output, self.config.server.unhealthy_after)
 
     def _alive(self) -> bool:

@@ -40,6 +40,20 @@ def read_archive(path: Path) -> list[dict]:
     return records
 
 
+def checkpoint_offsets(workdir: Path) -> dict[str, int]:
+    """The file input's saved offsets (input tag "app"), by file path."""
+    try:
+        files = orjson.loads((workdir / "data" / "checkpoints" / "file-app.json").read_bytes())["files"]
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return {}
+    return {entry["path"]: entry["offset"] for entry in files}
+
+
+def checkpoint_offset(workdir: Path, name: str = "app.log") -> int:
+    """The saved offset of logs/NAME; 0 before its first checkpoint."""
+    return checkpoint_offsets(workdir).get(str(workdir / "logs" / name), 0)
+
+
 def messages(records: list[dict]) -> list[str]:
     return [r["message"] for r in records]
 

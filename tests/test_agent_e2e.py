@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from shipper.config import DEFAULT_CONFIG_PATH
-from conftest import agent_config, messages, read_archive, seq_lines, seqs, wait_for
+from conftest import agent_config, checkpoint_offsets, messages, read_archive, seq_lines, seqs, wait_for
 
 LINE_LEN = len(seq_lines(0, 1))
 
@@ -31,13 +31,6 @@ def archived(workdir):
 def wait_for_seqs(workdir, expected: set[int], timeout: float = 20.0):
     return wait_for(lambda: expected <= set(seqs(archived(workdir))), timeout,
                     message=f"{len(expected)} sequence numbers in the archive")
-
-
-def checkpoint_offsets(workdir) -> dict[str, int]:
-    path = workdir / "data" / "checkpoints" / "file-app.json"
-    if not path.exists():
-        return {}
-    return {entry["path"]: entry["offset"] for entry in orjson.loads(path.read_bytes())["files"]}
 
 
 class Writer(threading.Thread):

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import FAST_RETRIES, agent_config, seq_lines, wait_for
+from conftest import FAST_RETRIES, agent_config, checkpoint_offset, seq_lines, wait_for
 
 
 def fluentd_output(*peers, extra: str = "") -> str:
@@ -192,16 +192,6 @@ def test_no_more_than_max_in_flight_chunks_wait_for_acks(run_agent, workdir, for
     assert agent.stop() == 0
     assert 1 <= most_unacked <= 2
     assert "delivery failed" not in agent.log()  # waiting for acks is not a failure
-
-
-def checkpoint_offset(workdir: Path) -> int:
-    import orjson
-
-    try:
-        files = orjson.loads((workdir / "data" / "checkpoints" / "file-app.json").read_bytes())["files"]
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return 0
-    return files[0]["offset"] if files else 0
 
 
 def test_checkpoints_follow_acks_while_a_slow_peer_holds_the_reader_back(run_agent, workdir, forward_peer):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -32,6 +33,21 @@ class Checkpoint:
     @property
     def key(self) -> tuple[int, int]:
         return (self.dev, self.ino)
+
+
+class Every:
+    """Says "due" at most once per ``interval`` seconds: when an input writes its checkpoints."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._last = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
 
 
 def fingerprint(fd: int, limit: int = FINGERPRINT_BYTES) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from functools import partial
 from typing import Callable
 
 from shipper.config import Option, Settings, regex_check, validate_section
-from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, fingerprint_matches
+from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, Every, fingerprint_matches
 from shipper.inputs.discovery import DirectoryWatcher, expand
 from shipper.inputs.framing import RecordBuilder
 from shipper.inputs.tail import GONE, REPLACED, SAME, TRUNCATED, Read, TailedFile, classify
@@ -93,7 +93,7 @@ class FileInput:
         self.watcher = DirectoryWatcher(self.patterns, self.changed, self.wake) if settings.watch else None
         self._saved: dict[tuple[int, int], Checkpoint] = {}
         self._last_refresh = 0.0
-        self._last_checkpoint = 0.0
+        self._checkpoints = Every(self.checkpoint_interval)
         self._save_lock = threading.Lock()
         self._checkpoint_failing = False
 
@@ -138,10 +138,8 @@ class FileInput:
         return more
 
     def _checkpoint_when_due(self) -> None:
-        now = time.monotonic()
-        if now - self._last_checkpoint >= self.checkpoint_interval:
+        if self._checkpoints.due():
             self.save_checkpoints()
-            self._last_checkpoint = now
 
     def _follow(self, tailed: TailedFile, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
         """Read one file until it is drained or has had its fair share; True when it has more to read.

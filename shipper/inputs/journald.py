@@ -24,6 +24,7 @@ import orjson
 from shipper.acks import OffsetTracker
 from shipper.config import Option
 from shipper.durable import write_atomically
+from shipper.inputs.checkpoints import Every
 from shipper.record import ENCODING_ERRORS, TIME, Batch, format_time
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class JournaldInput:
         self.next_batch = 0
         self.saved_cursor = self._load()
         self.committed_cursor = self.saved_cursor
-        self._last_save = 0.0
+        self._checkpoints = Every(self.checkpoint_interval)
 
     # ------------------------------------------------------------ cursor
 
@@ -202,10 +203,8 @@ class JournaldInput:
         emit(batch)
 
     def _checkpoint_when_due(self) -> None:
-        now = time.monotonic()
-        if now - self._last_save >= self.checkpoint_interval:
+        if self._checkpoints.due():
             self.save_checkpoints()
-            self._last_save = now
 
 
 INPUT = JournaldInput

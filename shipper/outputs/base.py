@@ -31,7 +31,6 @@ class OutputContext:
     envelope: Envelope
     stats: Stats
     backoff: Backoff = Backoff()
-    flush_interval: float = 1.0  # the agent's: how long an output may hold records to send them together
     # Set by the runner: an output calls it when background work (an upload) finished.
     wake: Callable[[], None] = lambda: None
 

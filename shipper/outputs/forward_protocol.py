@@ -12,13 +12,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from datetime import datetime
 
 import msgpack
 from fluent.sender import EventTime
 
 from shipper.outputs.compression import gzip_bytes
-from shipper.record import Batch, Envelope
+from shipper.record import Batch, Envelope, epoch_of
 
 # The record travels without these: the forward message carries the tag and the event time.
 CARRIED_OUTSIDE = ("time", "tag")
@@ -38,13 +37,6 @@ def event_time(epoch: float) -> EventTime:
     return EventTime(seconds, int(round((epoch - seconds) * 1e9)) % 1_000_000_000)
 
 
-def _rfc3339_seconds(text: str, default: float) -> float:
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except (TypeError, ValueError):
-        return default
-
-
 def encode_entries(batch: Batch, envelope: Envelope) -> bytes:
     """The batch's events as concatenated msgpack ``[time, record]`` arrays."""
     packer = msgpack.Packer()
@@ -52,7 +44,9 @@ def encode_entries(batch: Batch, envelope: Envelope) -> bytes:
         return _plain_entries(batch, envelope, packer)
     out = []
     for record in batch.records(envelope):
-        seconds = _rfc3339_seconds(record.pop("time"), batch.read_time)
+        seconds = epoch_of(record.pop("time"))
+        if seconds is None:
+            seconds = batch.read_time
         del record["tag"]
         out.append(packer.pack([event_time(seconds), record]))
     return b"".join(out)

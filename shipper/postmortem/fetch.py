@@ -16,7 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from shipper.postmortem.selection import Filter, ObjectRef, hour_prefixes, rfc3339
+from shipper.outputs.keys import partition_of
+from shipper.postmortem.selection import Filter, ObjectRef, hour_prefixes
+from shipper.record import format_time
 from shipper.postmortem.sources import CloudWatchLogsSource, CorruptObject, decode_object
 
 PREFETCH = 16   # objects downloaded ahead of the merge
@@ -50,7 +52,8 @@ class Progress:
 
 
 def hour_end(start: float) -> float:
-    return (int(start // 3600) + 1) * 3600
+    """The end of the hour partition an object starts in: objects never straddle one."""
+    return (partition_of(start) + 1) * 3600.0
 
 
 def select_objects(archive, since: float, until: float, instance: str | None,
@@ -75,7 +78,7 @@ def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
             ref = next(upcoming, None)
             if ref is None:
                 return
-            waiting.append((ref, pool.submit(archive.read, ref), rfc3339(ref.start - EVENT_TIME_SLACK)))
+            waiting.append((ref, pool.submit(archive.read, ref), format_time(ref.start - EVENT_TIME_SLACK)))
 
     heap: list[tuple[str, int, int, dict, Iterator[dict]]] = []
     counter = 0
@@ -182,7 +185,7 @@ def records_of(source, since: float, until: float, instance: str | None, tags: l
     if not refs and instance:
         seen = instances_seen(source, since, until)
         hint = suggest(instance, seen)
-        warn(f"no records of instance {instance} in {source.name} between {rfc3339(since)} and {rfc3339(until)}"
+        warn(f"no records of instance {instance} in {source.name} between {format_time(since)} and {format_time(until)}"
              + (f"; did you mean {', '.join(hint)}?" if hint else f" ({len(seen)} other instances there: "
                                                                   f"--list-instances)"))
         return None

@@ -9,7 +9,6 @@ samples draws as fast as an hour.
 
 from __future__ import annotations
 
-import calendar
 import collections
 import html
 import time
@@ -17,20 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from shipper.postmortem.selection import LEVELS, level_of
+from shipper.record import epoch_of
 
 WIDTH, HEIGHT = 880, 170
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 ERROR_RANK = LEVELS.index("error")
-
-
-def epoch_of(stamp: str) -> float | None:
-    """RFC 3339 UTC (the records' form) -> epoch seconds; None when it is not one."""
-    try:
-        seconds = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
-    except (ValueError, TypeError):
-        return None
-    fraction = stamp[19:].rstrip("Z")
-    return seconds + (float(fraction) if fraction.startswith(".") and fraction[1:].isdigit() else 0.0)
 
 
 # The charts: (title, unit, [(series label, metric name, key in a per-thing map or None)])
@@ -66,7 +56,7 @@ class Summary:
     bucket_seconds: float = 60.0
 
     def add(self, record: dict[str, Any]) -> None:
-        moment = epoch_of(str(record.get("time", "")))
+        moment = epoch_of(record.get("time"))
         if moment is None:
             return
         self.records += 1

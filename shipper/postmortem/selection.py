@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from shipper.record import format_time
+
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 KEY = re.compile(r"(?:^|/)dt=(?P<date>\d{4}-\d{2}-\d{2})/hour=(?P<hour>\d{2})/instance=(?P<instance>[^/]+)/"
@@ -54,12 +56,6 @@ def time_range(since: str, until: str | None) -> tuple[float, float]:
     """--since and --until (default: now) as epoch seconds."""
     now = time.time()
     return parse_time(since, now), parse_time(until, now) if until else now
-
-
-def rfc3339(epoch: float) -> str:
-    """The records' own time format, so that time strings compare in time order."""
-    seconds = int(epoch)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((epoch - seconds) * 1e6):06d}Z"
 
 
 @dataclass(frozen=True)
@@ -136,8 +132,8 @@ class Filter:
     level: str | None = None   # this level and more severe
 
     def __post_init__(self) -> None:
-        self._since = rfc3339(self.since)
-        self._until = rfc3339(self.until)
+        self._since = format_time(self.since)
+        self._until = format_time(self.until)
         self._min_rank = LEVELS.index(self.level) if self.level else None
 
     def matches(self, record: dict[str, Any]) -> bool:

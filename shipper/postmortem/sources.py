@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from shipper.postmortem.selection import ObjectRef, parse_key, rfc3339
+from shipper.postmortem.selection import ObjectRef, parse_key
+from shipper.record import format_time
 
 
 class SourceError(Exception):
@@ -183,7 +184,7 @@ def event_record(event: dict[str, Any], instance: str, tag: str, stream: str) ->
             record = None
         if isinstance(record, dict) and "time" in record and "tag" in record:
             return record
-    return {"time": rfc3339(event["timestamp"] / 1000), "tag": tag, "instance_id": instance,
+    return {"time": format_time(event["timestamp"] / 1000), "tag": tag, "instance_id": instance,
             "source": stream, "message": message}
 
 

@@ -50,7 +50,7 @@ import loggen  # noqa: E402
 from measure import (Background, Result, add_common_arguments, cpu_seconds, measure_all,  # noqa: E402
                      minor_faults, own_cpu_seconds, peak_rss_mib, poll_until, read_chars, stop, wait_quiet,
                      warn_if_disturbed, write_results, format_table)
-from throughput import AGENT_CONF, checkpoint_offset, directory_figure, machine, thread_cpu  # noqa: E402
+from throughput import AGENT_CONF, aws_machine, checkpoint_offset, directory_figure, thread_cpu  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -592,14 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = args.s3_lines if name == "s3" else args.cwl_lines
         inputs[name] = loggen.ensure(paths[name], lines, args.seed, args.exc_json_share, log=log)
         subprocess.run(["cat", paths[name]], stdout=subprocess.DEVNULL, check=True)  # into the page cache
-    info = machine()
-    for tool in ("rsyslog", "gzip"):
-        info.pop(tool, None)
-    import boto3
-    import moto
-    info.update(moto=moto.__version__, boto3=boto3.__version__)
-    log(f"{info['nproc']} cores, {info['cpu']}; {info['shipper']} (commit {info['commit']}); "
-        f"moto {info['moto']}, boto3 {info['boto3']}")
+    info = aws_machine(log)
 
     results = measure_all(
         list(DESTINATIONS), names, args.repeat,

@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loggen  # noqa: E402
 from measure import (Background, Result, add_common_arguments, add_py_spy_argument, cpu_seconds,  # noqa: E402
-                     measure_all, minor_faults, own_cpu_seconds, peak_rss_mib, poll_until, py_spy_command,
+                     keep_pace, measure_all, minor_faults, own_cpu_seconds, peak_rss_mib, poll_until, py_spy_command,
                      read_chars, stop, wait_for_text, wait_quiet, warn_if_disturbed, write_results, format_table)
 from throughput import AGENT_CONF, checkpoint_offset, directory_figure, machine, thread_cpu  # noqa: E402
 
@@ -518,12 +518,7 @@ def bench_latency(input_path: str, workdir: str, seconds: float, rate: int, time
             write_seconds_max = 0.0
             t0 = time.monotonic()
             for k in range(batches):
-                due = t0 + k * BATCH_PERIOD
-                now = time.monotonic()
-                if now < due:
-                    time.sleep(due - now)
-                elif now - due > BATCH_PERIOD:
-                    late_batches += 1
+                late_batches += keep_pace(t0 + k * BATCH_PERIOD, BATCH_PERIOD)
                 first = k * per_batch
                 chunk = b"".join(b"seq=%0*d %s" % (SEQ_WIDTH, seq, bodies[seq % len(bodies)])
                                  for seq in range(first, first + per_batch))

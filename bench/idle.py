@@ -60,10 +60,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loggen  # noqa: E402
 from aws import Stack, cwl_kind, harness, s3_kind  # noqa: E402  (bench/aws.py: moto_server + recording proxy)
 from measure import (Background, Result, add_common_arguments, add_py_spy_argument, cpu_seconds,  # noqa: E402
-                     io_counters, measure_all, minor_faults, own_cpu_seconds, proc_status, py_spy_command,
+                     io_counters, keep_pace, measure_all, minor_faults, own_cpu_seconds, proc_status, py_spy_command,
                      reset_peak_rss, smaps_rss, stop, task_stat, task_stats, wait_for_text, wait_quiet,
                      warn_if_disturbed, write_results, format_table)
-from throughput import machine  # noqa: E402
+from throughput import aws_machine  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -466,12 +466,7 @@ def bench_variant(name: str, bodies: list[bytes], workdir: str, args: argparse.N
             peak_reset = False
             born: dict[int, dict] = {}  # threads started during the window: their last reading
             for k in range(total + 1):
-                due = t0 + k * period
-                now = time.monotonic()
-                if now < due:
-                    time.sleep(due - now)
-                elif now - due > period:
-                    late += 1
+                late += keep_pace(t0 + k * period, period)
                 if k == warmup_lines:  # the window starts
                     a = snapshot(pid, stack)
                     peak_reset = reset_peak_rss(pid)
@@ -880,14 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = loggen.ensure(INPUT, INPUT_LINES, args.seed, args.exc_json_share, log=log)
     with open(INPUT, "rb") as source:
         bodies = source.read().splitlines(keepends=True)
-    info = machine()
-    for tool in ("rsyslog", "gzip"):
-        info.pop(tool, None)
-    import boto3
-    import moto
-    info.update(moto=moto.__version__, boto3=boto3.__version__)
-    log(f"{info['nproc']} cores, {info['cpu']}; {info['shipper']} (commit {info['commit']}); "
-        f"moto {info['moto']}, boto3 {info['boto3']}")
+    info = aws_machine(log)
 
     results = measure_all(
         list(VARIANTS), names, args.repeat, lambda name, run_dir: measure(name, bodies, run_dir, args, py_spy),

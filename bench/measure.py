@@ -255,6 +255,15 @@ def wait_quiet(max_wait: float, log, threshold: float = 0.1, window: float = 1.0
             said = True
 
 
+def keep_pace(due: float, period: float) -> bool:
+    """Sleep until ``due`` (monotonic); True when already more than a ``period`` late (a late write)."""
+    now = time.monotonic()
+    if now < due:
+        time.sleep(due - now)
+        return False
+    return now - due > period
+
+
 def read_chars(pid: int) -> int:
     """rchar from /proc/PID/io: bytes the process got from read-like system calls."""
     try:

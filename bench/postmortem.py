@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loggen  # noqa: E402
 from measure import format_table, wait_quiet, write_results  # noqa: E402
 
+from shipper.record import format_time as stamp  # noqa: E402  the records' own time format
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPER = [sys.executable, "-m", "shipper"]
 
@@ -45,10 +47,6 @@ def harness():
     sys.modules["moto_harness"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
-
-
-def stamp(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1e6):06d}Z"
 
 
 def key_for(instance: str, tag: str, start: float, seq: int) -> str:

@@ -309,6 +309,21 @@ def machine() -> dict:
     }
 
 
+def aws_machine(log) -> dict:
+    """machine() for the benchmarks against moto: moto's and boto3's versions instead of rsyslog's and
+    gzip's; says what it is on one line."""
+    import boto3
+    import moto
+
+    info = machine()
+    for tool in ("rsyslog", "gzip"):
+        info.pop(tool, None)
+    info.update(moto=moto.__version__, boto3=boto3.__version__)
+    log(f"{info['nproc']} cores, {info['cpu']}; {info['shipper']} (commit {info['commit']}); "
+        f"moto {info['moto']}, boto3 {info['boto3']}")
+    return info
+
+
 HEADER = ("tool", "seconds", "MB/s", "lines/s", "CPU s", "peak RSS MiB")
 
 

@@ -13,7 +13,8 @@ It speaks the Forward Protocol Specification v1 the way fluentd's ``in_forward``
   authentication), exactly as ``in_forward``'s ``generate_helo``/``check_ping``/``generate_pong``.
 
 Faults can be switched on and off at any time, from any thread, while the agent is connected:
-``drop_acks``, ``set_down``, ``close_mid_batch``, ``ack_delay``.
+``drop_acks``, ``set_down``, ``close_mid_batch``, ``ack_delay``; and a misbehaving peer's
+answers: ``answer_with`` (raw bytes instead of acks), ``helo_with`` (raw bytes instead of the HELO).
 
 For timing (bench/fluentd.py): every ``MessageInfo`` says when it was received, and ``ack_log()``
 when each ack was sent.
@@ -336,6 +337,9 @@ class ForwardPeer:
         self._drop_acks: int | None = 0     # None: every ack
         self._close_mid_batch = 0
         self._ack_delay = 0.0
+        self._raw_answers: list[bytes] = []   # sent instead of the next acks, one per chunk
+        self._raw_helos: list[bytes] = []     # sent instead of the HELO of the next connections
+        self._raw_sent = 0
 
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -492,6 +496,33 @@ class ForwardPeer:
         """Wait ``seconds`` after recording a chunk before acknowledging it."""
         with self._lock:
             self._ack_delay = max(0.0, float(seconds))
+
+    def answer_with(self, *answers: bytes) -> None:
+        """Answer the next ``len(answers)`` chunks with these raw bytes instead of their ack.
+
+        The events are still recorded, the connection stays open: the agent must notice, drop the
+        connection and resend. ``raw_sent`` counts the answers sent so far.
+        """
+        with self._lock:
+            self._raw_answers.extend(answers)
+
+    def helo_with(self, *helos: bytes) -> None:
+        """Greet the next ``len(helos)`` connections with these raw bytes instead of the HELO (shared_key only)."""
+        with self._lock:
+            self._raw_helos.extend(helos)
+
+    @property
+    def raw_sent(self) -> int:
+        with self._lock:
+            return self._raw_sent
+
+    def _take_raw(self, queue: list[bytes]) -> bytes | None:
+        with self._lock:
+            if not queue:
+                return None
+            self._raw_sent += 1
+            self._changed.notify_all()
+            return queue.pop(0)
 
     def set_down(self, down: bool) -> None:
         """Down: stop listening (connections are refused) and close every open connection.
@@ -651,8 +682,11 @@ class ForwardPeer:
         if not established:
             nonce = os.urandom(16)
             auth_salt = os.urandom(16) if self.users else b""
-            # in_forward generate_helo: ['HELO', {'nonce', 'auth', 'keepalive'}]
-            self._send(sock, ["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": True}])
+            raw = self._take_raw(self._raw_helos)
+            if raw is not None:
+                sock.sendall(raw)
+            else:  # in_forward generate_helo: ['HELO', {'nonce', 'auth', 'keepalive'}]
+                self._send(sock, ["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": True}])
         unpacker = _unpacker()
         # Unpacker.tell() also advances inside a partly received object, so the position where
         # the last complete message ended is kept here: the next message starts there.
@@ -756,6 +790,10 @@ class ForwardPeer:
             delay = self._ack_delay
         if delay and conn.closing.wait(delay):
             return False
+        raw = self._take_raw(self._raw_answers)
+        if raw is not None:
+            conn.sock.sendall(raw)
+            return True
         with self._lock:
             if self._drop_acks is None or self._drop_acks > 0:
                 if self._drop_acks is not None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import orjson
 
-from shipper.durable import write_atomically
+from shipper.durable import make_dirs, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class CheckpointStore:
                             option=orjson.OPT_INDENT_2)
         if data == self._last_saved:
             return False
-        os.makedirs(self.directory, exist_ok=True)
+        make_dirs(self.directory)  # 0750 whatever the umask; made again if data_dir was removed
         write_atomically(self.path, data)
         self._last_saved = data
         return True

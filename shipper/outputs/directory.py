@@ -49,7 +49,7 @@ class DirectoryOutput(Output):
     def __init__(self, settings, context):
         super().__init__(settings, context)
         self.builder = ObjectBuilder(context.name, settings.path, layout_of(settings), context.envelope,
-                                     self._written)
+                                     self._written, stats=context.stats)
 
     def accept(self, batch) -> None:
         self.builder.accept(batch)

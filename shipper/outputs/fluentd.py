@@ -10,6 +10,11 @@ every ``failback_interval``.
 
 All socket I/O happens in the output's runner thread (TLS objects are not for several
 threads); a watcher thread only waits for the socket to become readable and wakes the runner.
+
+The peer is not trusted: an answer that is not msgpack, not ``{"ack": id}``, too long, or a
+HELO/PONG with wrong types closes the connection (counted as ``protocol_errors``, logged once
+per host), the unacknowledged chunks go again, and the host waits out a backoff. Reading is
+bounded per delivery and the handshake by ``connect_timeout`` as a whole.
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ from shipper.config import Option
 from shipper.errors import BufferFull, RetryableError
 from shipper.outputs.base import Output
 from shipper.outputs.forward_protocol import (
-    HandshakeError, check_pong, encode_entries, forward_message, new_chunk_id, ping,
+    AnswerReader, HandshakeError, HandshakeRefused, PeerError, acked_chunk, check_pong, encode_entries,
+    forward_message, new_chunk_id, ping,
 )
 from shipper.record import Batch
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 24224
+# Bytes read from a peer per delivery at most: a peer that never stops talking cannot hold the runner.
+READ_BUDGET = 1024 * 1024
 
 
 def parse_host(text: str) -> tuple[str, int]:
@@ -124,7 +132,7 @@ class Connection:
     host: Host
     index: int
     opened: float = field(default_factory=time.monotonic)
-    unpacker: msgpack.Unpacker = field(default_factory=lambda: msgpack.Unpacker(raw=False))
+    reader: AnswerReader = field(default_factory=AnswerReader)
     closed: bool = False
     readable: threading.Event = field(default_factory=threading.Event)
 
@@ -167,6 +175,7 @@ class FluentdOutput(Output):
         self.conn: Connection | None = None
         self.failing_since: float | None = None
         self.queued_bytes = 0  # payloads accepted and not yet sent
+        self.misbehaving: set[str] = set()  # hosts whose protocol error was logged already
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=self.settings.tls_ca or None)
@@ -228,34 +237,46 @@ class FluentdOutput(Output):
 
     def _read_acks(self) -> None:
         conn = self.conn
+        budget = READ_BUDGET
         try:
             conn.sock.settimeout(0)
-            while True:
+            while budget > 0:
                 data = conn.sock.recv(65536)
                 if not data:
                     self._lost("the server closed the connection")
                     return
-                conn.unpacker.feed(data)
-                for message in conn.unpacker:
-                    self._answer(message)
+                budget -= len(data)
+                for message in conn.reader.feed(data):
+                    chunk = self.in_flight.pop(acked_chunk(message), None)
+                    if chunk is not None:  # an unknown id (acked twice, say) is no harm
+                        self._delivered(chunk)
         except (BlockingIOError, ssl.SSLWantReadError, socket.timeout):
             pass
-        except (OSError, ValueError, msgpack.UnpackException) as exc:
+        except PeerError as exc:
+            self._protocol_error(conn.host, str(exc))
+            return
+        except (OSError, ValueError) as exc:
             self._lost(f"reading failed: {exc}")
             return
-        conn.readable.set()
+        conn.readable.set()  # more may be waiting (budget spent): the watcher wakes us again
 
-    def _answer(self, message: object) -> None:
-        if isinstance(message, dict) and "ack" in message:
-            chunk = self.in_flight.pop(message["ack"], None)
-            if chunk is not None:
-                self._delivered(chunk)
-        elif isinstance(message, list) and message[:1] == ["HELO"]:
-            raise ValueError("the server asks for the shared-key handshake: set shared_key")
+    def _protocol_error(self, host: Host, why: str) -> None:
+        """The peer broke the protocol: drop the connection, send again, and let the host wait a backoff."""
+        self.context.stats.add("protocol_errors", 1, output=self.context.name)
+        if str(host) not in self.misbehaving:
+            self.misbehaving.add(str(host))
+            log.warning("%s: %s broke the forward protocol (%s); closing the connection and sending the "
+                        "unacknowledged chunks again (later errors of this host are only counted, "
+                        "as protocol_errors)", self.context.name, host, why)
+        if self.conn is not None and self.conn.host is host:
+            self._lost(f"protocol error: {why}")
+        self._host_failed(host, f"protocol error: {why}")
 
     def _delivered(self, chunk: Chunk) -> None:
         for ack in chunk.acks:
             ack.confirm()
+        if self.conn is not None:
+            self.conn.host.failures = 0  # only a delivery proves a host works (a connect does not)
         self.context.stats.add("records_out", chunk.records, output=self.context.name)
         self.context.stats.add("chunks_out", 1, output=self.context.name)
         if self.failing_since is not None:
@@ -304,11 +325,18 @@ class FluentdOutput(Output):
                 continue
             try:
                 sock = self._open(host)
-            except (OSError, HandshakeError, ValueError, msgpack.UnpackException) as exc:
+            except HandshakeRefused as exc:
+                self._host_failed(host, str(exc))
+                errors.append(f"{host}: {host.last_error}")
+                continue
+            except PeerError as exc:
+                self._protocol_error(host, str(exc))
+                errors.append(f"{host}: {host.last_error}")
+                continue
+            except (OSError, ValueError) as exc:
                 self._host_failed(host, str(exc) or type(exc).__name__)
                 errors.append(f"{host}: {host.last_error}")
                 continue
-            host.failures = 0
             self.conn = Connection(sock, host, index)
             self.conn.watch(self.context.wake)
             if index > 0:
@@ -340,12 +368,14 @@ class FluentdOutput(Output):
             raise
 
     def _handshake(self, sock: socket.socket) -> None:
-        unpacker = msgpack.Unpacker(raw=False)
-        helo = _read_one(sock, unpacker)
+        """HELO, PING, PONG: all within connect_timeout, however slowly the server drips its bytes."""
+        reader, pending = AnswerReader(), collections.deque()
+        deadline = time.monotonic() + self.settings.connect_timeout
+        helo = _read_one(sock, reader, pending, deadline)
         message, salt, nonce = ping(helo, self.self_hostname, self.settings.shared_key,
                                     self.settings.username, self.settings.password)
         sock.sendall(msgpack.packb(message))
-        check_pong(_read_one(sock, unpacker), salt, nonce, self.settings.shared_key)
+        check_pong(_read_one(sock, reader, pending, deadline), salt, nonce, self.settings.shared_key)
 
     def _failback_when_due(self) -> None:
         """On a later host, go back to the first ones from time to time (when nothing is in flight)."""
@@ -381,15 +411,21 @@ class FluentdOutput(Output):
             self.conn.close()
 
 
-def _read_one(sock: socket.socket, unpacker: msgpack.Unpacker) -> object:
-    """The next whole msgpack object from the socket (during the handshake, with the socket's timeout)."""
-    while True:
-        for message in unpacker:
-            return message
-        data = sock.recv(4096)
+def _read_one(sock: socket.socket, reader: AnswerReader, pending: collections.deque, deadline: float) -> object:
+    """The next whole msgpack object from the socket (during the handshake), by ``deadline``."""
+    while not pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HandshakeError("the server did not complete the handshake within connect_timeout")
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except socket.timeout:
+            raise HandshakeError("the server did not complete the handshake within connect_timeout") from None
         if not data:
             raise HandshakeError("the server closed the connection during the handshake")
-        unpacker.feed(data)
+        pending.extend(reader.feed(data))
+    return pending.popleft()
 
 
 OUTPUT = FluentdOutput

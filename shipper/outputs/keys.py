@@ -3,12 +3,18 @@
 ``dt=2026-11-29/hour=13/instance=i-0abc/app/20261129T131718Z-000001.ndjson.gz``: a query
 engine (Athena, Trino, DuckDB) prunes by day, hour and instance from the key alone.
 Partitions use the time the agent read the records, so an object never straddles an hour.
+
+Every placeholder value (tag, labels, host, instance, prefix) comes from outside the template
+and is made safe for one path segment: only ``A-Za-z0-9._=-`` stay, leading dots become ``_``
+(no ``.``, ``..`` or hidden ``.tmp``), long values are cut with a checksum. A rendered key is
+relative, has no empty, ``.`` or ``..`` segment, so it never leaves the archive root or prefix.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import zlib
 
 DEFAULT_KEY = "dt={date}/hour={hour}/instance={instance_id}/{tag}/{start}-{seq}.ndjson{ext}"
 KEY_FIELDS = ("prefix", "date", "hour", "instance_id", "host", "tag", "start", "seq", "ext")
@@ -16,6 +22,9 @@ EXTENSIONS = {"gzip": ".gz", "zstd": ".zst", "none": ""}
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
+_LEADING_DOTS = re.compile(r"^\.+")
+# Characters of one value in a key (a file name may have 255 bytes; S3 keys 1,024 in all).
+MAX_VALUE_CHARS = 100
 
 
 def unknown_placeholder(template: str, fields) -> str | None:
@@ -35,9 +44,24 @@ def check_template(template: str, fields=KEY_FIELDS) -> str | None:
         return unknown
     if "seq" not in _PLACEHOLDER.findall(template):
         return "needs {seq}, so that two objects never get the same key"
-    if template.startswith("/") or ".." in template.split("/"):
-        return "must be a relative key without '..'"
+    if template.startswith("/") or any(part.startswith(".") for part in template.split("/")):
+        return "must be a relative key without '..' (and no part may start with '.')"
     return None
+
+
+def check_prefix(prefix: str) -> str | None:
+    """An error text for a key prefix with a '..' or hidden part; else None."""
+    if any(part.startswith(".") for part in prefix.split("/")):
+        return "must not have a part that starts with '.' (such as '..')"
+    return None
+
+
+def safe_segment(value: str) -> str:
+    """``value`` as text for one segment of a key or path: never empty, '.', '..', hidden or too long."""
+    text = _LEADING_DOTS.sub(lambda dots: "_" * len(dots.group()), _UNSAFE.sub("_", value))
+    if len(text) > MAX_VALUE_CHARS:  # cut, and keep values that differ only past the cut apart
+        text = f"{text[:MAX_VALUE_CHARS - 9]}-{zlib.crc32(value.encode('utf-8', 'surrogatepass')):08x}"
+    return text or "none"
 
 
 def key_values(epoch: float, tag: str, identity: dict[str, str], seq: int, compression: str,
@@ -57,7 +81,7 @@ def key_values(epoch: float, tag: str, identity: dict[str, str], seq: int, compr
 
 
 def render_key(template: str, values: dict[str, str], labels: dict[str, str]) -> str:
-    """Fill a template; each value is made safe for one path segment (no '/', no spaces)."""
+    """Fill a template; each value is made safe for one path segment (see safe_segment)."""
 
     def fill(match: re.Match) -> str:
         name = match.group(1)
@@ -66,12 +90,15 @@ def render_key(template: str, values: dict[str, str], labels: dict[str, str]) ->
         else:
             value = values[name]
         if name == "prefix":
-            return "/".join(_UNSAFE.sub("_", part) for part in value.split("/") if part)
+            return "/".join(safe_segment(part) for part in str(value).split("/") if part)
         if name == "ext":
             return value
-        return _UNSAFE.sub("_", value) or "none"
+        return safe_segment(str(value))
 
-    return re.sub(r"/+", "/", _PLACEHOLDER.sub(fill, template)).lstrip("/")
+    # Values next to each other or to the template's text could still make '.' or '..' (".{tag}"
+    # with an empty tag...): such segments never stay, whatever the template.
+    parts = _PLACEHOLDER.sub(fill, template).split("/")
+    return "/".join(part if part.strip(".") else "_" * len(part) for part in parts if part)
 
 
 def partition_of(epoch: float) -> int:

@@ -24,7 +24,7 @@ from shipper.errors import BufferFull, RetryableError
 from shipper.outputs import aws
 from shipper.outputs.base import Output
 from shipper.outputs.directory import COMPRESSIONS, check_compression_level, layout_of
-from shipper.outputs.keys import DEFAULT_KEY, check_template
+from shipper.outputs.keys import DEFAULT_KEY, check_prefix, check_template
 from shipper.outputs.objects import FinishedObject, ObjectBuilder
 from shipper.outputs.spool import Spool, SpooledObject
 
@@ -52,7 +52,7 @@ def check_bucket_name(name: str) -> str | None:
 
 OPTIONS = {
     "bucket": Option("str", check=check_bucket_name),
-    "prefix": Option("str", ""),
+    "prefix": Option("str", "", check=check_prefix),
     "key": Option("str", "{prefix}/" + DEFAULT_KEY, check=check_template),
     **aws.AWS_OPTIONS,
     "compression": Option("choice", "gzip", choices=COMPRESSIONS),
@@ -98,7 +98,8 @@ class S3Output(Output):
         super().__init__(settings, context)
         self.spool = Spool(os.path.join(context.data_dir, "spool", context.name))
         self.builder = ObjectBuilder(context.name, self.spool.root, layout_of(settings, prefix=settings.prefix),
-                                     context.envelope, self._spooled, next_seq=self.spool.next_seq)
+                                     context.envelope, self._spooled, next_seq=self.spool.next_seq,
+                                     stats=context.stats)
         self.client = aws.make_client("s3", settings, context.envelope.identity, attempts=3,
                                       connections=settings.upload_concurrency * 2)
         from boto3.s3.transfer import TransferConfig
@@ -200,13 +201,26 @@ class S3Output(Output):
                 if error is None:
                     self._uploaded(obj)
                 elif isinstance(error, FileNotFoundError) and not os.path.exists(obj.path):
-                    # Uploaded and removed by an earlier pipeline of this process (before a reload).
-                    log.info("%s: %s is no longer in the spool; not uploading it again", self.context.name, obj.key)
-                    self.spooled_bytes -= obj.size
+                    self._vanished(obj)
                 else:
                     self._failed(obj, error)
             if not block:
                 return
+
+    def _vanished(self, obj: SpooledObject) -> None:
+        """A spooled object is gone before its upload: retrying cannot bring it back."""
+        self.spooled_bytes -= obj.size
+        name = self.context.name
+        if not obj.records:
+            # A leftover of an earlier run (records unknown): uploaded and removed by the pipeline
+            # this process ran before a reload, most likely.
+            log.info("%s: %s is no longer in the spool; not uploading it again", name, obj.key)
+            return
+        # Built by this pipeline and confirmed when spooled: someone removed the spool (rm -rf of data_dir).
+        self.context.stats.add("records_dropped", obj.records, output=name, reason="spool_vanished")
+        self.context.stats.add("objects_lost", 1, output=name)
+        log.error("%s: spooled object %s vanished before its upload (was %s removed?); its %d records are lost",
+                  name, obj.key, self.spool.root, obj.records)
 
     def _uploaded(self, obj: SpooledObject) -> None:
         self.spool.remove(obj)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+from stat import S_ISREG
 from dataclasses import dataclass
 
-from shipper.durable import write_atomically
+from shipper.durable import make_dirs, write_atomically
 from shipper.outputs.objects import TMP_DIR
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class SpooledObject:
 class Spool:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        make_dirs(self.root)
         self._seq_path = os.path.join(self.root, SEQ_FILE)
         self._next = self._read_seq()
         self._reserved = self._next
@@ -55,7 +56,12 @@ class Spool:
 
     def next_seq(self) -> int:
         if self._next >= self._reserved:
-            write_atomically(self._seq_path, str(self._next + SEQ_BLOCK).encode())
+            data = str(self._next + SEQ_BLOCK).encode()
+            try:
+                write_atomically(self._seq_path, data)
+            except FileNotFoundError:  # the spool was removed under us (rm -rf of data_dir): make it again
+                make_dirs(self.root)
+                write_atomically(self._seq_path, data)
             self._reserved = self._next + SEQ_BLOCK
         seq = self._next
         self._next += 1
@@ -72,8 +78,11 @@ class Spool:
                 if directory == self.root and name.startswith(SEQ_FILE):
                     continue
                 try:
-                    stat = os.stat(path)
+                    stat = os.lstat(path)
                 except FileNotFoundError:
+                    continue
+                if not S_ISREG(stat.st_mode):  # a symlink (planted?) or a special file: never uploaded
+                    log.warning("%s in the spool is not a regular file; left alone, not uploaded", path)
                     continue
                 found.append((stat.st_mtime, SpooledObject(path, os.path.relpath(path, self.root), stat.st_size)))
         return [obj for _, obj in sorted(found, key=lambda item: item[0])]

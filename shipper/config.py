@@ -8,6 +8,7 @@ options as a dict of :class:`Option`; this module knows only the mechanics.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 import tomllib
@@ -47,35 +48,81 @@ _SIZE_UNITS = {
 }
 
 
-def parse_duration(value: Any) -> float:
-    """'500ms', '10s', '5m', '1h', '1d' or a number of seconds -> seconds."""
+# Upper bounds by kind, for options that declare none: far above any sensible setting, far below
+# what overflows at run time (waits and sleeps raise OverflowError past ~292 years, reads and
+# allocations past 2**63 bytes, C ints past 2**31). An Option's ``maximum`` overrides them.
+MAX_DURATION = 366 * 86400.0   # a year
+MAX_SIZE = 1024**4             # 1 TiB
+MAX_INT = 2**31 - 1
+
+
+def parse_duration(value: Any, maximum: float = MAX_DURATION) -> float:
+    """'500ms', '10s', '5m', '1h', '1d' or a number of seconds -> seconds, at most ``maximum``."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like \"10s\", got a boolean")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    raise ValueError(f"expected a duration like \"500ms\", \"10s\", \"5m\", got {value!r}")
+    if isinstance(value, float):
+        seconds = value
+    elif isinstance(value, int):
+        seconds = float(value) if abs(value) < 1e300 else math.inf  # a huge int must not raise OverflowError
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration like \"500ms\", \"10s\", \"5m\", got {value!r}")
+    if math.isnan(seconds):
+        raise ValueError("expected a duration like \"10s\", got nan")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > maximum:
+        raise ValueError(f"{_shown(value)} is longer than the limit of {format_duration(maximum)}")
+    return seconds
 
 
-def parse_size(value: Any) -> int:
-    """'64MiB', '256KiB', '10MB', '512B' or a number of bytes -> bytes."""
+def parse_size(value: Any, maximum: int = MAX_SIZE) -> int:
+    """'64MiB', '256KiB', '10MB', '512B' or a number of bytes -> bytes, at most ``maximum``."""
     if isinstance(value, bool):
         raise ValueError("expected a size like \"64MiB\", got a boolean")
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match:
-            unit = (match.group(2) or "B").lower()
-            return int(float(match.group(1)) * _SIZE_UNITS[unit])
-    raise ValueError(f"expected a size like \"64MiB\", \"256KiB\", \"10MB\", got {value!r}")
+        size: float = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").lower()]  # inf for 400 digits: checked
+    else:
+        raise ValueError(f"expected a size like \"64MiB\", \"256KiB\", \"10MB\", got {value!r}")
+    if size > maximum:
+        raise ValueError(f"{_shown(value)} is more than the limit of {format_size(maximum)}")
+    return int(size)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def format_duration(seconds: float) -> str:
+    """3600 -> "1h", 90 -> "90s", 0.5 -> "500ms": the largest unit that shows it exactly."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def format_size(size: int) -> str:
+    """1024**3 -> "1GiB": the largest binary unit that shows it exactly."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+# userinfo ("user:password@") after a scheme, up to the last "@" before the path: what urlsplit calls the
+# user and password. Applied to text that is shown (log lines, /status, check), never per record.
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s\"'<>]*@")
+
+
+def redact_urls(text: str) -> str:
+    """Every URL's credentials in ``text`` replaced: "https://user:pw@host/x" -> "https://***@host/x"."""
+    return _URL_USERINFO.sub(r"\1***@", text) if "@" in text else text
 
 
 _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -106,6 +153,7 @@ class Option:
 
     kind: str, int, float, bool, duration, size, strlist, strmap, choice, table.
     ``check`` receives the converted value and returns an error text or None.
+    ``maximum``: the largest value; None means the kind's bound (MAX_DURATION, MAX_SIZE, MAX_INT).
     """
 
     kind: str
@@ -113,6 +161,7 @@ class Option:
     choices: tuple = ()
     check: Callable[[Any], str | None] | None = None
     minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def required(self) -> bool:
@@ -161,17 +210,26 @@ def _convert(option: Option, value: Any) -> Any:
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected an integer, got {type(value).__name__}")
+        maximum = MAX_INT if option.maximum is None else int(option.maximum)
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum}")
+        if value < -MAX_INT - 1:
+            raise ValueError(f"must be at least {-MAX_INT - 1}")
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {type(value).__name__}")
+        if isinstance(value, int) and abs(value) >= 1e300 or isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
         value = float(value)
+        if option.maximum is not None and value > option.maximum:
+            raise ValueError(f"must be at most {option.maximum:g}")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {type(value).__name__}")
     elif kind == "duration":
-        value = parse_duration(value)
+        value = parse_duration(value, MAX_DURATION if option.maximum is None else option.maximum)
     elif kind == "size":
-        value = parse_size(value)
+        value = parse_size(value, MAX_SIZE if option.maximum is None else int(option.maximum))
     elif kind == "strlist":
         if isinstance(value, str):
             value = [value]
@@ -230,14 +288,17 @@ def _join(where: str, key: str) -> str:
 
 # ---------------------------------------------------------------- the sections
 
+HOUR, DAY = 3600.0, 86400.0
+
 AGENT_OPTIONS = {
     "data_dir": Option("str", "/var/lib/shipper"),
-    "flush_interval": Option("duration", 1.0, minimum=0.01),
-    "shutdown_timeout": Option("duration", 20.0),
-    "checkpoint_interval": Option("duration", 1.0, minimum=0.01),
+    "flush_interval": Option("duration", 1.0, minimum=0.01, maximum=HOUR),
+    # The whole stop (and a reload's drain) keeps to it; under the unit's TimeoutStopSec (45 s).
+    "shutdown_timeout": Option("duration", 20.0, maximum=HOUR),
+    "checkpoint_interval": Option("duration", 1.0, minimum=0.01, maximum=HOUR),
     # Failed deliveries wait a random time up to initial * 2^(attempt-1), at most maximum.
-    "retry_initial_delay": Option("duration", 0.5, minimum=0.001),
-    "retry_max_delay": Option("duration", 30.0, minimum=0.001),
+    "retry_initial_delay": Option("duration", 0.5, minimum=0.001, maximum=HOUR),
+    "retry_max_delay": Option("duration", 30.0, minimum=0.001, maximum=DAY),
     "log_level": Option("choice", "info", choices=("debug", "info", "warning", "error")),
     "labels": Option("strmap", {}),
 }
@@ -245,15 +306,17 @@ AGENT_OPTIONS = {
 CLOUD_OPTIONS = {
     "metadata": Option("choice", "auto", choices=("auto", "ec2", "off")),
     "imds_endpoint": Option("str", "http://169.254.169.254"),
-    "imds_timeout": Option("duration", 1.0),
+    "imds_timeout": Option("duration", 1.0, maximum=60.0),  # start-up waits for it
     # On EC2: how often IMDS is asked for Spot and Auto Scaling termination notices (0: never).
-    "termination_check_interval": Option("duration", 5.0),
+    "termination_check_interval": Option("duration", 5.0, maximum=HOUR),
 }
 
 SERVER_OPTIONS = {
     "listen": Option("str", "127.0.0.1:2020", check=lambda v: _check_listen(v)),
+    # /status and /metrics show identity, labels, paths and errors: only loopback unless this is set.
+    "allow_remote": Option("bool", False),
     # An output that has had something to send and delivered nothing for this long is unhealthy.
-    "unhealthy_after": Option("duration", 300.0, minimum=1.0),
+    "unhealthy_after": Option("duration", 300.0, minimum=1.0, maximum=30 * DAY),
 }
 
 
@@ -261,6 +324,17 @@ def _check_listen(value: str) -> str | None:
     from shipper.server import check_listen
 
     return check_listen(value)
+
+
+def _server_problems(server: Settings) -> list[str]:
+    """What one key alone cannot tell: a listen address other machines reach, without allow_remote."""
+    from shipper.server import remote_listen_problem
+
+    listen = server.get("listen")
+    if listen is None or server.get("allow_remote") is None:  # already reported as invalid
+        return []
+    problem = remote_listen_problem(listen, server.allow_remote)
+    return [f"{server.where}.listen: {problem}"] if problem else []
 
 COMMON_INPUT_OPTIONS = {
     "type": Option("str"),
@@ -271,7 +345,7 @@ COMMON_OUTPUT_OPTIONS = {
     "type": Option("str"),
     "match": Option("strlist", ["*"]),
     # Records waiting in memory for this output; readers wait when it is full.
-    "buffer_max_bytes": Option("size", 16 * 1024**2, minimum=1024),
+    "buffer_max_bytes": Option("size", 16 * 1024**2, minimum=1024, maximum=16 * 1024**3),  # memory
 }
 
 
@@ -388,6 +462,7 @@ def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> 
     agent = validate_section("agent", raw.get("agent", {}), AGENT_OPTIONS, problems)
     cloud = validate_section("cloud", raw.get("cloud", {}), CLOUD_OPTIONS, problems)
     server = validate_section("server", raw.get("server", {}), SERVER_OPTIONS, problems)
+    problems.extend(_server_problems(server))
     sections: dict[str, list[Settings]] = {"inputs": [], "outputs": []}
     for name, modules, common in (("inputs", INPUT_MODULES, COMMON_INPUT_OPTIONS),
                                   ("outputs", OUTPUT_MODULES, COMMON_OUTPUT_OPTIONS)):

@@ -1,5 +1,8 @@
 """The health and metrics server on loopback: GET /healthz, /metrics (Prometheus text), /status (JSON).
 
+One thread and a selector loop serve it, with a cap on connections and a deadline per request
+(see :class:`Server`); a non-loopback address is refused unless ``allow_remote`` is set.
+
 Nothing is counted per request or per record for it: a scrape reads the counters the
 pipeline keeps anyway (:class:`shipper.stats.Stats`) and asks each output and input for
 its state, through ``agent_state`` (a function, because a reload replaces the pipeline).
@@ -7,7 +10,10 @@ its state, through ``agent_state`` (a function, because a reload replaces the pi
 
 from __future__ import annotations
 
+import errno
 import logging
+import selectors
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +42,7 @@ class InputState:
     name: str                          # the tag
     type: str
     lag: dict[str, int] = field(default_factory=dict)  # per file: bytes not yet confirmed by every output
+    late_for: float = 0.0              # seconds past the time its thread promised to be back in its loop
 
 
 @dataclass
@@ -62,10 +69,22 @@ def output_problem(state: OutputState, unhealthy_after: float) -> str | None:
     return None
 
 
+# An input thread this late back to its loop is stuck (in an open, a read, a regex): unhealthy.
+INPUT_LATE_AFTER = 60.0
+
+
+def input_problem(state: InputState) -> str | None:
+    if state.late_for > INPUT_LATE_AFTER:
+        return f"stuck for {state.late_for:.0f}s (its thread did not come back to its loop)"
+    return None
+
+
 def health(state: AgentState) -> tuple[bool, dict[str, Any]]:
     problems = {o.name: p for o in state.outputs if (p := output_problem(o, state.unhealthy_after))}
-    body = {"status": "unhealthy" if problems else "ok", "outputs": problems or None}
-    return not problems, {k: v for k, v in body.items() if v is not None}
+    stuck = {i.name: p for i in state.inputs if (p := input_problem(i))}
+    body = {"status": "unhealthy" if problems or stuck else "ok", "outputs": problems or None,
+            "inputs": stuck or None}
+    return not (problems or stuck), {k: v for k, v in body.items() if v is not None}
 
 
 def status_document(state: AgentState) -> dict[str, Any]:
@@ -138,7 +157,7 @@ class _Collector:
         return metric_families(self.agent_state())
 
 
-# ---------------------------------------------------------------- HTTP
+# ---------------------------------------------------------------- listen addresses
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """"127.0.0.1:2020" -> ("127.0.0.1", 2020); "[::1]:2020" for IPv6. Raises ValueError."""
@@ -158,91 +177,309 @@ def check_listen(listen: str) -> str | None:
     return None
 
 
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1); False for anything else."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone ("fe80::1%eth0") is not loopback anyway
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def remote_listen_problem(listen: str, allow_remote: bool) -> str | None:
+    """Why ``listen`` would serve /status and /metrics to other machines, or None.
+
+    A host name counts by what it resolves to now: every address must be loopback. "0.0.0.0" and
+    "::" (every interface) are not."""
+    if not listen or allow_remote:
+        return None
+    host, port = parse_listen(listen)
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host!r}: {exc}; listen on an address such as \"127.0.0.1:{port}\""
+    remote = [a for a in addresses if not is_loopback(a)]
+    if not remote:
+        return None
+    return (f"{listen!r} is reachable from other machines ({', '.join(remote)}) and /status and /metrics show "
+            f"the instance's identity, labels, paths and errors: listen on \"127.0.0.1:{port}\" or \"[::1]:{port}\", "
+            f"or set [server] allow_remote = true to serve them to the network on purpose")
+
+
+# ---------------------------------------------------------------- HTTP
+
+# The server is one thread with a selector loop, never a thread per connection: a few hundred
+# slow local clients once exhausted the unit's TasksMax and thread creation failed elsewhere.
+MAX_CONNECTIONS = 8         # clients served at once; more are answered 503 and closed at once
+REQUEST_DEADLINE = 5.0      # seconds for a whole request and its answer, however slowly the bytes come
+MAX_REQUEST_BYTES = 8192    # the request line and headers (a GET has no body)
+LISTEN_BACKLOG = 64
+ACCEPT_PAUSE = 1.0          # out of descriptors: stop accepting for this long instead of spinning
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def http_response(code: int, content_type: str, body: bytes, head_only: bool = False,
+                  extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    headers = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Unknown')}", f"Server: shipper/{__version__}",
+               f"Content-Type: {content_type}", f"Content-Length: {len(body)}", "Connection: close",
+               *(f"{name}: {value}" for name, value in extra)]
+    return ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+
+
+BUSY = http_response(503, "text/plain", b"busy: too many connections to the status server, try again\n")
+TIMED_OUT = http_response(408, "text/plain", b"request not received in time\n")
+TOO_LARGE = http_response(431, "text/plain", b"request headers too large\n")
+
+
+def request_complete(data: bytes) -> bool:
+    """The request line and headers have all arrived (a blank line ends them)."""
+    return b"\r\n\r\n" in data or b"\n\n" in data
+
+
+def answer(head: bytes, route: Callable[[str], tuple[int, str, bytes]]) -> bytes:
+    """The whole HTTP response to one request's line and headers. ``route(path)`` gives code, type, body;
+    an exception in it is answered 500 and logged (a bug must be seen, and must not stop the server)."""
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/") or not parts[1].startswith(b"/"):
+        return http_response(400, "text/plain", b"bad request\n")
+    method, target = parts[0], parts[1].decode("latin-1")
+    if method not in (b"GET", b"HEAD"):
+        return http_response(405, "text/plain", b"only GET and HEAD\n", extra=(("Allow", "GET, HEAD"),))
+    path = target.split("?", 1)[0]
+    try:
+        code, content_type, body = route(path)
+    except Exception:
+        log.exception("server: %s failed", path[:200])
+        code, content_type, body = 500, "text/plain", b"internal error (see the agent's log)\n"
+    return http_response(code, content_type, body, head_only=method == b"HEAD")
+
+
+class _Connection:
+    __slots__ = ("sock", "deadline", "received", "reply", "answered")
+
+    def __init__(self, sock, deadline: float):
+        self.sock = sock
+        self.deadline = deadline      # the whole request and answer, from the accept
+        self.received = b""
+        self.reply: memoryview | None = None  # set once the request is complete: what is left to send
+        self.answered = False         # sent and half-closed: waiting for the client to close
+
+
 class Server:
-    """A small threaded HTTP server; each request runs on its own short-lived thread."""
+    """/healthz, /metrics and /status over HTTP/1.1, one request per connection, on one thread.
 
-    def __init__(self, listen: str, agent_state: Callable[[], AgentState]):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    Bounded whatever clients do: at most ``max_connections`` at once (others get a 503 and are closed
+    at once), each given ``deadline`` seconds in total to send its request and take the answer, at most
+    MAX_REQUEST_BYTES of request. Nothing here can reach the pipeline: every error is contained in
+    this thread. ``stats`` counts the connections dropped (``server_connections_dropped{reason}``).
+    """
 
-        exposition: list = []  # prometheus-client, imported at the first scrape (an agent nobody scrapes: -1 MiB)
-        lock = threading.Lock()
-
-        def metrics_text() -> tuple[str, bytes]:
-            with lock:
-                if not exposition:
-                    from prometheus_client.core import CollectorRegistry
-                    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
-                    registry = CollectorRegistry(auto_describe=False)
-                    registry.register(_Collector(agent_state))
-                    exposition.extend([CONTENT_TYPE_LATEST, lambda: generate_latest(registry)])
-            return exposition[0], exposition[1]()
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = f"shipper/{__version__}"
-            timeout = 10  # a client that connects and says nothing does not hold a thread forever
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                path = self.path.split("?", 1)[0]
-                try:
-                    if path == "/healthz":
-                        healthy, body = health(agent_state())
-                        self._reply(200 if healthy else 503, "application/json", orjson.dumps(body))
-                    elif path == "/metrics":
-                        self._reply(200, *metrics_text())
-                    elif path == "/status":
-                        self._reply(200, "application/json", orjson.dumps(status_document(agent_state())))
-                    else:
-                        self._reply(404, "text/plain", b"not found: try /healthz, /metrics or /status\n")
-                except OSError:  # the client went away
-                    pass
-                except Exception:  # a bug must not kill the server thread, nor go unseen
-                    log.exception("server: %s failed", path)
-                    try:
-                        self._reply(500, "text/plain", b"internal error (see the agent's log)\n")
-                    except OSError:
-                        pass
-
-            def _reply(self, code: int, content_type: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # no log line per request
-                pass
-
+    def __init__(self, listen: str, agent_state: Callable[[], AgentState], stats=None, *,
+                 max_connections: int = MAX_CONNECTIONS, deadline: float = REQUEST_DEADLINE):
+        self.agent_state = agent_state
+        self.stats = stats
+        self.max_connections = max_connections
+        self.deadline = deadline
+        self._exposition: list = []  # prometheus-client, imported at the first scrape (nobody scrapes: -1 MiB)
         host, port = parse_listen(listen)
-        ThreadingHTTPServer.address_family = _family(host)
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.address = f"{host}:{self.httpd.server_address[1]}"
-        self.httpd.timeout = None  # handle_request() blocks until a request: no idle wake-ups
+        self.sock = socket.socket(_family(host), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(LISTEN_BACKLOG)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        bound = self.sock.getsockname()[1]
+        self.address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._connections: dict[int, _Connection] = {}
+        self._accept_paused_until: float | None = None
+        self._last_warning = -float("inf")
         self._stopped = False
         self.thread = threading.Thread(target=self._serve, name="server", daemon=True)
 
-    def _serve(self) -> None:
-        while not self._stopped:
-            self.httpd.handle_request()
+    # ------------------------------------------------------------ routes
+
+    def route(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            healthy, body = health(self.agent_state())
+            return 200 if healthy else 503, "application/json", orjson.dumps(body)
+        if path == "/metrics":
+            return (200, *self._metrics_text())
+        if path == "/status":
+            return 200, "application/json", orjson.dumps(status_document(self.agent_state()))
+        return 404, "text/plain", b"not found: try /healthz, /metrics or /status\n"
+
+    def _metrics_text(self) -> tuple[str, bytes]:
+        if not self._exposition:  # only this thread serves: no lock needed
+            from prometheus_client.core import CollectorRegistry
+            from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Collector(self.agent_state))
+            self._exposition.extend([CONTENT_TYPE_LATEST, lambda: generate_latest(registry)])
+        return self._exposition[0], self._exposition[1]()
+
+    # ------------------------------------------------------------ the loop
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
-        import socket
-
         self._stopped = True
-        try:  # wake the blocking accept
-            host, port = parse_listen(self.address)
-            socket.create_connection((host, port), timeout=1).close()
+        try:
+            self._wake_write.send(b"\0")
         except OSError:
             pass
         self.thread.join(2)
-        self.httpd.server_close()
+        for sock in (self.sock, self._wake_read, self._wake_write):
+            sock.close()
+
+    def _serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ, "listen")
+        selector.register(self._wake_read, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stopped:
+                try:
+                    self._step(selector)
+                except Exception:  # a bug here must end neither this thread nor the agent
+                    self._warn("server: unexpected error (the server goes on)", exc_info=True)
+                    time.sleep(0.1)  # never a hot loop on a persisting error
+        finally:
+            for connection in list(self._connections.values()):
+                self._close(selector, connection)
+            selector.close()
+
+    def _step(self, selector) -> None:
+        now = time.monotonic()
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            selector.register(self.sock, selectors.EVENT_READ, "listen")
+        wake_at = [c.deadline for c in self._connections.values()]
+        if self._accept_paused_until is not None:
+            wake_at.append(self._accept_paused_until)
+        timeout = max(0.0, min(wake_at) - now) if wake_at else None  # idle: no wake-ups at all
+        for key, events in selector.select(timeout):
+            if key.data == "listen":
+                self._accept(selector)
+            elif key.data == "wake":
+                try:
+                    while self._wake_read.recv(64):
+                        pass
+                except OSError:
+                    pass
+            else:
+                try:
+                    self._service(selector, key.data, events)
+                except OSError:  # the client went away
+                    self._close(selector, key.data)
+        now = time.monotonic()
+        for connection in [c for c in self._connections.values() if now >= c.deadline]:
+            if connection.reply is None:  # still sending its request: tell it, without waiting
+                self._try_send(connection.sock, TIMED_OUT)
+            if not connection.answered:
+                self._count("deadline")
+            self._close(selector, connection)
+
+    def _accept(self, selector) -> None:
+        for _ in range(LISTEN_BACKLOG):  # what is queued now; the selector brings the rest
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._warn(f"server: cannot accept connections ({exc.strerror}); pausing {ACCEPT_PAUSE:g}s")
+                    selector.unregister(self.sock)
+                    self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            if len(self._connections) >= self.max_connections:
+                try:  # what the client sent already: unread bytes at the close would reset the answer away
+                    sock.recv(65536, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+                self._try_send(sock, BUSY)
+                sock.close()
+                self._count("too_many")
+                self._warn(f"server: more than {self.max_connections} connections at once; refusing the others")
+                continue
+            sock.setblocking(False)
+            connection = _Connection(sock, time.monotonic() + self.deadline)
+            self._connections[sock.fileno()] = connection
+            selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _service(self, selector, connection: _Connection, events: int) -> None:
+        if connection.reply is None or connection.answered:
+            try:
+                data = connection.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                self._close(selector, connection)
+                return
+            if connection.answered:  # the rest of a request already answered (431): dropped
+                return
+            connection.received += data
+            if request_complete(connection.received):
+                reply = answer(connection.received, self.route)
+            elif len(connection.received) > MAX_REQUEST_BYTES:
+                reply = TOO_LARGE
+                self._count("too_large")
+            else:
+                return
+            connection.reply = memoryview(reply)
+            selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+        try:
+            sent = connection.sock.send(connection.reply)
+        except (BlockingIOError, InterruptedError):
+            return
+        connection.reply = connection.reply[sent:]
+        if not connection.reply:
+            # Half-close and wait (within the deadline) for the client to close: closing with
+            # unread bytes would reset the connection, and the client might lose the answer.
+            connection.sock.shutdown(socket.SHUT_WR)
+            connection.answered = True
+            selector.modify(connection.sock, selectors.EVENT_READ, connection)
+
+    def _close(self, selector, connection: _Connection) -> None:
+        self._connections.pop(connection.sock.fileno(), None)
+        try:
+            selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass
+        connection.sock.close()
+
+    @staticmethod
+    def _try_send(sock, data: bytes) -> None:
+        try:
+            sock.send(data, socket.MSG_DONTWAIT)  # a best-effort word, never a wait
+        except OSError:
+            pass
+
+    def _count(self, reason: str) -> None:
+        if self.stats is not None:
+            self.stats.add("server_connections_dropped", 1, reason=reason)
+
+    def _warn(self, message: str, exc_info: bool = False) -> None:
+        """At most one warning a minute: a flood of connections must not flood the journal too."""
+        now = time.monotonic()
+        if now - self._last_warning >= 60:
+            self._last_warning = now
+            log.warning("%s", message, exc_info=exc_info)
 
 
 def _family(host: str):
-    import socket
-
     return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1,7 +1,9 @@
 """The agent as a service: signals, reload, systemd notify and watchdog, the health server, termination notices.
 
 The main thread only waits: SIGTERM/SIGINT (drain and exit), SIGHUP (reload), or a part
-of the pipeline failing wake it. A reload validates the new configuration first and keeps
+of the pipeline failing wake it. The signal handlers are installed before anything else
+(:class:`Signals`), and a stop keeps one deadline, ``shutdown_timeout`` from the signal,
+whatever it interrupts (a reload included). A reload validates the new configuration first and keeps
 the old pipeline running when it is broken; otherwise it drains the old pipeline (every
 record read is delivered, every checkpoint saved) and starts the new one, whose inputs
 resume from those checkpoints: nothing is lost or read twice.
@@ -16,9 +18,10 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 
 from shipper import __version__
-from shipper.config import Config, ConfigError, load, source_of, target_of
+from shipper.config import Config, ConfigError, load, redact_urls, source_of, target_of
 from shipper.identity import ImdsClient, resolve_identity
 from shipper.lifecycle import TerminationWatcher, lifecycle_batch
 from shipper.server import AgentState, InputState, Server, output_problem
@@ -28,6 +31,11 @@ from shipper.systemd import Notifier, Watchdog
 log = logging.getLogger("shipper")
 
 EXIT_OK, EXIT_FAILED = 0, 1
+
+# How long past the stop deadline (the signal + shutdown_timeout) the agent may take before it exits
+# regardless (a checkpoint write on a hung disk, a close that blocks): well under the unit's
+# TimeoutStopSec (45 s) with the default shutdown_timeout (20 s).
+STOP_GRACE = 3.0
 
 
 class Wakeup:
@@ -63,15 +71,72 @@ class Wakeup:
             pass
 
 
+class Signals:
+    """SIGTERM/SIGINT (stop) and SIGHUP (reload), caught from the first moment of `shipper run`.
+
+    Python's default handlers would let a SIGHUP during start-up (reading the config, asking IMDS,
+    making the AWS clients: a second or more) kill the agent, and a SIGTERM skip the clean stop.
+    The handlers only record the signal and wake the main thread; :class:`Service` acts on it.
+    Create in the main thread.
+    """
+
+    def __init__(self):
+        self.wakeup = Wakeup()
+        self.stop_at: float | None = None     # monotonic time of the first stop signal
+        self.reload_at: float | None = None   # of the last SIGHUP not yet acted on
+        self.stopping = threading.Event()     # for the stop guard (an Event: safe to set from a handler)
+        self.wakeup.catch_signals()
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_at is not None
+
+    @property
+    def reload_requested(self) -> bool:
+        return self.reload_at is not None
+
+    def take_reload(self) -> bool:
+        """True once per SIGHUP (or several close together) received."""
+        requested, self.reload_at = self.reload_at is not None, None
+        return requested
+
+    def config_read(self, since: float) -> None:
+        """The configuration file was read after ``since``: a SIGHUP from before asked for nothing more."""
+        if self.reload_at is not None and self.reload_at < since:
+            self.reload_at = None
+            log.info("SIGHUP before the configuration was read: nothing to reload")
+
+    def _on_stop(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.stop_at is not None:
+            # One Ctrl-C often arrives twice (from the terminal and from a parent such as make):
+            # only a signal well after the first means "stop now".
+            if now - self.stop_at > 1.0:
+                log.warning("second signal: exiting now (undelivered records are read again on the next start)")
+                os._exit(EXIT_FAILED)
+            return
+        self.stop_at = now
+        log.info("received %s: draining", signal.Signals(signum).name)
+        self.stopping.set()
+        self.wakeup.set()
+
+    def _on_reload(self, signum, frame) -> None:
+        self.reload_at = time.monotonic()
+        self.wakeup.set()
+
+
 class Service:
-    def __init__(self, config: Config, config_path: str | None, environ: dict[str, str] | None = None):
+    def __init__(self, config: Config, config_path: str | None, environ: dict[str, str] | None = None,
+                 signals: Signals | None = None):
         self.config = config
         self.config_path = config_path
         self.stats = Stats()
         self.started = time.time()
-        self.wakeup = Wakeup()
-        self.stop_requested = False
-        self.reload_requested = False
+        self.signals = signals or Signals()
+        self.wakeup = self.signals.wakeup
         self.reloads = 0
         self.lifecycle: str | None = None
         self.lock = threading.Lock()  # guards self.pipeline against the watcher and the server
@@ -83,40 +148,37 @@ class Service:
         self.server: Server | None = None
         self.watchdog: Watchdog | None = None
         self.watcher: TerminationWatcher | None = None
-        self._first_signal: float | None = None
 
     def _make_pipeline(self, config: Config):
         from shipper.pipeline import Pipeline
 
         return Pipeline(config, identity=self.identity, wakeup=self.wakeup, stats=self.stats)
 
-    # ------------------------------------------------------------ signals
+    # ------------------------------------------------------------ stopping
 
-    def _on_stop_signal(self, signum, frame) -> None:
-        now = time.monotonic()
-        if self._first_signal is not None:
-            # One Ctrl-C often arrives twice (from the terminal and from a parent such as make):
-            # only a signal well after the first means "stop now".
-            if now - self._first_signal > 1.0:
-                log.warning("second signal: exiting now (undelivered records are read again on the next start)")
-                os._exit(EXIT_FAILED)
-            return
-        self._first_signal = now
-        log.info("received %s: draining", signal.Signals(signum).name)
-        self.stop_requested = True
-        self.wakeup.set()
+    def stop_deadline(self) -> float | None:
+        """When the whole stop must be over: the first stop signal + shutdown_timeout (None: no stop yet)."""
+        at = self.signals.stop_at
+        return None if at is None else at + self.config.agent.shutdown_timeout
 
-    def _on_reload_signal(self, signum, frame) -> None:
-        self.reload_requested = True
-        self.wakeup.set()
+    def _guard_stop(self) -> None:
+        """The stop's last resort, on its own thread: past the deadline (and STOP_GRACE), exit whatever
+        still runs, so that systemd never has to kill the agent (TimeoutStopSec)."""
+        self.signals.stopping.wait()
+        deadline = self.stop_deadline()
+        time.sleep(max(0.0, deadline + STOP_GRACE - time.monotonic()))
+        log.error("the stop took longer than shutdown_timeout (%.0fs): exiting now; what was not confirmed "
+                  "is read again on the next start", self.config.agent.shutdown_timeout)
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
 
     # ------------------------------------------------------------ running
 
     def run(self) -> int:
-        self.wakeup.catch_signals()
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, self._on_reload_signal)
+        if self.signals.stop_requested:  # during start-up: nothing was read, nothing to deliver
+            log.info("stopped during start-up, before reading anything")
+            return EXIT_OK
+        threading.Thread(target=self._guard_stop, name="stop-guard", daemon=True).start()
         self._announce(self.config)
         self.pipeline.start()
         self._start_server()
@@ -125,14 +187,12 @@ class Service:
         if self.notifier.watchdog_seconds:
             self.watchdog = Watchdog(self.notifier, self._alive, self.notifier.watchdog_seconds)
             self.watchdog.start()
-        while True:
-            self.wakeup.wait(60)
-            if self.stop_requested or self.pipeline.failed.is_set():
-                break
-            if self.reload_requested:
-                self.reload_requested = False
+        while not (self.signals.stop_requested or self.pipeline.failed.is_set()):
+            if self.signals.take_reload():  # also a SIGHUP received during start-up
                 self.reload()
+                continue  # a stop or another SIGHUP may have come meanwhile
             self.notifier.status(self._summary())
+            self.wakeup.wait(60)
         self.notifier.stopping("draining: delivering what was read")
         if self.watcher:
             self.watcher.stop()
@@ -174,20 +234,27 @@ class Service:
         """Apply the configuration file again; False (old pipeline kept) when it is broken.
 
         Holds ``changing`` throughout, so a termination notice waits for the new pipeline instead
-        of being emitted into the one that is draining.
+        of being emitted into the one that is draining. The drain and the wait for old uploads share
+        one ``shutdown_timeout``; a stop requested meanwhile leaves the new pipeline unstarted (the
+        main loop then finds the old one stopped), so the stop keeps its deadline.
         """
         log.info("received SIGHUP: reloading %s", self.config_path or "the configuration")
         try:
             config = load(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %d problem(s) in %s: %s",
-                      len(exc.problems), self.config_path, "; ".join(exc.problems))
+                      len(exc.problems), self.config_path, redact_urls("; ".join(exc.problems)))
             self.stats.add("reloads_refused", 1)
+            return False
+        if self._stop_during_reload():
             return False
         with self.changing:
             old = self.pipeline
-            old.stop()  # drain: what was read is delivered and its checkpoints saved
-            old.wait_closed(old.config.agent.shutdown_timeout)  # no old upload left behind
+            deadline = time.monotonic() + old.config.agent.shutdown_timeout
+            old.stop()  # drain: what was read is delivered and its checkpoints saved (by the deadline)
+            old.wait_closed(max(0.0, deadline - time.monotonic()))  # no old upload left behind
+            if self._stop_during_reload():
+                return False
             try:
                 pipeline = self._make_pipeline(config)
             except Exception as exc:  # e.g. a region that cannot be resolved: back to what ran
@@ -200,6 +267,8 @@ class Service:
                     log.exception("cannot start the previous configuration again; stopping (systemd restarts us)")
                     old.failed.set()
                     return False
+            if self._stop_during_reload():  # made, never started: it has read nothing
+                return False
             with self.lock:
                 self.pipeline, self.config = pipeline, config
             pipeline.start()
@@ -213,28 +282,38 @@ class Service:
                 pipeline.flush_now()
             return config is not old.config
 
+    def _stop_during_reload(self) -> bool:
+        if self.signals.stop_requested:
+            log.info("stop requested during the reload: the new configuration is not started")
+        return self.signals.stop_requested
+
     # ------------------------------------------------------------ health server
 
     def state(self) -> AgentState:
         with self.lock:
             pipeline, config = self.pipeline, self.config
+        now = time.monotonic()
         inputs = [InputState(getattr(source, "tag", "?"), config.inputs[index].type,
-                             source.lag() if hasattr(source, "lag") else {})
+                             source.lag() if hasattr(source, "lag") else {},
+                             beat.late_by(now) if (beat := getattr(source, "heartbeat", None)) else 0.0)
                   for index, source in enumerate(pipeline.inputs)]
+        # Errors name endpoints: their credentials never reach /status, /healthz or systemd's STATUS.
+        outputs = [replace(o, last_error=redact_urls(o.last_error)) if o.last_error else o
+                   for o in pipeline.output_states()]
         return AgentState(self.started, self.identity, dict(config.agent.labels), self.stats.snapshot(),
-                          pipeline.output_states(), inputs, config.server.unhealthy_after, self.reloads,
-                          self.lifecycle)
+                          outputs, inputs, config.server.unhealthy_after, self.reloads, self.lifecycle)
 
     def _start_server(self) -> None:
         listen = self.config.server.listen
         if not listen:
             return
         try:
-            self.server = Server(listen, self.state)
-        except OSError as exc:  # the port is taken: shipping matters more than the status page
+            server = Server(listen, self.state, self.stats)
+            server.start()
+        except Exception as exc:  # the port is taken, no thread to be had: shipping matters more
             log.error("cannot serve /healthz and /metrics on %s: %s (shipping goes on without them)", listen, exc)
             return
-        self.server.start()
+        self.server = server
         log.info("serving /healthz, /metrics and /status on http://%s", self.server.address)
 
     # ------------------------------------------------------------ termination notices

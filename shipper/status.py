@@ -6,20 +6,24 @@ from typing import Any
 
 import orjson
 
+from shipper.config import redact_urls
+
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The agent's /status document; OSError (its message without URL credentials) when there is none."""
     import urllib.error
     import urllib.request
 
+    shown = redact_urls(url)
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:
             document = orjson.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise OSError(f"HTTP {exc.code} from {url}/status") from None
+        raise OSError(f"HTTP {exc.code} from {shown}/status") from None
     except orjson.JSONDecodeError:
-        raise OSError(f"{url}/status did not answer with the agent's JSON: is it shipper?") from None
+        raise OSError(f"{shown}/status did not answer with the agent's JSON: is it shipper?") from None
     if not isinstance(document, dict) or "outputs" not in document:
-        raise OSError(f"{url}/status did not answer with the agent's JSON: is it shipper?")
+        raise OSError(f"{shown}/status did not answer with the agent's JSON: is it shipper?")
     return document
 
 

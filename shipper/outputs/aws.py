@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shipper import __version__
-from shipper.config import Option
+from shipper.config import Option, redact_urls
 from shipper.errors import ConfigError
 from shipper.memory import trim_heap
 
@@ -40,8 +40,14 @@ def check_region(region: str) -> str | None:
 
 
 def check_endpoint_url(url: str) -> str | None:
-    if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
-        return f"{url!r} is not an http:// or https:// URL"
+    """Credentials in the URL ("https://user:pw@host") are allowed but never shown: see redact_urls."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return f"{redact_urls(url)!r} is not a valid URL"
+    if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+        return f"{redact_urls(url)!r} is not an http:// or https:// URL"
     return None
 
 
@@ -194,15 +200,16 @@ def http_status(exc: BaseException) -> int | None:
 
 
 def describe(exc: BaseException) -> str:
-    """A one-line description without anything secret: the service's code and message, or the error type."""
+    """A one-line description without anything secret: the service's code and message, or the error type.
+    botocore puts the endpoint URL in its connection errors: its credentials are redacted."""
     code = error_code(exc)
     if code:
         message = getattr(exc, "response", {}).get("Error", {}).get("Message") or ""
-        return f"{code}: {message}".rstrip(": ")
+        return redact_urls(f"{code}: {message}".rstrip(": "))
     name = type(exc).__name__
     if name == "NoCredentialsError":
         return "no AWS credentials found (environment, shared credentials file, or instance profile)"
-    return f"{name}: {exc}"
+    return redact_urls(f"{name}: {exc}")
 
 
 def is_transient(exc: BaseException) -> bool:

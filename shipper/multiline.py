@@ -17,11 +17,16 @@ Rule = Callable[[str, object], tuple[bool, object]]
 PRESETS = ("python", "java", "go")
 
 
+# A configured start regex looks at most this many characters of a line: a pattern that
+# backtracks (even quadratically) then costs a bounded time per line however long the line is.
+START_MATCH_CHARS = 4096
+
+
 def start_rule(pattern: str) -> Rule:
     start = re.compile(pattern)
 
     def rule(line: str, state: object) -> tuple[bool, object]:
-        return start.search(line) is None, None
+        return start.search(line, 0, START_MATCH_CHARS) is None, None
 
     return rule
 
@@ -54,12 +59,24 @@ def java_rule(line: str, state: object) -> tuple[bool, object]:
 
 
 _GO_PANIC = re.compile(r"^(panic: |fatal error: |runtime: )")
-_GO_CONTINUATION = re.compile(
-    r"^(\s|goroutine \d+ \[|\[signal |created by |exit status \d+|[\w./*()\[\]{}-]+\(.*\)$|\S+\.go:\d+|$)")
+# The preset patterns are anchored and no quantifier in them can give back what another one
+# took, so a line costs time linear in its length (tests/test_multiline_linear.py: 1 MiB lines).
+_GO_CONTINUATION = re.compile(r"^(\s|goroutine \d+ \[|\[signal |created by |exit status \d+|\S+\.go:\d+|$)")
+# A frame's function, "main.(*T).Run(0x1, ...)": a run of these characters holding a "(", and a
+# ")" at the end of the line. Checked without a regex: as the regex [\w./*()\[\]{}-]+\(.*\)$ it
+# backtracked quadratically (a 256 KiB line of "(" took a minute of CPU).
+_GO_FUNCTION_CHARS = re.compile(r"[\w./*()\[\]{}-]*")
+
+
+def is_go_function_line(line: str) -> bool:
+    if not line.endswith(")"):
+        return False
+    run = _GO_FUNCTION_CHARS.match(line).end()
+    return line.find("(", 1, run) != -1
 
 
 def go_rule(line: str, in_panic: object) -> tuple[bool, object]:
-    if in_panic and _GO_CONTINUATION.match(line):
+    if in_panic and (_GO_CONTINUATION.match(line) or is_go_function_line(line)):
         return True, True
     if _GO_PANIC.match(line):
         # A panic message continues the log line above only when that line was itself a panic.
@@ -108,6 +125,19 @@ class Joiner:
         self._pending_size += len(message) + 1
         if flags:
             self.pending_flags.update(flags)
+
+    def snapshot(self) -> tuple:
+        """What the joiner holds, to go back to if feeding a read fails half way (see restore)."""
+        return list(self.pending), dict(self.pending_flags), self.pending_bytes, self._pending_size, self.state
+
+    def restore(self, snapshot: tuple) -> None:
+        pending, flags, self.pending_bytes, self._pending_size, self.state = snapshot
+        self.pending, self.pending_flags = list(pending), dict(flags)
+
+    def reset(self) -> None:
+        """Forget the held event and the rule's state (the file starts over, or a read failed)."""
+        self.flush([])
+        self.state = None
 
     def flush(self, out: list[tuple[str, dict[str, bool]]]) -> None:
         if self.pending:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import orjson
 
-from shipper.record import PARSE_ERROR, TIME, format_time
+from shipper.record import END_EPOCH, MIN_EPOCH, PARSE_ERROR, PARSED, TIME, TIME_ERROR, format_time
 
 PARSERS = ("none", "json", "logfmt", "regex")
 
@@ -46,13 +46,15 @@ def parse_json(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def make_regex_parser(pattern: str) -> Callable[[str], dict[str, Any] | None]:
+def make_regex_parser(pattern: str, max_chars: int = 16 * 1024) -> Callable[[str], dict[str, Any] | None]:
+    """The parse function of a configured pattern. It sees at most the first ``max_chars`` characters
+    of a line (``$`` matches there): a pattern that backtracks then costs a bounded time per line."""
     compiled = re.compile(pattern)
     if not compiled.groupindex:
         raise ValueError("the pattern has no named group (?P<name>...)")
 
     def parse(line: str) -> dict[str, Any] | None:
-        match = compiled.search(line)
+        match = compiled.search(line, 0, max_chars)
         if match is None:
             return None
         return {k: v for k, v in match.groupdict().items() if v is not None}
@@ -86,7 +88,7 @@ def parse_time(value: Any, time_format: str) -> str | None:
             seconds = float(value)
             if time_format == "epoch_ms" or (time_format == "auto" and seconds > 1e11):
                 seconds /= 1000.0
-            return format_time(seconds)
+            return _in_range(seconds)
         if not isinstance(value, str):
             return None
         if time_format in ("auto", "epoch", "epoch_ms"):
@@ -104,7 +106,15 @@ def parse_time(value: Any, time_format: str) -> str | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return format_time(moment.timestamp())
+    return _in_range(moment.timestamp())
+
+
+def _in_range(seconds: float) -> str | None:
+    """RFC 3339 for a time a record can carry; None for one before 1970, after 9999 or not a number
+    (the record then keeps its read time and says ``time_error``)."""
+    if not MIN_EPOCH <= seconds < END_EPOCH:
+        return None
+    return format_time(seconds)
 
 
 class LineParser:
@@ -122,15 +132,18 @@ class LineParser:
         return self.parse is None
 
     def fields_for(self, message: str) -> dict[str, Any]:
-        """Extra record fields for one message: parsed values, event time, or parse_error."""
+        """Extra record fields for one message: parsed values (under PARSED, their own namespace),
+        event time, or parse_error."""
         parsed = self.parse(message) if self.parse else None
         if parsed is None:
             return {PARSE_ERROR: True}
+        extra: dict[str, Any] = {PARSED: parsed}
         if self.time_key and self.time_key in parsed:
             event_time = parse_time(parsed[self.time_key], self.time_format)
             if event_time is None:
                 self.time_errors += 1
+                extra[TIME_ERROR] = True
             else:
                 del parsed[self.time_key]
-                parsed[TIME] = event_time
-        return parsed
+                extra[TIME] = event_time
+        return extra

@@ -14,14 +14,17 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shipper.acks import Acknowledgement, OutputAck
 from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, tag_matches
+from shipper.durable import make_dirs
 from shipper.errors import BufferFull, FatalError, RetryableError
+from shipper.heartbeat import late_inputs
 from shipper.identity import resolve_identity
 from shipper.outputs.base import Output, OutputContext
 from shipper.outputs.retry import Backoff
+from shipper.quarantine import Quarantine
 from shipper.record import Batch, Envelope
 from shipper.server import OutputState
 from shipper.stats import Stats
@@ -38,15 +41,17 @@ class InputContext:
     data_dir: str
     stats: Stats
     checkpoint_interval: float
+    quarantined: list = field(default_factory=list)  # quarantine.Strike: ranges to move past once
 
 
 class OutputRunner(threading.Thread):
     """Feeds one output from its bounded queue and retries its deliveries."""
 
     def __init__(self, output: Output, match: list[str], max_bytes: int, flush_interval: float, stats: Stats,
-                 failed: threading.Event, wake_bytes: int | None = None):
+                 failed: threading.Event, wake_bytes: int | None = None, quarantine: Quarantine | None = None):
         super().__init__(name=f"output-{output.context.name}", daemon=True)
         self.failed = failed
+        self.quarantine = quarantine
         self.output = output
         self.name_ = output.context.name
         self.match = match
@@ -67,8 +72,9 @@ class OutputRunner(threading.Thread):
         self.woken = False
         self.urgent = False  # flush-now (the instance is going away): everything held is due every tick
         self.heartbeat = time.monotonic()  # the last time this thread made progress (systemd watchdog)
-        # Batches this output accepted and has not confirmed: their OutputAck -> the read time.
-        self.unsent: dict[OutputAck, float] = {}
+        # Batches this output accepted and has not confirmed: their OutputAck -> (read time, source,
+        # start, end): the oldest age for /metrics, and what to quarantine if the output fails.
+        self.unsent: dict[OutputAck, tuple[float, str | None, int, int]] = {}
         self.unsent_lock = threading.Lock()
         output.context.wake = self.wake
 
@@ -82,7 +88,7 @@ class OutputRunner(threading.Thread):
         cost = _cost(batch)
         if isinstance(batch.ack, OutputAck):
             with self.unsent_lock:
-                self.unsent[batch.ack] = batch.read_time
+                self.unsent[batch.ack] = (batch.read_time, batch.source, batch.start, batch.end)
         with self.cond:
             while self.queue and self.queued_bytes + cost > self.max_bytes:
                 if self._past_deadline():
@@ -108,6 +114,11 @@ class OutputRunner(threading.Thread):
             self._feed()
         except Exception:  # a bug, not a delivery problem: stop cleanly so systemd restarts us
             log.exception("%s: output failed; stopping the agent", self.name_)
+            if self.quarantine is not None:  # never in a loop on the same input (see quarantine.py)
+                with self.unsent_lock:
+                    held = [(source, start, end) for _, source, start, end in self.unsent.values()
+                            if source is not None and end > start]
+                self.quarantine.strike(held)
             self.failed.set()
 
     def wake(self) -> None:
@@ -132,7 +143,7 @@ class OutputRunner(threading.Thread):
         """What the health server shows of this output (read from another thread)."""
         now = time.monotonic()
         with self.unsent_lock:
-            oldest = next(iter(self.unsent.values()), None)
+            oldest = next(iter(self.unsent.values()), (None,))[0]
         output = self.output
         since, error = output.failing()
         if since is None and self.failing_since is not None:
@@ -165,7 +176,7 @@ class OutputRunner(threading.Thread):
                 draining = self.stopping and not self.queue
                 woken, self.woken = self.woken, False
             if batch is not None:
-                self.output.accept(batch)
+                self._accept(batch)
             now = self.heartbeat = time.monotonic()
             tick = now >= next_flush
             if tick:
@@ -179,6 +190,31 @@ class OutputRunner(threading.Thread):
                 forced = draining
             if draining and (self.output.pending() == 0 or self._past_deadline()):
                 return
+
+    def _accept(self, batch: Batch) -> None:
+        """Hand a batch to the output. Should encoding it fail all the same (a bug, or content no
+        check foresaw), the batch is retried record by record and only the records that still fail
+        are dropped, counted and logged: one batch never stops the agent."""
+        try:
+            self.output.accept(batch)
+            return
+        except Exception:
+            log.exception("%s: cannot take the batch of %s at offset %d; retrying it record by record",
+                          self.name_, batch.source or batch.tag, batch.start)
+        pieces = batch.pieces()
+        countdown = Acknowledgement(len(pieces), batch.ack.confirm)
+        failed = 0
+        for piece in pieces:
+            piece.ack = countdown
+            try:
+                self.output.accept(piece)
+            except Exception:
+                failed += 1
+                countdown.confirm()
+        if failed:
+            self.stats.add("records_dropped", failed, output=self.name_, reason="unencodable")
+            log.error("%s: dropped %d records of %s at offset %d that it cannot encode", self.name_, failed,
+                      batch.source or batch.tag, batch.start)
 
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -264,7 +300,7 @@ class Pipeline:
         self.config = config
         agent = config.agent
         self.data_dir = os.path.abspath(agent.data_dir)
-        os.makedirs(self.data_dir, exist_ok=True)
+        make_dirs(self.data_dir)
         self.stats = Stats() if stats is None else stats
         if identity is None:
             cloud = config.cloud
@@ -272,14 +308,17 @@ class Pipeline:
         self.envelope = Envelope(identity, dict(agent.labels))
         self.runners: list[OutputRunner] = []
         self.failed = Tripwire(wakeup)
+        self.quarantine = Quarantine(self.data_dir)
         for index, settings in enumerate(config.outputs):
             module = importlib.import_module(OUTPUT_MODULES[settings.type])
             context = OutputContext(f"{settings.type}.{index}", self.data_dir, self.envelope, self.stats,
                                     Backoff(agent.retry_initial_delay, agent.retry_max_delay))
             output = module.OUTPUT(settings, context)
             self.runners.append(OutputRunner(output, settings.match, settings.buffer_max_bytes,
-                                             agent.flush_interval, self.stats, self.failed))
-        input_context = InputContext(self.data_dir, self.stats, agent.checkpoint_interval)
+                                             agent.flush_interval, self.stats, self.failed,
+                                             quarantine=self.quarantine))
+        input_context = InputContext(self.data_dir, self.stats, agent.checkpoint_interval,
+                                     self.quarantine.take())
         self.inputs = [importlib.import_module(INPUT_MODULES[s.type]).INPUT(s, input_context)
                        for s in config.inputs]
         self.stop_inputs = threading.Event()
@@ -305,8 +344,16 @@ class Pipeline:
                 self._unrouted_reported.add(batch.tag)
                 log.warning("no output matches tag %r: its records are not shipped", batch.tag)
             return
-        if any(r.output.encoding == "ndjson" for r in runners):
-            batch.ndjson(self.envelope)  # encode here, in the reading thread, once for all
+        # Encoded here, in the reading thread, once for all. A batch with fields is encoded even
+        # when no output wants NDJSON: that proves every record encodable (repairing those that are
+        # not) before any output sees it, so no output can fail on what a file or a peer sent.
+        wants_ndjson = any(r.output.encoding == "ndjson" for r in runners)
+        if wants_ndjson or batch.fields is not None:
+            batch.ndjson(self.envelope)
+            if batch.dropped:
+                self.stats.add("records_dropped", batch.dropped, input=batch.tag, reason="unencodable")
+            if not wants_ndjson:
+                batch._ndjson = None
         for runner in runners:
             runner.put(batch.for_output(OutputAck(batch.ack, runner.confirmed)))
 
@@ -318,7 +365,8 @@ class Pipeline:
         return [runner.state() for runner in self.runners]
 
     def stalled(self, period: float) -> list[str]:
-        return stalled(self.runners, period)
+        """Outputs and inputs stuck for longer than ``period`` (the watchdog's and /healthz's question)."""
+        return stalled(self.runners, period) + late_inputs(self.inputs, period)
 
     def flush_now(self) -> None:
         """The instance is going away: every output delivers what it holds at each tick, now."""
@@ -334,8 +382,14 @@ class Pipeline:
             self._input_threads.append(thread)
 
     def _run_input(self, source) -> None:
+        beat = getattr(source, "heartbeat", None)
+        emit = self.emit
+        if beat is not None:
+            def emit(batch: Batch) -> None:
+                with beat.paused():
+                    self.emit(batch)
         try:
-            source.run(self.emit, self.stop_inputs)
+            source.run(emit, self.stop_inputs)
         except Exception:  # a bug, not bad input: stop cleanly so systemd restarts us
             log.exception("input %s failed; stopping the agent", getattr(source, "tag", source))
             self.failed.set()

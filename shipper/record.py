@@ -8,6 +8,8 @@ messages with optional per-record fields: parsed values, flags, event time).
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import time as _time
 from dataclasses import dataclass, field
 from datetime import datetime as _datetime
@@ -15,22 +17,38 @@ from typing import Any, Iterator
 
 import orjson
 
+log = logging.getLogger(__name__)
+
 # Keys the agent itself writes at the top level; parsed fields with these names go under "fields".
 RESERVED_KEYS = frozenset({
     "time", "tag", "host", "instance_id", "image_id", "region", "availability_zone",
     "instance_type", "source", "message", "labels", "fields", "encoding_errors",
-    "truncated", "parse_error", "metrics",
+    "truncated", "parse_error", "metrics", "time_error",
 })
 IDENTITY_KEYS = ("host", "instance_id", "image_id", "region", "availability_zone", "instance_type")
 
 
+# The times a record can carry: RFC 3339 needs a four-digit year, and before 1970 is no log line's.
+MIN_EPOCH = 0.0
+MAX_SECOND = 253402300799              # 9999-12-31T23:59:59Z
+END_EPOCH = float(MAX_SECOND + 1)      # times must be below this (a float cannot hold .999999 there)
+
+
 def format_time(epoch: float) -> str:
-    """Seconds since the epoch -> RFC 3339 UTC with microseconds, e.g. 2026-11-29T13:17:18.123456Z."""
-    seconds = int(epoch)
+    """Seconds since the epoch -> RFC 3339 UTC with microseconds, e.g. 2026-11-29T13:17:18.123456Z.
+
+    Always valid RFC 3339: a time outside 1970..9999 (or NaN) is clamped into it; parsers reject
+    such times before they get here (``parsers.parse_time``)."""
+    if not MIN_EPOCH <= epoch < END_EPOCH:
+        epoch = END_EPOCH if epoch >= END_EPOCH else MIN_EPOCH
+    seconds = math.floor(epoch)
     micros = int(round((epoch - seconds) * 1_000_000))
-    if micros == 1_000_000:
+    if micros >= 1_000_000:
         seconds, micros = seconds + 1, 0
-    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)) + f".{micros:06d}Z"
+    if seconds > MAX_SECOND:
+        seconds, micros = MAX_SECOND, 999_999
+    moment = _time.gmtime(seconds)
+    return f"{moment.tm_year:04d}" + _time.strftime("-%m-%dT%H:%M:%S", moment) + f".{micros:06d}Z"
 
 
 def epoch_of(stamp: Any) -> float | None:
@@ -65,7 +83,7 @@ class Batch:
     """
 
     __slots__ = ("tag", "source", "read_time", "blob", "count", "messages", "fields",
-                 "start", "end", "on_done", "ack", "_ndjson", "size")
+                 "start", "end", "on_done", "ack", "_ndjson", "size", "dropped")
 
     def __init__(self, tag: str, source: str | None, read_time: float, *, blob: bytes | None = None,
                  messages: list[str | None] | None = None, fields: list[dict | None] | None = None,
@@ -86,6 +104,7 @@ class Batch:
         self.end = end
         self.on_done = None  # set by the input: what to do once every output confirmed
         self.ack = None      # set by the router: the countdown outputs confirm
+        self.dropped = 0     # records ``repair`` found unencodable (counted by the router)
         self._ndjson: bytes | None = None
 
     def for_output(self, ack) -> "Batch":
@@ -94,6 +113,14 @@ class Batch:
         view = copy.copy(self)
         view.ack = ack
         return view
+
+    def pieces(self) -> list["Batch"]:
+        """One batch per record (same source, time and byte range), for retrying a batch that
+        failed record by record; each piece's ``ack`` is the caller's to set."""
+        fields = self.fields or [None] * self.count
+        return [Batch(self.tag, self.source, self.read_time, messages=[message],
+                      fields=None if self.fields is None else [extra], start=self.start, end=self.end)
+                for message, extra in zip(self.message_list(), fields)]
 
     # ------------------------------------------------------------ views for outputs
 
@@ -130,23 +157,52 @@ def _none_forever() -> Iterator[None]:
         yield None
 
 
-# Keys the agent sets in a record's extra fields start with NUL, so that a parsed field with
-# the same name (a JSON log line with its own "time" or "truncated") can never pose as one.
+# Keys the agent sets in a record's extra fields start with NUL. What a parser found is never
+# among them: it sits under PARSED, in a namespace of its own, so a parsed field named "time",
+# "\x00time" or "labels" can never pose as the agent's (it lands under "fields").
 TIME = "\x00time"
 TRUNCATED = "\x00truncated"
 ENCODING_ERRORS = "\x00encoding_errors"
 PARSE_ERROR = "\x00parse_error"
+TIME_ERROR = "\x00time_error"
 METRICS = "\x00metrics"
+PARSED = "\x00parsed"
+_AGENT_KEYS = frozenset({TIME, TRUNCATED, ENCODING_ERRORS, PARSE_ERROR, TIME_ERROR, METRICS})
+# Flags that say how a line was read; they survive when a record falls back to its raw line.
+_READ_FLAGS = (TRUNCATED, ENCODING_ERRORS)
 
 
 def _merge_fields(record: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Add one record's extra fields: the agent's own keys, the input's (journald's unit, pid ...)
+    and, from PARSED, what a parser found (reserved or NUL-led names go under "fields")."""
+    nested: dict[str, Any] | None = None
     for key, value in extra.items():
-        if key[:1] == "\x00":
+        if key in _AGENT_KEYS:
             record[key[1:]] = value
-        elif key in RESERVED_KEYS:
-            record.setdefault("fields", {})[key] = value
+        elif key == PARSED:
+            for name, parsed in value.items():
+                if name in RESERVED_KEYS or name[:1] == "\x00":
+                    if nested is None:
+                        nested = record["fields"] = {}
+                    nested[name] = parsed
+                else:
+                    record[name] = parsed
+        elif key in RESERVED_KEYS or key[:1] == "\x00":
+            if nested is None:
+                nested = record["fields"] = {}
+            nested[key] = value
         else:
             record[key] = value
+
+
+def raw_fields(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """A record's fields when it falls back to its raw line: how it was read, and parse_error."""
+    fields = {PARSE_ERROR: True}
+    if extra:
+        for key in _READ_FLAGS:
+            if extra.get(key):
+                fields[key] = True
+    return fields
 
 
 def _prefix_suffix(batch: Batch, envelope: Envelope) -> tuple[bytes, bytes]:
@@ -160,8 +216,52 @@ def encode_ndjson(batch: Batch, envelope: Envelope) -> bytes:
     if batch.blob is not None:
         prefix, suffix = _prefix_suffix(batch, envelope)
         return encode_plain_lines(batch.blob, prefix, suffix)
-    return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-                     for record in batch.records(envelope)])
+    try:
+        return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+                         for record in batch.records(envelope)])
+    except Exception:  # one record cannot be encoded: find it, keep the rest (see repair)
+        repair(batch, envelope)
+        return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+                         for record in batch.records(envelope)])
+
+
+def repair(batch: Batch, envelope: Envelope) -> int:
+    """Make every record of a general batch encodable, in place; return how many were dropped.
+
+    Record by record: one whose fields cannot be merged or encoded is shipped as its raw line
+    with ``parse_error`` (and how it was read); one that fails even so is dropped and counted by
+    the caller. Every output encodes what ``records`` yields, so after this none of them can
+    fail on the batch's content.
+    """
+    messages = batch.messages if batch.messages is not None else batch.message_list()
+    fields = batch.fields or [None] * len(messages)
+    head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
+    kept_messages: list[str | None] = []
+    kept_fields: list[dict | None] = []
+    for message, extra in zip(messages, fields):
+        for candidate in (extra, raw_fields(extra)):
+            try:
+                record = dict(head)
+                if message is not None:
+                    record["message"] = message
+                if candidate:
+                    _merge_fields(record, candidate)
+                orjson.dumps(record)
+            except Exception:
+                continue
+            kept_messages.append(message)
+            kept_fields.append(candidate)
+            break
+    dropped = len(messages) - len(kept_messages)
+    if dropped:
+        log.error("%s: dropped %d records at offset %d that cannot be encoded even as raw lines",
+                  batch.source or batch.tag, dropped, batch.start)
+    batch.blob = None
+    batch.messages = kept_messages
+    batch.fields = kept_fields
+    batch.count = len(kept_messages)
+    batch.dropped = dropped
+    return dropped
 
 
 # Control characters JSON needs as \u escapes; tab, newline and carriage return are handled below.

@@ -11,8 +11,13 @@ from conftest import read_archive, seqs, wait_for
 
 from shipper.config import COMMON_INPUT_OPTIONS, validate_section
 from shipper.inputs import journald
-from shipper.inputs.journald import entry_fields, journalctl_command
-from shipper.record import ENCODING_ERRORS, TIME
+from shipper.inputs.journald import (HEAD_BYTES, JournaldInput, LineSplitter, TooLong, cursor_in_head, entry_fields,
+                                     journalctl_command, message_parts)
+from shipper.pipeline import InputContext
+from shipper.record import ENCODING_ERRORS, TIME, TRUNCATED
+from shipper.stats import Stats
+
+KIB = 1024
 
 
 def settings_of(**options):
@@ -24,7 +29,7 @@ def settings_of(**options):
 
 
 def test_the_command_line_follows_the_settings_and_the_cursor():
-    base = ["journalctl", "--output=json", "--follow", "--no-pager"]
+    base = ["journalctl", "--output=json", "--all", "--follow", "--no-pager"]  # --all: long fields are not null
     assert journalctl_command(settings_of(), None) == [*base, "--lines=all", "--priority=debug", "--boot"]
     assert journalctl_command(settings_of(units=["a.service", "b.service"], priority="warning", directory="/j"),
                               "s=1;i=2") == [*base, "--lines=all", "--priority=warning", "--directory=/j",
@@ -42,6 +47,63 @@ def test_an_entry_becomes_message_and_fields():
                       TIME: "2026-11-29T13:17:18.123456Z"}
     binary, flags, _ = entry_fields({"MESSAGE": [104, 105, 255]})
     assert binary == "hi\ufffd" and flags == {ENCODING_ERRORS: True}
+    # journalctl also gives valid UTF-8 with control characters (colours) as bytes: not an error.
+    assert entry_fields({"MESSAGE": list("\x1b[31mred\x1b[0m caf\u00e9".encode())})[:2] == (
+        "\x1b[31mred\x1b[0m caf\u00e9", {})
+
+
+def test_odd_entries_never_raise():
+    # A field given twice in one entry comes as a list of its values (text or bytes).
+    assert entry_fields({"MESSAGE": ["one", [116, 255]]})[:2] == ("one\nt\ufffd", {ENCODING_ERRORS: True})
+    assert entry_fields({"MESSAGE": ["one", [116, 27]]})[:2] == ("one\nt\x1b", {})
+    assert entry_fields({"MESSAGE": ["a", "b"]})[:2] == ("a\nb", {})
+    assert entry_fields({"MESSAGE": [1, 300]})[:2] == ("1\n300", {ENCODING_ERRORS: True})  # not bytes
+    assert entry_fields({"MESSAGE": [10 ** 9]})[0] == "1000000000"  # never bytes(10**9)
+    assert entry_fields({"MESSAGE": None})[0] == ""
+    assert entry_fields({"MESSAGE": 7})[0] == "7"
+    # Odd values of the other fields are left out rather than raising.
+    message, fields, cursor = entry_fields({"__REALTIME_TIMESTAMP": "\u00b2\u00b3", "PRIORITY": ["3", "4"],
+                                            "_PID": "9" * 5000, "__CURSOR": ["c"]})
+    assert (message, fields, cursor) == ("", {}, None)
+
+
+def test_a_message_over_the_limit_is_cut_between_characters():
+    assert message_parts("x" * 1000, 1024) is None and message_parts("\u20ac" * 341, 1024) is None
+    text = "a\u00e9\u20ac" * 1000  # 1, 2 and 3 bytes: 6000 bytes
+    parts = message_parts(text, 1024)
+    assert "".join(parts) == text and len(parts) == 6
+    assert all(len(part.encode()) <= 1024 for part in parts) and "\ufffd" not in "".join(parts)
+
+
+def test_the_line_splitter_hands_on_lines_in_order_and_never_holds_a_line_over_its_limit():
+    splitter = LineSplitter(limit=100)
+    assert splitter.feed(b'{"a":1}\n{"b"') == [b'{"a":1}']
+    assert splitter.feed(b':2}\n\n') == [b'{"b":2}', b""]
+    long_head = b'{"__CURSOR":"s=1;i=2",' + b"x" * (HEAD_BYTES + 100)
+    assert splitter.feed(long_head[:60]) == []
+    assert splitter.feed(long_head[60:]) == []  # over the limit: not kept, only its head
+    assert splitter._parts == [] and splitter._size == 0
+    lines = splitter.feed(b'x"}\n' + b"y" * 200 + b'\n{"c":3}\n')
+    assert lines == [long_head[:HEAD_BYTES], b"y" * 200, b'{"c":3}']
+    assert [type(line) for line in lines] == [TooLong, TooLong, bytes]
+    assert cursor_in_head(lines[0]) == "s=1;i=2" and cursor_in_head(lines[1]) is None
+    assert splitter.feed(b"z" * 100) == [] and splitter.feed(b"\n") == [b"z" * 100]  # exactly the limit: kept
+
+
+def test_an_entry_too_long_is_dropped_counted_and_its_cursor_kept(tmp_path):
+    stats = Stats()
+    source = JournaldInput(settings_of(tag="journal", max_entry_bytes="64KiB", max_message_bytes="1KiB"),
+                           InputContext(str(tmp_path), stats, 1.0))
+    batches = []
+    splitter = LineSplitter(source.settings.max_entry_bytes)
+    big = orjson.dumps({"__CURSOR": "c2", "MESSAGE": "x" * 100 * KIB})
+    lines = splitter.feed(orjson.dumps({"__CURSOR": "c1", "MESSAGE": "y" * 2500}) + b"\n" + big + b"\n[1]\n")
+    source._emit(lines, batches.append)
+    assert stats.get("records_dropped", input="journal", reason="too_long") == 1
+    assert stats.get("parse_errors", input="journal") == 1  # [1]: JSON but not an entry
+    assert [len(m) for m in batches[0].messages] == [1024, 1024, 452]
+    assert batches[0].fields == [{TRUNCATED: True}] * 3
+    assert source.cursors == {0: "c2"}  # the batch moves the cursor past the dropped entry
 
 
 def journald_config(data: Path, journal: Journal, extra: str = "") -> str:
@@ -122,3 +184,46 @@ def test_sigterm_saves_the_cursor_so_a_restart_repeats_nothing(run_agent, workdi
     wait_for(lambda: len(read_archive(data / "archive")) >= 110, message="the new entries")
     assert again.stop() == 0
     assert seqs(read_archive(data / "archive")) == list(range(110))
+
+
+def sized(label: str, size: int) -> str:
+    """A message of exactly ``size`` UTF-8 bytes with 1-, 2- and 3-byte characters, starting with ``label``."""
+    text = (label + " " + "a\u00e9\u20ac" * (size // 6)).encode()[:size].decode(errors="ignore")
+    return text + "z" * (size - len(text.encode()))
+
+
+def test_messages_of_4_kib_64_kib_and_1_mib_arrive_whole_or_in_flagged_parts(run_agent, workdir):
+    journal = Journal(workdir / "journal")
+    small, medium, large = sized("four", 4 * KIB), sized("sixty-four", 64 * KIB), sized("one-mib", 1024 * KIB)
+    binary = b"binary \xff " + b"b" * (64 * KIB)
+    journal.append([{"_SYSTEMD_UNIT": "web.service", "MESSAGE": text} for text in (small, medium, large)]
+                   + [{"_SYSTEMD_UNIT": "web.service", "MESSAGE": binary}]
+                   + [{"MESSAGE": "colour \x1b[31mred\x1b[0m"}] + entries(0, 1))
+    data = workdir / "data"
+    agent = run_agent(journald_config(data, journal))
+    wait_for(lambda: seqs(read_archive(data / "archive")) == [0], message="the entry after the long ones")
+    assert agent.stop() == 0
+    records = read_archive(data / "archive")
+    got = [r["message"] for r in records]
+    # Up to max_message_bytes (256 KiB) a message arrives whole; journalctl without --all gave null.
+    assert got[0] == small and got[1] == medium
+    assert "truncated" not in records[0] and "truncated" not in records[1]
+    parts = records[2:-3]  # 1 MiB: parts of at most 256 KiB, each flagged, cut between characters
+    assert len(parts) == 5 and "".join(r["message"] for r in parts) == large
+    assert all(r["truncated"] is True and r["unit"] == "web.service" for r in parts)
+    assert all(256 * KIB - 3 <= len(r["message"].encode()) <= 256 * KIB for r in parts[:-1])
+    assert got[-3] == binary.decode(errors="replace") and records[-3]["encoding_errors"] is True
+    # Valid UTF-8 with control characters: bytes in journalctl's JSON too, but not an encoding error.
+    assert got[-2] == "colour \x1b[31mred\x1b[0m" and "encoding_errors" not in records[-2]
+    assert not any("truncated" in r for r in records[-3:])
+
+
+def test_an_entry_over_max_entry_bytes_is_dropped_counted_and_the_journal_goes_on(run_agent, workdir):
+    journal = Journal(workdir / "journal")
+    journal.append(entries(0, 2) + [{"MESSAGE": "x" * (1024 * KIB)}] + entries(2, 2))
+    data = workdir / "data"
+    agent = run_agent(journald_config(data, journal, 'max_entry_bytes = "256KiB"'))
+    wait_for(lambda: seqs(read_archive(data / "archive")) == [0, 1, 2, 3], message="the entries around the big one")
+    assert agent.stop() == 0
+    assert all(len(r["message"]) < 100 for r in read_archive(data / "archive"))
+    assert agent.log().count("longer than max_entry_bytes") == 1

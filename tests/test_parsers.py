@@ -2,20 +2,21 @@ import pytest
 
 from shipper.multiline import Joiner, make_rule
 from shipper.parsers import LineParser, parse_logfmt, parse_time
-from shipper.record import PARSE_ERROR, TIME
+from shipper.record import PARSE_ERROR, PARSED, TIME, TIME_ERROR
 
 
 def test_json_parser_and_time_extraction():
     parser = LineParser("json", time_key="ts")
     fields = parser.fields_for('{"ts": "2026-11-29T13:17:18.5Z", "level": "error", "n": 3}')
-    assert fields == {"level": "error", "n": 3, TIME: "2026-11-29T13:17:18.500000Z"}
+    assert fields == {PARSED: {"level": "error", "n": 3}, TIME: "2026-11-29T13:17:18.500000Z"}
     assert parser.fields_for("not json") == {PARSE_ERROR: True}
     assert parser.fields_for("[1, 2]") == {PARSE_ERROR: True}  # valid JSON but not an object
 
 
 def test_unparseable_time_keeps_fields_and_is_counted():
     parser = LineParser("json", time_key="ts")
-    assert parser.fields_for('{"ts": "yesterday-ish", "a": 1}') == {"ts": "yesterday-ish", "a": 1}
+    assert parser.fields_for('{"ts": "yesterday-ish", "a": 1}') == \
+        {PARSED: {"ts": "yesterday-ish", "a": 1}, TIME_ERROR: True}
     assert parser.time_errors == 1
 
 
@@ -29,7 +30,7 @@ def test_logfmt():
 def test_regex_parser_with_strptime_time():
     parser = LineParser("regex", r"^(?P<ts>\S+ \S+) (?P<level>[A-Z]+) (?P<msg>.*)$", "ts", "%Y-%m-%d %H:%M:%S")
     assert parser.fields_for("2026-11-29 13:17:18 WARN disk almost full") == \
-        {"level": "WARN", "msg": "disk almost full", TIME: "2026-11-29T13:17:18.000000Z"}
+        {PARSED: {"level": "WARN", "msg": "disk almost full"}, TIME: "2026-11-29T13:17:18.000000Z"}
     assert parser.fields_for("garbage") == {PARSE_ERROR: True}
 
 

@@ -4,11 +4,12 @@ import random
 import threading
 import time
 
-from shipper.acks import Acknowledgement
+from shipper.acks import Acknowledgement, OutputAck
 from shipper.errors import FatalError, RetryableError
 from shipper.outputs.base import Output, OutputContext
 from shipper.outputs.retry import backoff_delay
 from shipper.pipeline import OutputRunner
+from shipper.quarantine import Quarantine, Strike
 from shipper.record import Batch, Envelope
 from shipper.stats import Stats
 
@@ -90,16 +91,49 @@ def test_a_full_queue_makes_the_producer_wait_until_the_deadline():
     assert 0.25 <= time.monotonic() - started < 3
 
 
-def test_a_bug_in_an_output_stops_the_agent_instead_of_hanging_it():
-    class Broken(ScriptedOutput):
+def test_a_batch_an_output_cannot_take_is_retried_record_by_record():
+    class Picky(ScriptedOutput):
         def accept(self, batch):
+            if any("poison" in m for m in batch.message_list()):
+                raise ValueError("bug")
+            super().accept(batch)
+
+    output = Picky([])
+    runner = runner_for(output)
+    runner.start()
+    done = []
+    runner.put(confirmed_batch(b"a\npoison\nb\n", done))
+    wait_until(lambda: done)
+    assert done == [b"a\npoison\nb\n"]  # the whole batch is confirmed: the checkpoint moves on
+    assert [b.message_list() for b in output.delivered] == [["a"], ["b"]]
+    assert output.context.stats.get("records_dropped", reason="unencodable") == 1
+    assert not runner.failed.is_set()
+
+
+def test_a_bug_in_delivery_stops_the_agent_and_strikes_what_it_held(tmp_path):
+    class Broken(ScriptedOutput):
+        def deliver(self, now, force):
             raise ValueError("bug")
 
-    runner = runner_for(Broken([]))
+    quarantine = Quarantine(str(tmp_path))
+    output = Broken([])
+    runner = OutputRunner(output, ["*"], 1 << 20, 0.05, output.context.stats, threading.Event(),
+                          quarantine=quarantine)
     runner.start()
-    runner.put(confirmed_batch(b"a\n", []))
+    batch = confirmed_batch(b"a\n", [])
+    batch.start, batch.end = 100, 102
+    batch.ack = OutputAck(batch.ack, runner.confirmed)
+    runner.put(batch)
     runner.join(5)
     assert runner.failed.is_set()
+    assert quarantine.load() == [Strike("/f", 100, 102, 1)]
+
+
+def wait_until(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def test_backoff_is_capped_and_jittered():

@@ -18,11 +18,13 @@ from typing import Callable
 
 from shipper.config import Option, Settings, regex_check, validate_section
 from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, Every, fingerprint_matches
-from shipper.inputs.discovery import DirectoryWatcher, expand
+from shipper.inputs.discovery import DirectoryWatcher, Skips, expand, fixed_root
 from shipper.inputs.framing import RecordBuilder
-from shipper.inputs.tail import GONE, REPLACED, SAME, TRUNCATED, Read, TailedFile, classify
+from shipper.inputs.tail import GONE, REPLACED, SAME, TRUNCATED, NotTailable, Read, TailedFile, classify, open_regular
 from shipper.multiline import PRESETS, Joiner, make_rule
 from shipper.parsers import PARSERS, LineParser
+from shipper.heartbeat import Heartbeat
+from shipper.quarantine import overlapping
 from shipper.record import Batch
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,15 @@ OPTIONS = {
     "time_key": Option("str", None),
     "time_format": Option("str", "auto"),
     "multiline": Option("table", None),
-    "max_line_bytes": Option("size", 256 * 1024, minimum=1024),
-    "read_bytes": Option("size", 1024 * 1024, minimum=4096),
+    "max_line_bytes": Option("size", 256 * 1024, minimum=1024, maximum=64 * 1024**2),
+    "read_bytes": Option("size", 1024 * 1024, minimum=4096, maximum=64 * 1024**2),
     "poll_interval": Option("duration", 0.5, minimum=0.01),
     "refresh_interval": Option("duration", 10.0, minimum=0.1),
     "rotate_wait": Option("duration", 5.0),
     "partial_line_timeout": Option("duration", 5.0),
     "watch": Option("bool", True),
+    # Like Filebeat: a symlink below a pattern's fixed directories is not followed (skipped, counted).
+    "follow_symlinks": Option("bool", False),
 }
 
 # How much one file may read before the others get their turn.
@@ -88,6 +92,7 @@ class FileInput:
         self.files: dict[tuple[int, int], TailedFile] = {}
         self.releasing: list[TailedFile] = []  # closed, waiting for their last acknowledgements
         self.unreadable: set[str] = set()      # reported once each
+        self.skips = Skips(self.stats, self.tag)  # symlinks, FIFOs, devices: reported once each
         self.wake = threading.Event()
         self.changed = threading.Event()
         self.watcher = DirectoryWatcher(self.patterns, self.changed, self.wake) if settings.watch else None
@@ -96,6 +101,9 @@ class FileInput:
         self._checkpoints = Every(self.checkpoint_interval)
         self._save_lock = threading.Lock()
         self._checkpoint_failing = False
+        self.heartbeat = Heartbeat()
+        # Ranges that made the agent fail twice: moved past once, on this start (quarantine.py).
+        self.quarantined = list(getattr(context, "quarantined", ()))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -107,6 +115,7 @@ class FileInput:
         self._recover_rotated()
         try:
             while not stop.is_set():
+                self.heartbeat.beat(self.settings.poll_interval)
                 if not self.poll(emit, stop):  # nothing left unread: sleep until the next poll
                     self.wake.wait(self.settings.poll_interval)
                     self.wake.clear()
@@ -152,11 +161,12 @@ class FileInput:
             self._restart(tailed, emit)
         budget = FAIR_SHARE_BYTES
         while budget > 0 and not stop.is_set():
-            read = tailed.read(self.settings.read_bytes)
+            read = tailed.read(self._read_size(tailed))
             if read is None:
                 self._at_end_of_file(tailed, emit, state)
                 return False
             budget -= read.end - read.start
+            self.heartbeat.beat(self.settings.poll_interval)
             self._emit(tailed, read, emit)
             # emit waits while the outputs are full: the acknowledgements that free them must
             # reach the checkpoint file meanwhile, not only after the file's fair share.
@@ -168,7 +178,7 @@ class FileInput:
         for tailed in list(self.files.values()):
             budget = DRAIN_READ_BYTES
             while budget > 0:
-                read = tailed.read(self.settings.read_bytes)
+                read = tailed.read(self._read_size(tailed))
                 if read is None:
                     break
                 budget -= read.end - read.start
@@ -178,13 +188,13 @@ class FileInput:
     # ------------------------------------------------------------ discovery
 
     def discover(self, at_startup: bool) -> None:
-        for path in expand(self.patterns, self.settings.exclude):
+        for path in expand(self.patterns, self.settings.exclude, self.settings.follow_symlinks, self.skips):
             self._open(path, at_startup)
 
     def _open(self, path: str, at_startup: bool, rotated_away: bool = False) -> TailedFile | None:
         """Start tailing ``path`` (unless already tailed). ``rotated_away``: only resume a checkpointed file."""
         try:
-            st = os.stat(path)
+            st = os.stat(path, follow_symlinks=self.settings.follow_symlinks)
         except OSError:
             return None
         known = self.files.get((st.st_dev, st.st_ino))
@@ -193,8 +203,11 @@ class FileInput:
                 known.path = path
                 known.released_since = None
             return None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # never blocks (a FIFO), never follows a symlink unless told to, regular files only
+            fd = open_regular(path, self.settings.follow_symlinks, fixed_root(path, self.patterns))
+        except NotTailable as exc:
+            self.skips.skip(path, exc.reason, exc.detail)
+            return None
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -266,7 +279,11 @@ class FileInput:
     def _emit(self, tailed: TailedFile, read: Read | None, emit: Callable[[Batch], None]) -> None:
         if read is None:
             return
-        batch = tailed.builder.build(read, time.time())
+        builder = tailed.builder
+        failures = builder.failures
+        batch = builder.build(read, time.time())
+        if builder.failures != failures:
+            self._count("reads_shipped_raw")
         self._send(tailed, batch, emit)
 
     def _send(self, tailed: TailedFile, batch: Batch | None, emit: Callable[[Batch], None]) -> None:
@@ -276,7 +293,34 @@ class FileInput:
         batch.on_done = partial(tailed.tracker.done, batch.start, batch.end, tailed.tracker.generation)
         self._count("records_in", batch.count)
         self._count("bytes_in", batch.end - batch.start)
+        if self.quarantined and self._quarantine(batch):
+            return
         emit(batch)
+
+    def _read_size(self, tailed: TailedFile) -> int:
+        """One read's size; reads stop at the edges of a quarantined range, so that skipping it
+        skips exactly the lines that were struck and none around them."""
+        size = self.settings.read_bytes
+        for strike in self.quarantined:
+            if strike.source == tailed.path:
+                offset = tailed.read_offset
+                edge = strike.start if offset < strike.start else strike.end
+                if edge > offset:
+                    size = min(size, edge - offset)
+        return size
+
+    def _quarantine(self, batch: Batch) -> bool:
+        """Move past a batch that made the agent fail twice (confirmed unshipped, counted, logged)."""
+        strike = overlapping(self.quarantined, batch.source, batch.start, batch.end)
+        if strike is None:
+            return False
+        self.quarantined.remove(strike)
+        log.error("%s: skipping %d records at offsets %d-%d: the agent failed twice in a row while they were "
+                  "unconfirmed (quarantined)", batch.source, batch.count, batch.start, batch.end)
+        if self.stats is not None:
+            self.stats.add("records_dropped", batch.count, input=self.tag, reason="quarantined")
+        batch.on_done()
+        return True
 
     def _ship_held(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
         """Ship the line without newline and the held multi-line event."""

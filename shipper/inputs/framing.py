@@ -6,12 +6,15 @@ is. Anything else goes through the general path, one message at a time.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from shipper.inputs.tail import LINES, PART, Read
 from shipper.multiline import Joiner
 from shipper.parsers import LineParser
-from shipper.record import ENCODING_ERRORS, TRUNCATED, Batch
+from shipper.record import ENCODING_ERRORS, TRUNCATED, Batch, raw_fields
+
+log = logging.getLogger(__name__)
 
 _TRUNCATED = {TRUNCATED: True}
 _BAD_UTF8 = {ENCODING_ERRORS: True}
@@ -68,12 +71,42 @@ class RecordBuilder:
         self.parser = parser
         self.joiner = joiner
         self.batch_start = start  # where the next batch's byte range begins
+        self.failures = 0         # reads that failed to frame or parse and were shipped raw
 
     @property
     def holds_event(self) -> bool:
         return bool(self.joiner and self.joiner.pending)
 
     def build(self, read: Read, now: float) -> Batch | None:
+        """The batch of a read. A record can fail, the agent cannot: if joining or parsing raises
+        on this read, its lines (and the event held from before) are shipped raw, flagged."""
+        held = self.joiner.snapshot() if self.joiner is not None else None
+        try:
+            return self._build(read, now)
+        except Exception:
+            self.failures += 1
+            log.exception("%s: cannot frame or parse the lines at offset %d; shipping them raw with "
+                          "parse_error", self.source, self.batch_start)
+            return self._raw_batch(read, now, held)
+
+    def _raw_batch(self, read: Read, now: float, held: tuple | None) -> Batch | None:
+        events: list[tuple[str, dict | None]] = []
+        if self.joiner is not None:
+            self.joiner.restore(held)
+            events.extend((line, self.joiner.pending_flags) for line in self.joiner.pending)
+            self.joiner.reset()
+        for kind, data, consumed in read.blocks:
+            if kind == LINES:
+                events.extend((text, flags) for text, _, flags in decode_lines(data))
+            else:
+                text, _, flags = decode_one(data, consumed, kind == PART)
+                events.append((text, flags))
+        if not events:
+            return None
+        return self._batch(now, read.end, messages=[text for text, _ in events],
+                           fields=[raw_fields(flags) for _, flags in events])
+
+    def _build(self, read: Read, now: float) -> Batch | None:
         if (self.joiner is None and self.parser.is_noop and len(read.blocks) == 1
                 and read.blocks[0][0] == LINES and _is_utf8(read.blocks[0][1])):
             return self._batch(now, read.end, blob=read.blocks[0][1])
@@ -100,7 +133,7 @@ class RecordBuilder:
         """The file starts over (truncated): forget any held event's bytes."""
         self.batch_start = offset
         if self.joiner is not None:
-            self.joiner.flush([])
+            self.joiner.reset()
 
     def _events_batch(self, events: list[tuple[str, dict | None]], now: float, end: int) -> Batch | None:
         if not events:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import psutil
 
 from shipper.config import Option
+from shipper.heartbeat import Heartbeat
 from shipper.record import METRICS, TIME, Batch, format_time
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,13 @@ class MetricsInput:
         self.previous_time: float | None = None
         self.watched: dict[int, psutil.Process] = {}  # processes whose CPU % needs their previous reading
         self.sample_seconds = 0.0  # what the last sample cost, for the benchmark and the health endpoint
+        self.heartbeat = Heartbeat()
 
     def run(self, emit: Callable[[Batch], None], stop: threading.Event) -> None:
         self.sample()  # primes the counters: the first record already has rates
         while not stop.is_set():
             tick = next_tick(time.time(), self.settings.interval)
+            self.heartbeat.beat(max(0.0, tick - time.time()))
             if stop.wait(max(0.0, tick - time.time())):
                 break
             started = time.perf_counter()

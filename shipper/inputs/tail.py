@@ -8,7 +8,9 @@ longer than ``max_line_bytes``; every piece of such a line is flagged truncated)
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -80,6 +82,97 @@ def split_long_lines(region: bytes, limit: int) -> list[tuple[str, bytes, int]]:
     if block_start < n:
         blocks.append((LINES, region[block_start:], n - block_start))
     return blocks
+
+
+# ---------------------------------------------------------------- opening
+
+class NotTailable(Exception):
+    """The path is not a regular file reached without symlinks: ``reason`` is "symlink" or "not_regular"."""
+
+    def __init__(self, path: str, reason: str, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.reason = reason
+        self.detail = detail
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_regular(path: str, follow_symlinks: bool = False, root: str | None = None) -> int:
+    """A descriptor to read the regular file at ``path``; raises NotTailable for anything else.
+
+    O_NONBLOCK: opening a FIFO to read would wait for a writer, forever (a FIFO renamed over a
+    file between the directory scan and this open did that); on a regular file it changes
+    nothing. Unless ``follow_symlinks``, no symlink is followed below ``root`` (the pattern's
+    fixed directory): each directory under it is opened in turn with O_NOFOLLOW, so a directory
+    swapped for a symlink after the scan cannot lead elsewhere either.
+    """
+    try:
+        if follow_symlinks:
+            fd = os.open(path, _OPEN_FLAGS)
+        else:
+            fd = _open_below(path, root)
+    except OSError as exc:
+        if not follow_symlinks and exc.errno in (errno.ELOOP, errno.ENOTDIR) and _symlink_on_the_way(path, root):
+            raise NotTailable(path, "symlink", "it is or goes through a symlink (follow_symlinks = false)") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotTailable(path, "not_regular", f"it is not a regular file but a {_kind_of(mode)}")
+    return fd
+
+
+def _below(path: str, root: str | None) -> list[str] | None:
+    """The names from ``root`` down to ``path``; None when path is not below root."""
+    if not root:
+        return None
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if not path.startswith(prefix):
+        return None
+    return [name for name in path[len(prefix):].split(os.sep) if name]
+
+
+def _open_below(path: str, root: str | None) -> int:
+    names = _below(path, root)
+    if not names:
+        return os.open(path, _OPEN_FLAGS | os.O_NOFOLLOW)
+    directory = os.open(root, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW)  # the root: named by the operator
+    try:
+        for name in names[:-1]:
+            inner = os.open(name, _DIRECTORY_FLAGS, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        return os.open(names[-1], _OPEN_FLAGS | os.O_NOFOLLOW, dir_fd=directory)
+    finally:
+        os.close(directory)
+
+
+def _symlink_on_the_way(path: str, root: str | None) -> bool:
+    """After ELOOP or ENOTDIR: is a symlink what stopped the open (not, say, a file turned directory)?"""
+    names = _below(path, root)
+    base = root
+    if not names:
+        base, names = os.path.dirname(path), [os.path.basename(path)]
+    for name in names:
+        base = os.path.join(base, name)
+        if os.path.islink(base):
+            return True
+    return False
+
+
+def _kind_of(mode: int) -> str:
+    for check, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                        (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if check(mode):
+            return name
+    return "special file"
 
 
 # ---------------------------------------------------------------- rotation decisions

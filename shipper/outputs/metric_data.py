@@ -69,7 +69,12 @@ def flatten(metrics: dict[str, Any], include: list[str], exclude: list[str]) -> 
 
 
 def usable(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number that JSON encoders take (an int beyond 64 bits is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    return math.isfinite(value)
 
 
 def base_dimensions(wanted: list[str], identity: dict[str, str], labels: dict[str, str],

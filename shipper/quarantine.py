@@ -1,0 +1,103 @@
+"""Crash-loop protection: input that made the agent exit twice is moved past on the next start.
+
+A record can fail without stopping the agent (``record.repair``, ``RecordBuilder.build``), but
+a bug in an output's I/O may still stop it. Then systemd restarts the agent, it reads the same
+lines again, and may fail on them again, forever: nothing else would ship meanwhile. So when
+an output fails, the byte ranges it held unconfirmed are written down as *strikes*; a range
+struck by two failures in a row is skipped once by the next start (confirmed without being
+shipped, counted as ``records_dropped{reason="quarantined"}``, logged with its file and
+offsets).
+
+The file is small JSON in ``data_dir``; it is written with the same care as checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable, NamedTuple
+
+import orjson
+
+from shipper.durable import write_atomically
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "quarantine.json"
+STRIKES_TO_QUARANTINE = 2
+MAX_ENTRIES = 1000  # a failure with more unconfirmed batches than this keeps the first ones
+
+
+class Strike(NamedTuple):
+    source: str
+    start: int
+    end: int
+    count: int
+
+
+def merge_strikes(previous: Iterable[Strike], failed: Iterable[tuple[str, int, int]]) -> list[Strike]:
+    """The strikes after one more failure: a failed range overlapping an earlier strike of the same
+    source counts one more; ranges that were not involved this time are forgotten (in a row)."""
+    by_source: dict[str, list[Strike]] = {}
+    for strike in previous:
+        by_source.setdefault(strike.source, []).append(strike)
+    merged: list[Strike] = []
+    for source, start, end in failed:
+        count = 1 + max((s.count for s in by_source.get(source, ()) if s.start < end and start < s.end), default=0)
+        merged.append(Strike(source, start, end, count))
+        if len(merged) >= MAX_ENTRIES:
+            break
+    return merged
+
+
+def overlapping(strikes: Iterable[Strike], source: str, start: int, end: int) -> Strike | None:
+    """The quarantined strike (struck often enough) that a batch [start, end) of ``source`` touches."""
+    for strike in strikes:
+        if (strike.count >= STRIKES_TO_QUARANTINE and strike.source == source
+                and strike.start < end and start < strike.end):
+            return strike
+    return None
+
+
+class Quarantine:
+    def __init__(self, data_dir: str):
+        self.path = os.path.join(data_dir, FILE_NAME)
+
+    def load(self) -> list[Strike]:
+        try:
+            with open(self.path, "rb") as handle:
+                entries = orjson.loads(handle.read(1 << 20))["strikes"]
+            return [Strike(str(e["source"]), int(e["start"]), int(e["end"]), int(e["count"])) for e in entries]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file protects nothing: start over
+            log.warning("ignoring %s: %s", self.path, exc)
+            return []
+
+    def save(self, strikes: list[Strike]) -> None:
+        data = orjson.dumps({"strikes": [s._asdict() for s in strikes]})
+        write_atomically(self.path, data)
+
+    def strike(self, failed: list[tuple[str, int, int]]) -> None:
+        """An output failed holding these unconfirmed ranges: write them down (never raises)."""
+        try:
+            strikes = merge_strikes(self.load(), failed)
+            self.save(strikes)
+        except Exception as exc:  # the agent is stopping anyway: say so, do not mask the failure
+            log.error("cannot write %s: %s", self.path, exc)
+            return
+        quarantined = [s for s in strikes if s.count >= STRIKES_TO_QUARANTINE]
+        if quarantined:
+            log.error("%d batches failed twice in a row; the next start moves past them (first: %s at %d-%d)",
+                      len(quarantined), quarantined[0].source, quarantined[0].start, quarantined[0].end)
+
+    def take(self) -> list[Strike]:
+        """The quarantined strikes, for this start only: once read they are removed from the file."""
+        strikes = self.load()
+        quarantined = [s for s in strikes if s.count >= STRIKES_TO_QUARANTINE]
+        if quarantined:
+            try:
+                self.save([s for s in strikes if s.count < STRIKES_TO_QUARANTINE])
+            except Exception as exc:
+                log.error("cannot write %s: %s", self.path, exc)
+        return quarantined

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -52,6 +54,15 @@ def checkpoint_offsets(workdir: Path) -> dict[str, int]:
 def checkpoint_offset(workdir: Path, name: str = "app.log") -> int:
     """The saved offset of logs/NAME; 0 before its first checkpoint."""
     return checkpoint_offsets(workdir).get(str(workdir / "logs" / name), 0)
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """(status, body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def messages(records: list[dict]) -> list[str]:

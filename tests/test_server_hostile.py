@@ -9,25 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from unittest import mock
 
 import orjson
 import pytest
 
 from aws import CREDENTIALS, PROXY_VARIABLES, free_port
-from conftest import agent_config, read_archive, wait_for
+from conftest import http_get as get, agent_config, read_archive, wait_for
 from shipper.config import load_text
 from shipper.errors import ConfigError
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def poll(url: str) -> tuple[int, bytes]:

@@ -10,15 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aws import free_port, s3_output
-from conftest import FAST_RETRIES, Agent, agent_config, messages, read_archive, wait_for
+from conftest import http_get as get, FAST_RETRIES, Agent, agent_config, messages, read_archive, wait_for
 from imds import FakeImds
 from shipper.outputs.base import Output, OutputContext
 from shipper.pipeline import OutputRunner, stalled
@@ -31,14 +29,6 @@ from shipper.systemd import Notifier, Watchdog
 def write(workdir, start: int, count: int, name: str = "app.log") -> None:
     with open(workdir / "logs" / name, "a") as handle:
         handle.writelines(f"line {n}\n" for n in range(start, start + count))
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 class NotifySocket:

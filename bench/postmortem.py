@@ -7,7 +7,11 @@
            uploaded to a real moto_server (tests/aws.py MotoServer) with the archive's key layout,
            next to a second instance's hour that must not be read; then
            `shipper fetch s3://BUCKET --instance i-bench --since H --until H+1h > /dev/null`:
-           seconds, raw MB/s, objects listed and fetched, peak RSS of the fetch.
+           seconds, raw MB/s, objects listed and fetched, peak RSS of the fetch (ru_maxrss, as before,
+           which counts the bench process it was forked from, and its own VmHWM, measured apart).
+- huge     one small gzip object (about 0.3 MB) holding --huge-megabytes of records (default 100 MiB)
+           in a directory archive, fetched whole (`--grep` of its last record): seconds and peak RSS,
+           which must not follow the object's size (the fetch streams, with a fixed reorder budget).
 - report   a directory archive with 24 h of metrics samples every 10 s (8,640 records: cpu, load,
            memory, disk per mount, network per interface) and a log line every 10 s, then
            `shipper report DIR --instance i-bench --since 24h -o report.html`: seconds, page size.
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 import orjson
 
@@ -47,6 +52,19 @@ def harness():
     sys.modules["moto_harness"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+# `shipper ARGS` that tells its own peak RSS at the end. A child's ru_maxrss counts the memory of the
+# process it was forked from (its copy, or the parent's own with vfork), which here is larger than
+# the fetch; VmHWM is that of the process after exec.
+MEASURED = ("import sys\nfrom shipper.cli import main\ncode = main(sys.argv[1:])\n"
+            "sys.stderr.write('\\n' + next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
+            "sys.exit(code)\n")
+
+
+def own_peak_mib(stderr: bytes) -> float:
+    """The VmHWM line MEASURED writes last, in MiB."""
+    return round(int(stderr.rsplit(b"VmHWM:", 1)[1].split()[0]) / 1024, 1)
 
 
 def key_for(instance: str, tag: str, start: float, seq: int) -> str:
@@ -103,6 +121,10 @@ def bench_fetch(args, work: str, log) -> dict:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise RuntimeError(f"fetch failed: {result.stderr.decode()[-2000:]}")
+        measured = subprocess.run([sys.executable, "-c", MEASURED, "fetch", "s3://bench", "--instance", "i-bench",
+                                   "--since", stamp(hour), "--until", stamp(hour + 3599.999), "--endpoint-url",
+                                   moto.url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                  timeout=args.timeout)
         check = subprocess.run([*SHIPPER, "fetch", "s3://bench", "--instance", "i-bench", "--since", stamp(hour),
                                 "--until", stamp(hour + 3599.999), "--endpoint-url", moto.url],
                                capture_output=True, env=env, timeout=args.timeout)
@@ -111,9 +133,34 @@ def bench_fetch(args, work: str, log) -> dict:
                 "gzip_mb": round(stored / 1e6, 1), "objects": objects, "lines": lines,
                 "mb_per_s": round(raw_total / 1e6 / seconds, 1),
                 "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
-                "peak_rss_mib": round(after.ru_maxrss / 1024, 1)}
+                "peak_rss_mib": round(after.ru_maxrss / 1024, 1), "own_peak_mib": own_peak_mib(measured.stderr)}
     finally:
         moto.stop()
+
+
+def bench_huge_object(args, work: str, log) -> dict:
+    archive = os.path.join(work, "huge")
+    start = (int(time.time() // 3600) - 1) * 3600.0
+    path = os.path.join(archive, key_for("i-huge", "app", start, 1))
+    os.makedirs(os.path.dirname(path))
+    record = orjson.dumps({"time": stamp(start), "tag": "app", "instance_id": "i-huge", "message": "x" * 200}) + b"\n"
+    count = int(args.huge_megabytes * 2**20 // len(record))
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    with open(path, "wb") as handle:
+        for _ in range(count // 10_000):
+            handle.write(packer.compress(record * 10_000))
+        handle.write(packer.compress(orjson.dumps({"time": stamp(start + 1), "tag": "app", "message": "the end"})
+                                     + b"\n") + packer.flush())
+    wait_quiet(args.quiet_wait, log)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", MEASURED, "fetch", archive, "--grep", "^the end$"],
+                            capture_output=True, timeout=args.timeout)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0 or result.stdout != b"the end\n":
+        raise RuntimeError(f"huge fetch failed: {result.stderr.decode()[-2000:]}")
+    return {"name": "huge", "seconds": round(seconds, 2), "records": count + 1,
+            "raw_mib": round(count * len(record) / 2**20, 1), "gzip_kb": round(os.path.getsize(path) / 1024, 1),
+            "peak_rss_mib": own_peak_mib(result.stderr)}
 
 
 def bench_report(args, work: str, log) -> dict:
@@ -159,6 +206,8 @@ def bench_report(args, work: str, log) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=200.0, help="raw log of the fetched hour (default 200)")
+    parser.add_argument("--huge-megabytes", type=float, default=100.0,
+                        help="records in the one small object of the huge measurement (default 100 MiB)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--quiet-wait", type=float, default=300)
@@ -170,7 +219,11 @@ def main() -> int:
         log("fetch ...")
         fetch = bench_fetch(args, work, log)
         log(f"  {fetch['lines']:,} lines, {fetch['raw_mb']} MB raw in {fetch['seconds']} s = {fetch['mb_per_s']} MB/s "
-            f"(CPU {fetch['cpu_s']} s, peak RSS {fetch['peak_rss_mib']} MiB)")
+            f"(CPU {fetch['cpu_s']} s, peak RSS {fetch['peak_rss_mib']} MiB, its own {fetch['own_peak_mib']} MiB)")
+        log("huge object ...")
+        huge = bench_huge_object(args, work, log)
+        log(f"  {huge['records']:,} records, {huge['raw_mib']} MiB in a {huge['gzip_kb']} KiB object in "
+            f"{huge['seconds']} s, peak RSS {huge['peak_rss_mib']} MiB")
         log("report ...")
         report = bench_report(args, work, log)
         log(f"  {report['samples']:,} samples + {report['log_lines']:,} log lines in {report['seconds']} s, "
@@ -182,13 +235,16 @@ def main() -> int:
         ("measurement", "input", "seconds", "rate", "notes"),
         [("fetch 1 instance-hour from S3 (moto)", f"{fetch['raw_mb']} MB raw, {fetch['gzip_mb']} MB gzip, "
           f"{fetch['objects']} objects", f"{fetch['seconds']}", f"{fetch['mb_per_s']} MB/s",
-          f"{fetch['lines']:,} lines; CPU {fetch['cpu_s']} s; peak RSS {fetch['peak_rss_mib']} MiB"),
+          f"{fetch['lines']:,} lines; CPU {fetch['cpu_s']} s; peak RSS {fetch['peak_rss_mib']} MiB "
+          f"(its own {fetch['own_peak_mib']} MiB)"),
+         ("fetch 1 small object of huge content", f"{huge['raw_mib']} MiB of records in {huge['gzip_kb']} KiB gzip",
+          f"{huge['seconds']}", "-", f"peak RSS {huge['peak_rss_mib']} MiB"),
          ("report of 24 h", f"{report['samples']:,} metrics samples (10 s) + as many log lines",
           f"{report['seconds']}", "-", f"page {report['page_kb']} KiB, no script")])
     print()
     print(table)
-    write_results(os.path.join(ROOT, "bench", "results"), "postmortem", {"fetch": fetch, "report": report},
-                  "# Post-mortem benchmark\n\n" + table + "\n", log)
+    write_results(os.path.join(ROOT, "bench", "results"), "postmortem",
+                  {"fetch": fetch, "huge": huge, "report": report}, "# Post-mortem benchmark\n\n" + table + "\n", log)
     return 0
 
 

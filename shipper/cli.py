@@ -9,7 +9,7 @@ import sys
 import time
 
 from shipper import __version__
-from shipper.config import DEFAULT_CONFIG_PATH, Config, load, target_of
+from shipper.config import DEFAULT_CONFIG_PATH, Config, load, redact_urls, target_of
 from shipper.errors import ConfigError
 from shipper.memory import trim_heap, tune_allocator
 
@@ -18,9 +18,18 @@ log = logging.getLogger("shipper")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Every log line, tracebacks included, with URL credentials redacted (botocore names the endpoint URL
+    in its errors, an imds_endpoint may carry a user:password): one regex per log line, never per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_urls(super().format(record))
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
@@ -30,7 +39,7 @@ def _load_or_report(path: str | None) -> Config | None:
     except ConfigError as exc:
         print(f"shipper: {len(exc.problems)} problem(s) in the configuration:", file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            print(f"  {redact_urls(problem)}", file=sys.stderr)
         return None
 
 
@@ -64,7 +73,7 @@ def _probe(config: Config) -> int:
         except ConfigError as exc:
             problems = exc.problems
         for problem in problems:
-            print(f"probe failed: {problem}")
+            print(f"probe failed: {redact_urls(problem)}")
         if not problems:
             print(f"probe OK: {settings.where} ({settings.type}, {target_of(settings)})")
         failed = failed or bool(problems)
@@ -77,19 +86,28 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from shipper.service import Service, Signals
+
+    # First thing: Python's default for SIGHUP is to die, and a SIGTERM must stop cleanly, even during
+    # start-up (reading the config, asking IMDS, making AWS clients). Until the pipeline runs the
+    # handlers only remember the signals; Service.run acts on them.
+    signals = Signals()
     _setup_logging("info")
+    reading = time.monotonic()
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
+    signals.config_read(reading)
     _setup_logging(config.agent.log_level)
+    if signals.stop_requested:
+        log.info("stopped during start-up, before reading anything")
+        return EXIT_OK
     tune_allocator()
-    from shipper.service import Service
-
     try:
-        service = Service(config, args.config)
+        service = Service(config, args.config, signals=signals)
     except ConfigError as exc:
         for problem in exc.problems:
-            log.error("cannot start: %s", problem)
+            log.error("cannot start: %s", redact_urls(problem))
         return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot start: %s", exc)
@@ -122,7 +140,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
         second = fetch_status(url)
     except OSError as exc:
-        print(f"shipper status: no agent answers at {url}: {getattr(exc, 'reason', exc)} "
+        print(f"shipper status: no agent answers at {redact_urls(url)}: {getattr(exc, 'reason', exc)} "
               f"(is it running? `systemctl status shipper`)", file=sys.stderr)
         return EXIT_FAILED
     print(render_status(first, second, args.interval))
@@ -135,11 +153,15 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     import orjson
 
     from shipper.postmortem import fetch
-    from shipper.postmortem.selection import Filter, SelectionError, check_level, render, time_range
+    from shipper.postmortem.selection import Filter, SelectionError, check_level, printable, render, time_range
     from shipper.postmortem.sources import CloudWatchLogsSource, SourceError, open_source
 
+    # On a terminal, what the archive holds (messages, instance names, keys) is shown with its
+    # control characters escaped; --json and pipes get the exact text.
+    shown_err = printable if sys.stderr.isatty() else str
+
     def warn(text: str) -> None:
-        print(f"shipper fetch: {text}", file=sys.stderr)
+        print(f"shipper fetch: {shown_err(text)}", file=sys.stderr)
 
     try:
         since, until = time_range(args.since, args.until)
@@ -153,6 +175,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         warn(f"--grep: not a regular expression: {exc}")
         return EXIT_CONFIG
     out = sys.stdout
+    shown = printable if out.isatty() and not args.json else str
     try:
         if args.list_instances:
             if isinstance(source, CloudWatchLogsSource):
@@ -165,8 +188,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 out.write(f"{'INSTANCE':<22} {'FIRST RECORD':<27} {'LAST RECORD':<27} {'IMAGE':<22} HOST / LABELS\n")
                 for row in rows:
                     labels = ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items()))
-                    out.write(f"{row['instance']:<22} {row['first']:<27} {row['last']:<27} {row['image_id'] or '-':<22} "
-                              f"{row['host']} {labels}\n".rstrip() + "\n")
+                    line = (f"{row['instance']:<22} {row['first']:<27} {row['last']:<27} {row['image_id'] or '-':<22} "
+                            f"{row['host']} {labels}").rstrip()
+                    out.write(shown(line) + "\n")
             return EXIT_OK
         wanted = Filter(since, until, args.tag or None, grep, level)
         records = fetch.records_of(source, since, until, args.instance, args.tag or None, warn)
@@ -176,7 +200,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             if args.json:
                 out.write(orjson.dumps(record).decode())
             else:
-                out.write(render(record, args.format))
+                out.write(shown(render(record, args.format)))
             out.write("\n")
         out.flush()
     except SourceError as exc:
@@ -189,14 +213,20 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from shipper.postmortem import fetch, report
-    from shipper.postmortem.selection import Filter, SelectionError, time_range
+    from shipper.postmortem.selection import Filter, SelectionError, printable, time_range
     from shipper.postmortem.sources import SourceError, open_source
 
+    shown_err = printable if sys.stderr.isatty() else str
+
     def warn(text: str) -> None:
-        print(f"shipper report: {text}", file=sys.stderr)
+        print(f"shipper report: {shown_err(text)}", file=sys.stderr)
 
     try:
         since, until = time_range(args.since, args.until)
+    except SelectionError as exc:
+        warn(str(exc))
+        return EXIT_CONFIG
+    try:
         source = open_source(args.source, args.endpoint_url, args.region)
         records = fetch.records_of(source, since, until, args.instance, None, warn)
         if records is None:
@@ -211,7 +241,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     with open(args.output, "w", encoding="utf-8") as handle:
         handle.write(page)
     print(f"wrote {args.output}: {summary.records:,} records, {len(summary.metrics)} metric series, "
-          f"{len(summary.events)} lifecycle events", file=sys.stderr)
+          f"{summary.events_seen} lifecycle events", file=sys.stderr)
     return EXIT_OK
 
 
@@ -220,6 +250,16 @@ def _positive_seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be more than 0")
     return value
+
+
+def _bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--host", help="only records of this host name")
     rep.add_argument("--since", default="1d", help="a time or a duration ago; default 1d")
     rep.add_argument("--until", help="a time or a duration ago; default now")
-    rep.add_argument("--lines", type=int, default=50, help="the last lines shown (default 50)")
+    rep.add_argument("--lines", type=_bounded_int(1, 10_000), default=50, help="the last lines shown (default 50)")
     rep.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
     rep.add_argument("--endpoint-url", help="an S3/CloudWatch-compatible endpoint")
     rep.add_argument("--region", help="the AWS region (default: boto3's)")

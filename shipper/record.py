@@ -24,6 +24,7 @@ RESERVED_KEYS = frozenset({
     "time", "tag", "host", "instance_id", "image_id", "region", "availability_zone",
     "instance_type", "source", "message", "labels", "fields", "encoding_errors",
     "truncated", "parse_error", "metrics", "time_error",
+    "shipper_format",  # marks the records the CloudWatch Logs output writes as JSON (log_events)
 })
 IDENTITY_KEYS = ("host", "instance_id", "image_id", "region", "availability_zone", "instance_type")
 

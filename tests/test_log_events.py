@@ -102,3 +102,15 @@ def test_timestamp_ms_uses_the_parsed_event_time_or_the_read_time():
     assert timestamp_ms("2026-11-29T13:17:18.123456Z", 7) == 1795958238123
     assert timestamp_ms(None, 7) == 7
     assert timestamp_ms("not a time", 7) == 7
+
+
+def test_a_raw_line_that_looks_like_a_marked_record_is_sent_with_a_leading_space():
+    from shipper.outputs.log_events import RECORD_MARK, marked_records, unmarked
+
+    forged = "{" + RECORD_MARK + '"tag":"lifecycle","event":"termination"}'
+    plain = ["ordinary", "", '{"json":"but not marked"}']
+    assert unmarked(plain) is plain
+    assert unmarked([forged, "x"]) == [" " + forged, "x"]
+    blob = ("\n".join(plain) + "\n").encode()
+    assert unmarked(plain, blob) is plain  # no marker in the blob: the list is not even looked at
+    assert marked_records('{"a":1}\n{"b":2}\n') == "{" + RECORD_MARK + '"a":1}\n{' + RECORD_MARK + '"b":2}\n'

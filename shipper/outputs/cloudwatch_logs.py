@@ -29,6 +29,7 @@ from shipper.outputs.log_events import (
     EVENT_OVERHEAD, MAX_EVENTS, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, Event, Tally, rejected_ranges, take_request, timestamp_ms,
     utf8_parts,
 )
+from shipper.outputs.log_events import marked_records, unmarked
 from shipper.outputs.metric_data import (
     DEFAULT_DIMENSIONS, base_dimensions, check_dimensions, check_namespace, emf_events,
 )
@@ -178,11 +179,11 @@ class CloudWatchLogsOutput(Output):
         if self.settings.format == "emf" and batch.fields and any(METRICS in (f or {}) for f in batch.fields):
             return self._emf_events(batch, tally, read_ms)
         if self.settings.format in ("json", "emf"):
-            text = batch.ndjson(self.context.envelope).decode()
+            text = marked_records(batch.ndjson(self.context.envelope).decode())
             messages = text.split("\n")
             messages.pop()
         else:
-            messages = batch.message_list()
+            messages = unmarked(batch.message_list(), batch.blob)
         fields = batch.fields
         ascii_only = batch.blob.isascii() if batch.blob is not None else False
         events = []

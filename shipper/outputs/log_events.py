@@ -59,7 +59,7 @@ def timestamp_ms(rfc3339: str | None, default_ms: int) -> int:
         return default_ms
     try:
         return int(datetime.fromisoformat(rfc3339).timestamp() * 1000)
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):  # not a time the agent wrote: the read time
         return default_ms
 
 
@@ -121,3 +121,25 @@ def rejected_ranges(info: dict | None, count: int) -> dict[str, range]:
     if new_start is not None:
         ranges["too_new"] = range(max(0, new_start), count)
     return {reason: span for reason, span in ranges.items() if len(span)}
+
+
+# format = "json": each event is its record's JSON object with this first key, so that a reader
+# (shipper fetch) takes as records only what the agent wrote as records, never a raw line that
+# happens to be JSON. The event stays one plain JSON object (Logs Insights parses it).
+RECORD_MARK = '"shipper_format":"json",'
+
+
+def marked_records(ndjson: str) -> str:
+    """NDJSON records (one object a line: JSON escapes every newline inside) with RECORD_MARK first."""
+    return ("\n" + ndjson).replace("\n{", "\n{" + RECORD_MARK)[1:]
+
+
+def unmarked(messages: list[str], blob: bytes | None = None) -> list[str]:
+    """format = "raw": a line that begins like a marked record gets a leading space, so a reader
+    never takes a raw line as a record (the blob, when there is one, is searched at C speed)."""
+    head = "{" + RECORD_MARK
+    if blob is not None and head.encode() not in blob:
+        return messages
+    if not any(m and m.startswith(head) for m in messages):
+        return messages
+    return [" " + m if m and m.startswith(head) else m for m in messages]

@@ -1,8 +1,11 @@
 """`shipper fetch`: one instance's records for a time range, merged in time order, filtered, printed.
 
-Objects are listed only under the partitions of the asked hours, downloaded in parallel a few
-ahead of the merge, and opened only when the merge reaches their start time: memory holds the
-objects that overlap in time, never the whole range.
+Objects are listed only under the partitions of the asked hours and read as streams, one after
+the other in start order (S3 objects downloaded a few ahead). Their lines wait in a reorder buffer
+until no later object can hold an earlier record; the buffer has a budget (REORDER_BYTES), so
+memory does not depend on the size of an object or of the range. Past the budget the earliest
+lines go out at once and any record that arrives earlier than one already printed is counted and
+reported (out of time order, never lost).
 """
 
 from __future__ import annotations
@@ -10,23 +13,32 @@ from __future__ import annotations
 import collections
 import difflib
 import heapq
+import io
+import operator
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from bisect import bisect_left, bisect_right
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+import orjson
+
 from shipper.outputs.keys import partition_of
 from shipper.postmortem.selection import Filter, ObjectRef, hour_prefixes
+from shipper.postmortem.sources import MAX_LINE_BYTES, CloudWatchLogsSource, CorruptObject, ObjectLines
 from shipper.record import format_time
-from shipper.postmortem.sources import CloudWatchLogsSource, CorruptObject, decode_object
 
 PREFETCH = 16   # objects downloaded ahead of the merge
+PREFETCH_BYTES = 48 * 1024 * 1024  # and at most this many compressed bytes of them
 WORKERS = 8     # downloads at once
+REORDER_BYTES = 64 * 1024 * 1024   # lines held to put them in time order
+LINE_COST = 160  # what Python adds to a held line's bytes (its objects, the list slot), roughly
 # How much earlier than its object's start (the time it was read) a record's own time may be: a
 # parsed event time or a journald entry's. Objects are listed and opened this much earlier, so
 # such records still come out in time order and inside --since/--until.
 EVENT_TIME_SLACK = 300.0
+CLOUDWATCH_EVENTS = 20_000  # events of all merged streams' pages at once (a page per stream)
 
 
 @dataclass
@@ -57,71 +69,201 @@ def hour_end(start: float) -> float:
 
 
 def select_objects(archive, since: float, until: float, instance: str | None,
-                   tags: list[str] | None) -> list[ObjectRef]:
+                   tags: list[str] | None, warn: Callable[[str], None] | None = None) -> list[ObjectRef]:
     """The objects that may hold records of the range, in start order (objects never straddle an hour)."""
     prefixes = hour_prefixes(since, until + EVENT_TIME_SLACK, instance=instance)
     refs = [ref for prefix in prefixes for ref in archive.list(prefix)]
+    for problem in archive.problems:
+        if warn is not None:
+            warn(problem)
+    archive.problems.clear()
     refs = [r for r in refs if (not tags or r.tag in tags) and r.start - EVENT_TIME_SLACK <= until
             and hour_end(r.start) >= since and (instance is None or r.instance == instance)]
     return sorted(set(refs), key=lambda r: (r.start, r.key))
 
 
+_TIME = b'{"time":"'
+_first = operator.itemgetter(0)
+
+
+def time_key(line: bytes) -> bytes:
+    """A line's record time, to order by: sliced from the line when it starts as the agent writes
+    records (``{"time":"<27 characters>"``), else parsed (b"" when it is no JSON object)."""
+    if line.startswith(_TIME) and line.find(b'"', 9, 37) == 36:
+        return line[9:36]
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return b""
+    return str(record.get("time", "")).encode(errors="replace") if isinstance(record, dict) else b""
+
+
+def keyed(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(time, line) pairs in time order (stable: lines of one time keep their order)."""
+    pairs = [(line[9:36] if line.startswith(_TIME) and line.find(b'"', 9, 37) == 36 else time_key(line), line)
+             for line in lines]
+    pairs.sort(key=_first)
+    return pairs
+
+
+class Reorder:
+    """Runs of time-ordered lines (one per chunk read), merged into one time order.
+
+    ``emit(limit)`` hands out the records before ``limit``; ``relieve()`` the earliest ones while
+    more than ``budget`` bytes are held. A run is handed out a stretch at a time (up to the next
+    run's head), so the per-record cost is the JSON parse, not the merge.
+    """
+
+    def __init__(self, budget: int = REORDER_BYTES):
+        self.budget = budget
+        self.heap: list[tuple[bytes, int, list]] = []  # (head time, order, [pairs, position, key, cost a line])
+        self.held = 0
+        self.order = 0
+        self.high = b""          # the latest time handed out
+        self.late = 0            # records that arrived after a later one was handed out
+        self.bad: collections.Counter[str] = collections.Counter()  # lines that are no JSON object, by object
+
+    def add(self, lines: list[bytes], key: str) -> None:
+        if not lines:
+            return
+        pairs = keyed(lines)
+        cost = sum(map(len, lines)) + LINE_COST * len(lines)
+        if pairs[0][0] < self.high:  # (lines with no time, b"", are no records: not late)
+            self.late += bisect_left(pairs, self.high, key=_first) - bisect_right(pairs, b"", key=_first)
+        self.held += cost
+        self.order += 1
+        heapq.heappush(self.heap, (pairs[0][0], self.order, [pairs, 0, key, cost / len(pairs)]))
+
+    def _take(self, limit: bytes | None) -> tuple[list, str]:
+        """The next stretch of the earliest run: up to the next run's head, and before ``limit``."""
+        heap = self.heap
+        _, order, run = heap[0]
+        pairs, at = run[0], run[1]
+        end = len(pairs) if limit is None else bisect_left(pairs, limit, at, key=_first)
+        if len(heap) > 1:
+            following = heap[1][0] if len(heap) == 2 else min(heap[1][0], heap[2][0])
+            end = min(end, bisect_right(pairs, following, at, end, key=_first))
+        stretch = pairs[at:end]
+        self.held -= (end - at) * run[3]
+        if pairs[end - 1][0] > self.high:
+            self.high = pairs[end - 1][0]
+        if end == len(pairs):
+            heapq.heappop(heap)
+        else:
+            if end > len(pairs) // 2:  # let what went out be freed
+                run[0], end = pairs[end:], 0
+            run[1] = end
+            heapq.heapreplace(heap, (run[0][end][0], order, run))
+        return stretch, run[2]
+
+    def _records(self, stretch: list, key: str) -> Iterator[dict[str, Any]]:
+        loads = orjson.loads
+        bad = 0
+        for _, line in stretch:
+            try:
+                record = loads(line)
+            except orjson.JSONDecodeError:
+                bad += 1
+                continue
+            if type(record) is dict:
+                yield record
+            else:
+                bad += 1
+        if bad:
+            self.bad[key] += bad
+
+    def emit(self, limit: bytes | None) -> Iterator[dict[str, Any]]:
+        """Every held record before ``limit`` (None: all), in time order."""
+        while self.heap and (limit is None or self.heap[0][0] < limit):
+            yield from self._records(*self._take(limit))
+
+    def relieve(self) -> Iterator[dict[str, Any]]:
+        while self.held > self.budget and self.heap:
+            yield from self._records(*self._take(None))
+
+    def report(self, warn: Callable[[str], None]) -> None:
+        for key, count in sorted(self.bad.items()):
+            warn(f"{key}: {count} lines that are not JSON records skipped")
+        if self.late:
+            warn(f"{self.late:,} records came out of time order: their time is more than {EVENT_TIME_SLACK:.0f} s "
+                 f"before their object's start, or more than {self.budget // 2**20} MiB of records overlap in time")
+
+
+def object_lines(archive, ref: ObjectRef, data: bytes | None, warn: Callable[[str], None]) -> ObjectLines | None:
+    """An object opened as a stream of lines (from its downloaded bytes if any); None, said, if it cannot be."""
+    try:
+        raw = io.BytesIO(data) if data is not None else archive.open(ref)
+    except CorruptObject as exc:
+        warn(f"skipped {exc}")
+        return None
+    except Exception as exc:  # one unreadable object must not hide the others
+        warn(f"skipped {ref.key}: cannot read it ({type(exc).__name__}: {exc})")
+        return None
+    return ObjectLines(ref.key, raw)
+
+
+def tell_problems(lines: ObjectLines, warn: Callable[[str], None]) -> None:
+    if lines.problem:
+        warn(f"{lines.key}: {lines.problem}")
+    if lines.long_lines:
+        warn(f"{lines.key}: {lines.long_lines} lines over {MAX_LINE_BYTES // 2**20} MiB skipped")
+
+
 def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
-                   progress: Progress | None = None) -> Iterator[dict[str, Any]]:
-    """Every record of ``refs`` in time order; a corrupt object is reported through ``warn`` and skipped."""
-    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="fetch")
-    waiting: collections.deque[tuple[ObjectRef, Future, str]] = collections.deque()  # + its start, as a record time
-    upcoming = iter(refs)
+                   progress: Progress | None = None, budget: int = REORDER_BYTES) -> Iterator[dict[str, Any]]:
+    """Every record of ``refs`` (in start order) in time order; what cannot be read is said through ``warn``."""
+    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="fetch") if archive.prefetch else None
+    todo = collections.deque(refs)
+    waiting: collections.deque = collections.deque()  # (ref, its download or None: opened as a stream)
+    prefetched = 0
+    merge = Reorder(budget)
 
     def fill() -> None:
-        while len(waiting) < PREFETCH:
-            ref = next(upcoming, None)
-            if ref is None:
+        nonlocal prefetched
+        while todo and len(waiting) < PREFETCH:
+            ref = todo[0]
+            if pool is None or ref.size > archive.PREFETCH_OBJECT_BYTES:
+                waiting.append((ref, None))
+            elif waiting and prefetched + ref.size > PREFETCH_BYTES:
                 return
-            waiting.append((ref, pool.submit(archive.read, ref), format_time(ref.start - EVENT_TIME_SLACK)))
-
-    heap: list[tuple[str, int, int, dict, Iterator[dict]]] = []
-    counter = 0
-
-    def push(iterator: Iterator[dict], order: int) -> None:
-        nonlocal counter
-        record = next(iterator, None)
-        if record is not None:
-            counter += 1
-            heapq.heappush(heap, (str(record.get("time", "")), order, counter, record, iterator))
+            else:
+                waiting.append((ref, pool.submit(archive.read, ref)))
+                prefetched += ref.size
+            todo.popleft()
 
     try:
         fill()
-        order = 0
-        while waiting or heap:
-            # Open every object that starts before the next record to print.
-            while waiting and (not heap or waiting[0][2] <= heap[0][0]):
-                ref, future, _ = waiting.popleft()
-                fill()
-                order += 1
+        while waiting:
+            ref, download = waiting.popleft()
+            if download is not None:
+                prefetched -= ref.size
+            fill()
+            data = None
+            if download is not None:
                 try:
-                    data = future.result()
-                    records, bad = decode_object(ref.key, data)
-                except CorruptObject as exc:
-                    warn(f"skipped {exc}")
-                    continue
+                    data = download.result()
                 except Exception as exc:  # one unreadable object must not hide the others
                     warn(f"skipped {ref.key}: cannot read it ({type(exc).__name__}: {exc})")
                     continue
-                finally:
-                    if progress is not None:
-                        progress.advance(ref.size)
-                if bad:
-                    warn(f"{ref.key}: {bad} lines that are not JSON records skipped")
-                records.sort(key=lambda r: str(r.get("time", "")))  # event times may run backwards
-                push(iter(records), order)
-            if not heap:
+            if progress is not None:
+                progress.advance(ref.size)
+            # No record of this object or a later one is earlier than this: what is before goes out.
+            opens = format_time(ref.start - EVENT_TIME_SLACK).encode()
+            yield from merge.emit(opens)
+            lines = object_lines(archive, ref, data, warn)
+            if lines is None:
                 continue
-            _, source, _, record, iterator = heapq.heappop(heap)
-            yield record
-            push(iterator, source)
+            del data
+            for chunk in lines.chunks():
+                merge.add(chunk, ref.key)
+                yield from merge.emit(opens)  # records earlier than their object allows: late, not lost
+                yield from merge.relieve()
+            tell_problems(lines, warn)
+        yield from merge.emit(None)
+        merge.report(warn)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def cloudwatch_records(source: CloudWatchLogsSource, since: float, until: float, instance: str | None,
@@ -130,41 +272,59 @@ def cloudwatch_records(source: CloudWatchLogsSource, since: float, until: float,
     streams = source.streams(f"{instance}/" if instance else None)
     if tags:
         streams = [s for s in streams if s.partition("/")[2].split("/", 1)[0] in tags]
-    iterators = [source.records(stream, since, until) for stream in streams]
+    page = max(50, min(10_000, CLOUDWATCH_EVENTS // max(1, len(streams))))
+    iterators = [source.records(stream, since, until, page) for stream in streams]
     return heapq.merge(*iterators, key=lambda r: str(r.get("time", "")))
 
 
-def instances_seen(archive, since: float, until: float) -> dict[str, list[ObjectRef]]:
+def instances_seen(archive, since: float, until: float,
+                   warn: Callable[[str], None] | None = None) -> dict[str, list[ObjectRef]]:
     by_instance: dict[str, list[ObjectRef]] = collections.defaultdict(list)
-    for ref in select_objects(archive, since, until, None, None):
+    for ref in select_objects(archive, since, until, None, None, warn):
         by_instance[ref.instance].append(ref)
     return by_instance
+
+
+def object_ends(archive, ref: ObjectRef, warn: Callable[[str], None]) -> tuple[str, str, dict] | None:
+    """An object's earliest and latest record time and its last record, read as a stream."""
+    lines = object_lines(archive, ref, None, warn)
+    if lines is None:
+        return None
+    first = last = None
+    final: dict[str, Any] = {}
+    for chunk in lines.chunks():
+        pairs = keyed(chunk)
+        times = pairs[bisect_right(pairs, b"", key=_first):]  # lines with no time (no JSON) left out
+        if times:
+            first = times[0][0] if first is None else min(first, times[0][0])
+            last = times[-1][0] if last is None else max(last, times[-1][0])
+        for line in reversed(chunk):
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                final = record
+                break
+    tell_problems(lines, warn)
+    if first is None or last is None:
+        return None
+    return first.decode(errors="replace"), last.decode(errors="replace"), final
 
 
 def list_instances(archive, since: float, until: float, warn: Callable[[str], None]) -> list[dict[str, Any]]:
     """Per instance seen in the range: first and last record time, image id, host and labels."""
     rows = []
-    for instance, refs in sorted(instances_seen(archive, since, until).items()):
-        first = last = None
-        for ref in (refs[0], refs[-1]):
-            try:
-                records, _ = decode_object(ref.key, archive.read(ref))
-            except CorruptObject as exc:
-                warn(f"skipped {exc}")
-                continue
-            except Exception as exc:  # one unreadable object must not hide the other instances
-                warn(f"skipped {ref.key}: cannot read it ({type(exc).__name__}: {exc})")
-                continue
-            if records:
-                times = sorted(str(r.get("time", "")) for r in records)
-                first = first or records[0] | {"time": times[0]}
-                last = records[-1] | {"time": times[-1]}
-        if first is None or last is None:
+    for instance, refs in sorted(instances_seen(archive, since, until, warn).items()):
+        ends = [e for e in (object_ends(archive, ref, warn) for ref in dict.fromkeys((refs[0], refs[-1]))) if e]
+        if not ends:
             continue
-        rows.append({"instance": instance, "first": first["time"], "last": last["time"],
-                     "image_id": last.get("image_id", ""), "host": last.get("host", ""),
-                     "labels": last.get("labels", {}), "objects": len(refs),
-                     "tags": sorted({r.tag for r in refs})})
+        last = ends[-1][2]
+        labels = last.get("labels")
+        rows.append({"instance": instance, "first": ends[0][0], "last": ends[-1][1],
+                     "image_id": str(last.get("image_id") or ""), "host": str(last.get("host") or ""),
+                     "labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+                     "objects": len(refs), "tags": sorted({r.tag for r in refs})})
     rows.sort(key=lambda row: row["last"])
     return rows
 
@@ -181,9 +341,9 @@ def records_of(source, since: float, until: float, instance: str | None, tags: l
     nearest names) when an archive holds nothing of that instance in the range."""
     if isinstance(source, CloudWatchLogsSource):
         return cloudwatch_records(source, since, until, instance, tags)
-    refs = select_objects(source, since, until, instance, tags)
+    refs = select_objects(source, since, until, instance, tags, warn)
     if not refs and instance:
-        seen = instances_seen(source, since, until)
+        seen = instances_seen(source, since, until, warn)
         hint = suggest(instance, seen)
         warn(f"no records of instance {instance} in {source.name} between {format_time(since)} and {format_time(until)}"
              + (f"; did you mean {', '.join(hint)}?" if hint else f" ({len(seen)} other instances there: "

@@ -52,10 +52,24 @@ def parse_time(text: str, now: float | None = None) -> float:
     return moment.timestamp()
 
 
-def time_range(since: str, until: str | None) -> tuple[float, float]:
-    """--since and --until (default: now) as epoch seconds."""
-    now = time.time()
-    return parse_time(since, now), parse_time(until, now) if until else now
+MAX_RANGE_DAYS = 400
+LAST_TIME = 253_402_300_799.0   # 9999-12-31T23:59:59Z: the last time RFC 3339 can write
+
+
+def time_range(since: str, until: str | None, now: float | None = None) -> tuple[float, float]:
+    """--since and --until (default: now) as epoch seconds; a range longer than MAX_RANGE_DAYS, or
+    outside 1970..9999, is refused (it would be listed hour by hour)."""
+    now = time.time() if now is None else now
+    start, end = parse_time(since, now), parse_time(until, now) if until else now
+    for name, value, text in (("--since", start, since), ("--until", end, until or "now")):
+        if not 0 <= value <= LAST_TIME:  # also inf and nan
+            raise SelectionError(f"{name} {text[:40]!r} is not a time between 1970 and 9999")
+    if end < start:
+        raise SelectionError(f"--until ({format_time(end)}) is before --since ({format_time(start)})")
+    if end - start > MAX_RANGE_DAYS * 86400:
+        raise SelectionError(f"{format_time(start)} to {format_time(end)} is {(end - start) / 86400:,.0f} days: "
+                             f"ask for at most {MAX_RANGE_DAYS} days at a time (--since, --until)")
+    return start, end
 
 
 @dataclass(frozen=True)
@@ -165,3 +179,19 @@ def render(record: dict[str, Any], template: str | None) -> str:
         return "" if value is None else str(value)
 
     return re.sub(r"\{([A-Za-z0-9_.]+)\}", fill, template)
+
+
+# What a terminal would act on rather than show: C0 and C1 controls and DEL (escape sequences,
+# carriage returns that overwrite a line), and the bidirectional overrides that reorder a line's
+# text. Newline and tab are shown as they are.
+_UNSAFE = [c for c in range(0x20) if c not in (0x09, 0x0A)] + list(range(0x7F, 0xA0)) + \
+    [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSAFE}
+
+
+def printable(text: str) -> str:
+    """``text`` as a terminal may show it: control characters and escape sequences escaped
+    (ESC -> ``\\x1b``, as journalctl does); with --json or into a pipe the text stays exact."""
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return text.translate(_ESCAPES)

@@ -1,19 +1,21 @@
 """Where a dead server's records are read back from: a directory archive, an S3 archive, CloudWatch Logs.
 
-An archive (directory or S3) lists the objects under partition prefixes and reads one object's
-bytes; decoding is shared (:func:`decode_object`). CloudWatch Logs gives records directly.
+An archive (directory or S3) lists the objects under partition prefixes and opens one object as a
+stream; decoding is shared (:class:`ObjectLines`). CloudWatch Logs gives records directly.
 """
 
 from __future__ import annotations
 
-import gzip
+import errno
 import os
+import stat
 import zlib
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import orjson
 
+from shipper.outputs.log_events import RECORD_MARK
 from shipper.postmortem.selection import ObjectRef, parse_key
 from shipper.record import format_time
 
@@ -23,67 +25,230 @@ class SourceError(Exception):
 
 
 class CorruptObject(Exception):
-    """One object cannot be decoded; it is reported and skipped."""
+    """One object cannot be read at all (not a regular file, gone, no access); it is reported and skipped."""
 
 
-def decode_object(key: str, data: bytes) -> tuple[list[dict[str, Any]], int]:
-    """An object's records (and how many lines were not JSON records), or CorruptObject."""
-    try:
-        if key.endswith(".gz"):
-            data = gzip.decompress(data)
-        elif key.endswith(".zst"):
-            data = _zstd_decompress(data)
-    except (OSError, EOFError, zlib.error, ValueError) as exc:
-        raise CorruptObject(f"{key}: cannot decompress ({type(exc).__name__}: {exc})") from None
-    records, bad = [], 0
-    for line in data.splitlines():
+READ_BYTES = 256 * 1024          # compressed bytes read at a time
+PIECE_BYTES = 1024 * 1024        # decompressed bytes at a time: a small object of huge content never expands at once
+MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line (no record is: messages are cut at max_line_bytes) is skipped
+
+
+class ObjectLines:
+    """One object's lines, decompressed as a stream (gzip and zstd, any number of members or frames).
+
+    ``chunks()`` yields lists of complete lines (without their newline) of at most about
+    PIECE_BYTES; memory does not depend on the object's size. Where the data breaks off (a
+    truncated or corrupt object, a failed read), the lines before the break have been handed
+    out and ``problem`` says where it broke, as zcat would.
+    """
+
+    def __init__(self, key: str, raw):
+        self.key = key
+        self.raw = raw            # has read(n) and close()
+        self.position = 0         # compressed bytes read
+        self.lines = 0            # complete lines handed out
+        self.long_lines = 0       # lines over MAX_LINE_BYTES, skipped
+        self.problem: str | None = None
+
+    def chunks(self) -> Iterator[list[bytes]]:
         try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
+            yield from self._split(self._pieces())
+        finally:
+            self.raw.close()
+
+    def _split(self, pieces: Iterator[bytes]) -> Iterator[list[bytes]]:
+        rest = b""
+        skipping = False  # inside a line that was too long, up to its newline
+        for piece in pieces:
+            if skipping:
+                newline = piece.find(b"\n")
+                if newline < 0:
+                    continue
+                piece, skipping = piece[newline + 1:], False
+            data = rest + piece if rest else piece
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                rest = data
+            else:
+                lines = data[:cut].split(b"\n")
+                rest = data[cut + 1:]
+                self.lines += len(lines)
+                yield lines
+            if len(rest) > MAX_LINE_BYTES:
+                self.long_lines += 1
+                rest, skipping = b"", True
+        if self.problem is None:
+            if rest:  # a last line without its newline
+                self.lines += 1
+                yield [rest]
+            return
+        self.problem += f"; the {self.lines:,} lines before the break were read"
+        if rest or skipping:
+            self.problem += ", the partial line at the break is left out"
+
+    def _pieces(self) -> Iterator[bytes]:
+        if self.key.endswith(".gz"):
+            return self._decompressed(lambda: zlib.decompressobj(31), "gzip member")
+        if self.key.endswith(".zst"):
+            return self._decompressed(_zstd_decompressor, "zstd frame")
+        return self._reads()
+
+    def _reads(self) -> Iterator[bytes]:
+        while True:
+            try:
+                data = self.raw.read(READ_BYTES)
+            except Exception as exc:  # file or network: either way the rest cannot be had
+                self.problem = f"cannot read past byte {self.position:,} ({type(exc).__name__}: {exc})"
+                return
+            if not data:
+                return
+            self.position += len(data)
+            yield data
+
+    def _decompressed(self, make, unit: str) -> Iterator[bytes]:
+        """Decompress member after member (frame after frame), PIECE_BYTES of output at a time."""
+        reads = self._reads()
+        decompressor, data, start = None, b"", 0
+        while True:
+            if not data and _needs_input(decompressor):
+                data = next(reads, None)
+                if data is None:
+                    break
+                start = self.position - len(data)
+            if decompressor is None or decompressor.eof:
+                if not data:
+                    continue
+                decompressor = make()  # the next member or frame starts here
+            try:
+                piece = decompressor.decompress(data or getattr(decompressor, "unconsumed_tail", b""), PIECE_BYTES)
+            except Exception as exc:  # zlib.error, ZstdError: no common base class
+                self.problem = (f"corrupt data in compressed bytes {start:,}-{self.position:,} "
+                                f"({type(exc).__name__}: {exc})")
+                return
+            data = decompressor.unused_data if decompressor.eof else b""
+            if piece:
+                yield piece
+        if self.problem is not None or decompressor is None or decompressor.eof:
+            return
+        while not decompressor.eof:  # zlib may hold output back until asked
+            piece = decompressor.decompress(getattr(decompressor, "unconsumed_tail", b""), PIECE_BYTES)
+            if not piece:
+                break
+            yield piece
+        if not decompressor.eof:
+            self.problem = f"truncated: the data ends at byte {self.position:,} inside a {unit}"
 
 
-def _zstd_decompress(data: bytes) -> bytes:
+def _needs_input(decompressor) -> bool:
+    if decompressor is None or decompressor.eof:
+        return True
+    needs = getattr(decompressor, "needs_input", None)
+    if needs is not None:  # zstd
+        return needs
+    return not decompressor.unconsumed_tail  # zlib
+
+
+def _zstd_decompressor():
     try:
-        from compression.zstd import decompress
+        from compression.zstd import ZstdDecompressor
     except ImportError:
-        from backports.zstd import decompress
-    try:
-        return decompress(data)
-    except Exception as exc:  # its ZstdError is not a common base class
-        raise ValueError(str(exc)) from None
+        from backports.zstd import ZstdDecompressor
+    return ZstdDecompressor()
+
+
+# Directories are opened one component at a time without following links, so nothing outside the
+# archive is listed or read; objects must be regular files (a FIFO would hang the read, a link to
+# /dev/zero would never end).
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 class DirectoryArchive:
+    prefetch = False  # local files are read as the merge reaches them
+
     def __init__(self, path: str):
         self.root = os.path.abspath(path)
         if not os.path.isdir(self.root):
             raise SourceError(f"{path}: no such directory (a directory archive is the directory output's path)")
         self.name = self.root
+        self.problems: list[str] = []  # partitions not listed, said by the caller
+
+    def _open_directory(self, parts: list[str]) -> int:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts:
+                inner = os.open(part, _DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def list(self, prefix: str) -> Iterator[ObjectRef]:
-        top = os.path.join(self.root, prefix)
-        for directory, _, names in os.walk(top):
-            if ".tmp" in os.path.relpath(directory, self.root).split(os.sep):
-                continue
-            for name in names:
-                path = os.path.join(directory, name)
-                ref = parse_key(os.path.relpath(path, self.root), os.path.getsize(path))
-                if ref is not None:
-                    yield ref
+        parts = [p for p in prefix.split("/") if p]
+        try:
+            top = self._open_directory(parts)
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # ELOOP, ENOTDIR: a link or a file where a partition directory should be
+            self.problems.append(f"{prefix}: not listed, not a directory of the archive ({os.strerror(exc.errno)}; "
+                                 f"links are not followed)")
+            return
+        try:
+            for directory, subdirectories, names, fd in os.fwalk(".", dir_fd=top):
+                for name in subdirectories:  # fwalk lists links to directories there, never enters them
+                    if name != ".tmp" and stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        self.problems.append(f"{os.path.normpath(os.path.join(prefix, directory, name))}/: "
+                                             f"not listed: a symbolic link, not followed")
+                subdirectories[:] = [d for d in subdirectories if d != ".tmp"]  # objects being written
+                for name in names:
+                    key = os.path.normpath(os.path.join(prefix, directory, name))
+                    try:
+                        size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
+                    except OSError:  # gone since the listing
+                        continue
+                    ref = parse_key(key, size)
+                    if ref is not None:
+                        yield ref
+        finally:
+            os.close(top)
 
-    def read(self, ref: ObjectRef) -> bytes:
-        with open(os.path.join(self.root, ref.key), "rb") as handle:
-            return handle.read()
+    def open(self, ref: ObjectRef):
+        """The object as an unbuffered binary file, or CorruptObject when it is not a regular file."""
+        *parts, name = ref.key.split("/")
+        try:
+            directory = self._open_directory(parts)
+            try:
+                fd = os.open(name, _FILE, dir_fd=directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            why = "a symbolic link on its path, not followed" if exc.errno in (errno.ELOOP, errno.ENOTDIR) \
+                else os.strerror(exc.errno)
+            raise CorruptObject(f"{ref.key}: not read: {why}") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise CorruptObject(f"{ref.key}: not read: {_kind(mode)}, not a regular file")
+        return os.fdopen(fd, "rb", buffering=0)
 
 
 class S3Archive:
+    # Small objects are downloaded whole, several at once, ahead of the merge; larger ones are read
+    # as a stream when the merge reaches them.
+    prefetch = True
+    PREFETCH_OBJECT_BYTES = 8 * 1024 * 1024
+
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None):
         parts = urlsplit(url)
         self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
@@ -97,6 +262,7 @@ class S3Archive:
             config=Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=16,
                           s3={"addressing_style": "path"} if endpoint_url else None))
         self.name = url
+        self.problems: list[str] = []
 
     def list(self, prefix: str) -> Iterator[ObjectRef]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -115,6 +281,9 @@ class S3Archive:
 
     def read(self, ref: ObjectRef) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=ref.key)["Body"].read()
+
+    def open(self, ref: ObjectRef):
+        return self.client.get_object(Bucket=self.bucket, Key=ref.key)["Body"]
 
 
 class CloudWatchLogsSource:
@@ -146,8 +315,9 @@ class CloudWatchLogsSource:
             raise SourceError(f"cannot list the streams of log group {self.group}: {describe(exc)}") from None
         return names
 
-    def records(self, stream: str, since: float, until: float) -> Iterator[dict[str, Any]]:
-        """One stream's events in time order, as records."""
+    def records(self, stream: str, since: float, until: float, limit: int = 10_000) -> Iterator[dict[str, Any]]:
+        """One stream's events in time order, as records, ``limit`` events a page (many streams merged at
+        once each hold one page: their pages are smaller)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         instance, _, rest = stream.partition("/")
@@ -155,7 +325,8 @@ class CloudWatchLogsSource:
         token = None
         while True:
             kwargs: dict[str, Any] = {"logGroupName": self.group, "logStreamName": stream, "startFromHead": True,
-                                      "startTime": int(since * 1000), "endTime": int(until * 1000) + 1}
+                                      "startTime": int(since * 1000), "endTime": int(until * 1000) + 1,
+                                      "limit": limit}
             if token:
                 kwargs["nextToken"] = token
             try:
@@ -173,18 +344,22 @@ class CloudWatchLogsSource:
             token = following
 
 
+_MARKED = "{" + RECORD_MARK
+
+
 def event_record(event: dict[str, Any], instance: str, tag: str, stream: str) -> dict[str, Any]:
-    """A CloudWatch event as a record: the record itself when it was sent as JSON (format json),
-    else the raw line with what the stream name tells."""
+    """A CloudWatch event as a record: the record itself when the agent sent it as one (format json,
+    marked with RECORD_MARK), else the raw line with what the stream name tells. A raw line that is
+    JSON, even with time and tag, stays a message: it cannot pass for a record (a lifecycle event)."""
     message = event.get("message", "")
-    if message.startswith("{"):
+    if message.startswith(_MARKED):
         try:
-            record = orjson.loads(message)
-        except orjson.JSONDecodeError:
+            record = orjson.loads("{" + message[len(_MARKED):])
+        except orjson.JSONDecodeError:  # a record over 256 KiB arrives in parts: shown as they are
             record = None
-        if isinstance(record, dict) and "time" in record and "tag" in record:
+        if isinstance(record, dict):
             return record
-    return {"time": format_time(event["timestamp"] / 1000), "tag": tag, "instance_id": instance,
+    return {"time": format_time(event.get("timestamp", 0) / 1000), "tag": tag, "instance_id": instance,
             "source": stream, "message": message}
 
 

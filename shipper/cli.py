@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
+import signal
 import sys
-import time
+
+if sys.argv[1:2] == ["run"]:
+    # Until cmd_run installs the agent's handlers (after the imports below), a SIGHUP (`systemctl
+    # reload` right after start) would kill it; ignoring it loses nothing: the configuration is
+    # read afterwards. Here, not in __main__, so that the console script is covered too.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import argparse  # noqa: E402 (after the signal disposition, on purpose)
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
 
 from shipper import __version__
 from shipper.config import DEFAULT_CONFIG_PATH, Config, load, redact_urls, target_of

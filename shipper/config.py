@@ -294,7 +294,8 @@ AGENT_OPTIONS = {
     "data_dir": Option("str", "/var/lib/shipper"),
     "flush_interval": Option("duration", 1.0, minimum=0.01, maximum=HOUR),
     # The whole stop (and a reload's drain) keeps to it; under the unit's TimeoutStopSec (45 s).
-    "shutdown_timeout": Option("duration", 20.0, maximum=HOUR),
+    # The stop guard exits 3 s past it; the packaged unit's TimeoutStopSec is 45 s.
+    "shutdown_timeout": Option("duration", 20.0, maximum=40.0),
     "checkpoint_interval": Option("duration", 1.0, minimum=0.01, maximum=HOUR),
     # Failed deliveries wait a random time up to initial * 2^(attempt-1), at most maximum.
     "retry_initial_delay": Option("duration", 0.5, minimum=0.001, maximum=HOUR),

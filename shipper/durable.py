@@ -45,7 +45,13 @@ def make_dirs(path: str, mode: int = DIR_MODE) -> None:
             if not os.path.isdir(directory):
                 raise
             continue  # made meanwhile by another thread or process: theirs
-        os.chmod(directory, mode)
+        # Through a descriptor opened without following links: the new name could have been
+        # swapped for a symlink (in a writable parent), and chmod would follow it.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
 
 def create_new(path: str, flags: int = NEW_FILE, mode: int = FILE_MODE) -> int:

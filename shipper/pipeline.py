@@ -72,9 +72,9 @@ class OutputRunner(threading.Thread):
         self.woken = False
         self.urgent = False  # flush-now (the instance is going away): everything held is due every tick
         self.heartbeat = time.monotonic()  # the last time this thread made progress (systemd watchdog)
-        # Batches this output accepted and has not confirmed: their OutputAck -> (read time, source,
-        # start, end): the oldest age for /metrics, and what to quarantine if the output fails.
-        self.unsent: dict[OutputAck, tuple[float, str | None, int, int]] = {}
+        # Batches this output was given and has not confirmed: their OutputAck -> (read time, source,
+        # start, end, file identity): the oldest age for /metrics, what to strike if the output fails.
+        self.unsent: dict[OutputAck, tuple] = {}
         self.unsent_lock = threading.Lock()
         output.context.wake = self.wake
 
@@ -88,7 +88,7 @@ class OutputRunner(threading.Thread):
         cost = _cost(batch)
         if isinstance(batch.ack, OutputAck):
             with self.unsent_lock:
-                self.unsent[batch.ack] = (batch.read_time, batch.source, batch.start, batch.end)
+                self.unsent[batch.ack] = (batch.read_time, batch.source, batch.start, batch.end, batch.origin)
         with self.cond:
             while self.queue and self.queued_bytes + cost > self.max_bytes:
                 if self._past_deadline():
@@ -115,9 +115,11 @@ class OutputRunner(threading.Thread):
         except Exception:  # a bug, not a delivery problem: stop cleanly so systemd restarts us
             log.exception("%s: output failed; stopping the agent", self.name_)
             if self.quarantine is not None:  # never in a loop on the same input (see quarantine.py)
+                with self.cond:
+                    queued = {batch.ack for batch, _ in self.queue}  # never handed to the output
                 with self.unsent_lock:
-                    held = [(source, start, end) for _, source, start, end in self.unsent.values()
-                            if source is not None and end > start]
+                    held = [(source, start, end, origin) for ack, (_, source, start, end, origin)
+                            in self.unsent.items() if source is not None and end > start and ack not in queued]
                 self.quarantine.strike(held)
             self.failed.set()
 
@@ -205,12 +207,20 @@ class OutputRunner(threading.Thread):
         countdown = Acknowledgement(len(pieces), batch.ack.confirm)
         failed = 0
         for piece in pieces:
-            piece.ack = countdown
+            # Each piece confirms once (OutputAck), even if the output took its ack before it raised.
+            piece.ack = OutputAck(countdown, _ignore)
             try:
                 self.output.accept(piece)
+                continue
+            except Exception:
+                pass
+            raw = piece.as_raw()
+            raw.ack = piece.ack
+            try:
+                self.output.accept(raw)  # the raw line with parse_error, as a parser failure ships
             except Exception:
                 failed += 1
-                countdown.confirm()
+                piece.ack.confirm()
         if failed:
             self.stats.add("records_dropped", failed, output=self.name_, reason="unencodable")
             log.error("%s: dropped %d records of %s at offset %d that it cannot encode", self.name_, failed,
@@ -273,6 +283,10 @@ def stalled(runners: list[OutputRunner], period: float) -> list[str]:
     """The outputs whose runner made no progress for ``period`` seconds (stuck in a call, deadlocked)."""
     now = time.monotonic()
     return [r.name_ for r in runners if now - r.heartbeat > period]
+
+
+def _ignore(_ack: OutputAck) -> None:
+    """The pieces of a retried batch: only their batch's own OutputAck tells the runner."""
 
 
 def _cost(batch: Batch) -> int:
@@ -424,6 +438,8 @@ class Pipeline:
             runner.join(max(0.0, deadline - time.monotonic()) + 1.0)
         for source in self.inputs:
             source.save_checkpoints()
+        if not self.failed.is_set():
+            self.quarantine.clear()  # a clean stop: later failures are not "in a row" with earlier ones
         complete = True
         for runner in self.runners:
             left = runner.output.pending() + len(runner.queue)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Iterable, NamedTuple
 
 import orjson
@@ -33,27 +34,32 @@ class Strike(NamedTuple):
     start: int
     end: int
     count: int
+    identity: tuple[int, int] | None = None  # (device, inode) of the file, when known
 
 
-def merge_strikes(previous: Iterable[Strike], failed: Iterable[tuple[str, int, int]]) -> list[Strike]:
-    """The strikes after one more failure: a failed range overlapping an earlier strike of the same
-    source counts one more; ranges that were not involved this time are forgotten (in a row)."""
+def merge_strikes(previous: Iterable[Strike], failed: Iterable[tuple]) -> list[Strike]:
+    """The strikes after one more failure: a failed range (source, start, end[, identity])
+    overlapping an earlier strike of the same file counts one more; ranges that were not
+    involved this time are forgotten (in a row)."""
     by_source: dict[str, list[Strike]] = {}
     for strike in previous:
         by_source.setdefault(strike.source, []).append(strike)
     merged: list[Strike] = []
-    for source, start, end in failed:
-        count = 1 + max((s.count for s in by_source.get(source, ()) if s.start < end and start < s.end), default=0)
-        merged.append(Strike(source, start, end, count))
+    for source, start, end, *rest in failed:
+        identity = tuple(rest[0]) if rest and rest[0] is not None else None
+        count = 1 + max((s.count for s in by_source.get(source, ())
+                         if s.start < end and start < s.end and s.identity == identity), default=0)
+        merged.append(Strike(source, start, end, count, identity))
         if len(merged) >= MAX_ENTRIES:
             break
     return merged
 
 
-def overlapping(strikes: Iterable[Strike], source: str, start: int, end: int) -> Strike | None:
-    """The quarantined strike (struck often enough) that a batch [start, end) of ``source`` touches."""
+def overlapping(strikes: Iterable[Strike], source: str, start: int, end: int,
+                identity: tuple[int, int] | None = None) -> Strike | None:
+    """The quarantined strike (struck often enough) that a range [start, end) of a file touches."""
     for strike in strikes:
-        if (strike.count >= STRIKES_TO_QUARANTINE and strike.source == source
+        if (strike.count >= STRIKES_TO_QUARANTINE and strike.source == source and strike.identity == identity
                 and strike.start < end and start < strike.end):
             return strike
     return None
@@ -62,12 +68,14 @@ def overlapping(strikes: Iterable[Strike], source: str, start: int, end: int) ->
 class Quarantine:
     def __init__(self, data_dir: str):
         self.path = os.path.join(data_dir, FILE_NAME)
+        self.lock = threading.Lock()  # two outputs may fail at once
 
     def load(self) -> list[Strike]:
         try:
             with open(self.path, "rb") as handle:
                 entries = orjson.loads(handle.read(1 << 20))["strikes"]
-            return [Strike(str(e["source"]), int(e["start"]), int(e["end"]), int(e["count"])) for e in entries]
+            return [Strike(str(e["source"]), int(e["start"]), int(e["end"]), int(e["count"]),
+                           tuple(e["identity"]) if e.get("identity") else None) for e in entries]
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file protects nothing: start over
@@ -81,8 +89,9 @@ class Quarantine:
     def strike(self, failed: list[tuple[str, int, int]]) -> None:
         """An output failed holding these unconfirmed ranges: write them down (never raises)."""
         try:
-            strikes = merge_strikes(self.load(), failed)
-            self.save(strikes)
+            with self.lock:
+                strikes = merge_strikes(self.load(), failed)
+                self.save(strikes)
         except Exception as exc:  # the agent is stopping anyway: say so, do not mask the failure
             log.error("cannot write %s: %s", self.path, exc)
             return
@@ -90,6 +99,16 @@ class Quarantine:
         if quarantined:
             log.error("%d batches failed twice in a row; the next start moves past them (first: %s at %d-%d)",
                       len(quarantined), quarantined[0].source, quarantined[0].start, quarantined[0].end)
+
+    def clear(self) -> None:
+        """A clean stop: failures since are not "in a row" with those before."""
+        with self.lock:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("cannot remove %s: %s", self.path, exc)
 
     def take(self) -> list[Strike]:
         """The quarantined strikes, for this start only: once read they are removed from the file."""

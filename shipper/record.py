@@ -84,7 +84,7 @@ class Batch:
     """
 
     __slots__ = ("tag", "source", "read_time", "blob", "count", "messages", "fields",
-                 "start", "end", "on_done", "ack", "_ndjson", "size", "dropped")
+                 "start", "end", "on_done", "ack", "_ndjson", "size", "dropped", "origin")
 
     def __init__(self, tag: str, source: str | None, read_time: float, *, blob: bytes | None = None,
                  messages: list[str | None] | None = None, fields: list[dict | None] | None = None,
@@ -106,6 +106,7 @@ class Batch:
         self.on_done = None  # set by the input: what to do once every output confirmed
         self.ack = None      # set by the router: the countdown outputs confirm
         self.dropped = 0     # records ``repair`` found unencodable (counted by the router)
+        self.origin = None   # the file's (device, inode), set by the file input (quarantine.py)
         self._ndjson: bytes | None = None
 
     def for_output(self, ack) -> "Batch":
@@ -122,6 +123,14 @@ class Batch:
         return [Batch(self.tag, self.source, self.read_time, messages=[message],
                       fields=None if self.fields is None else [extra], start=self.start, end=self.end)
                 for message, extra in zip(self.message_list(), fields)]
+
+    def as_raw(self) -> "Batch":
+        """The same records as raw lines flagged ``parse_error`` (how they were read kept)."""
+        fields = self.fields or [None] * self.count
+        raw = Batch(self.tag, self.source, self.read_time, messages=list(self.message_list()),
+                    fields=[raw_fields(extra) for extra in fields], start=self.start, end=self.end)
+        raw.origin = self.origin
+        return raw
 
     # ------------------------------------------------------------ views for outputs
 

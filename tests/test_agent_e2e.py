@@ -325,7 +325,7 @@ def test_a_signal_delivered_twice_at_once_still_drains_but_a_later_one_exits_now
 def test_a_second_signal_later_exits_at_once(workdir, run_agent, tmp_path):
     (workdir / "logs" / "app.log").write_text("x\n")
     config = agent_config(workdir / "logs", workdir / "data").replace('shutdown_timeout = "10s"',
-                                                                      'shutdown_timeout = "60s"')
+                                                                      'shutdown_timeout = "40s"')
     (workdir / "data" / "archive" / ".tmp").mkdir(parents=True)
     (workdir / "data" / "archive" / ".tmp").chmod(0o555)  # the drain will wait on a refusing destination
     wrapper = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []

@@ -135,6 +135,8 @@ def test_framing_parsing_and_every_encoder_hold_for_any_input(case):
         for record in records:
             check_record(record)
             assert datetime_ok(record["time"])
+            if case["time_key"] is None or case["parser"] == "none":
+                assert record["time"] == format_time(READ_TIME)  # no parsed value can set it
 
         entries = list(msgpack.Unpacker(__import__("io").BytesIO(encode_entries(batch, ENVELOPE)), raw=False,
                                         ext_hook=lambda code, data: (code, data)))

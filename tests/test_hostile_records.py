@@ -7,6 +7,7 @@ of batches that made the agent fail twice.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 import orjson
@@ -150,3 +151,75 @@ def test_quarantine_is_taken_once_and_survives_a_damaged_file(tmp_path):
     assert quarantine.take() == []
     (tmp_path / "quarantine.json").write_bytes(b'{"strikes": [{"source": 1}]')
     assert quarantine.load() == []
+
+
+def quarantined_input(tmp_path, content: bytes, strikes, multiline: str = "", same_file: bool = True):
+    """A real file input on a real file, with these strikes taken at start (one poll, no thread)."""
+    import threading
+
+    from shipper.config import load_text
+    from shipper.inputs.file import FileInput
+    from shipper.pipeline import InputContext
+    from shipper.stats import Stats
+
+    log = tmp_path / "app.log"
+    log.write_bytes(content)
+    config = load_text(f"""
+[agent]
+data_dir = "{tmp_path}/data"
+[[inputs]]
+type = "file"
+tag = "app"
+paths = ["{log}"]
+watch = false
+{multiline}
+[[outputs]]
+type = "stdout"
+""", "t.toml", {})
+    stats = Stats()
+    st = os.stat(log)
+    identity = (st.st_dev, st.st_ino if same_file else st.st_ino + 1)
+    strikes = [s._replace(source=str(log), identity=identity) for s in strikes]
+    source = FileInput(config.inputs[0], InputContext(str(tmp_path / "data"), stats, 1.0, strikes))
+    emitted = []
+    source.discover(at_startup=True)
+    source.poll(emitted.append, threading.Event())
+    for tailed in list(source.files.values()):
+        source._ship_held(tailed, emitted.append)
+    return source, emitted, stats
+
+
+def test_a_quarantined_range_is_moved_past_exactly_even_with_multiline(tmp_path):
+    content = b"a\n a1\nPOISON\n p1\nb\n b1\n"
+    poison_start, poison_end = content.index(b"POISON"), content.index(b"b\n")
+    source, emitted, stats = quarantined_input(tmp_path, content, [Strike("", poison_start, poison_end, 2)],
+                                               multiline='multiline = { start = "^\\\\S" }')
+    messages = [m for batch in emitted for m in batch.message_list()]
+    assert messages == ["a\n a1", "b\n b1"]  # before and after ship; the struck range does not
+    assert stats.get("records_dropped", reason="quarantined") == 2
+    [tailed] = source.files.values()
+    for batch in emitted:
+        tailed.tracker.done(batch.start, batch.end, tailed.tracker.generation)
+    assert tailed.tracker.committed == len(content)  # the checkpoint moves past all of it
+
+
+def test_a_strike_of_another_file_at_the_same_path_is_not_applied(tmp_path):
+    _, emitted, stats = quarantined_input(tmp_path, b"one\ntwo\n", [Strike("", 0, 4, 2)])
+    assert [m for b in emitted for m in b.message_list()] == ["two"]
+    assert stats.get("records_dropped", reason="quarantined") == 1
+    other = tmp_path / "rotated"
+    other.mkdir()
+    # the same path and offsets, struck on the inode of a file since rotated away: nothing skipped
+    _, emitted, stats = quarantined_input(other, b"one\ntwo\n", [Strike("", 0, 4, 2)], same_file=False)
+    assert [m for b in emitted for m in b.message_list()] == ["one", "two"]
+    assert stats.get("records_dropped", reason="quarantined") == 0
+
+
+def test_a_clean_stop_ends_the_run_of_failures(tmp_path):
+    quarantine = Quarantine(str(tmp_path))
+    quarantine.strike([("/a", 0, 100, (1, 2))])
+    quarantine.clear()
+    quarantine.strike([("/a", 0, 100, (1, 2))])
+    assert quarantine.take() == []  # two failures, but not in a row
+    quarantine.strike([("/a", 0, 100, (3, 4))])
+    assert quarantine.take() == []  # another file (inode) at the same path and offsets

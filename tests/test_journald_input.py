@@ -227,3 +227,29 @@ def test_an_entry_over_max_entry_bytes_is_dropped_counted_and_the_journal_goes_o
     assert agent.stop() == 0
     assert all(len(r["message"]) < 100 for r in read_archive(data / "archive"))
     assert agent.log().count("longer than max_entry_bytes") == 1
+
+
+def test_a_journalctl_that_writes_much_to_stderr_is_still_read(tmp_path):
+    """journalctl warns on stderr about corrupt or rotated journal files; a stderr pipe nobody
+    reads fills at 64 KiB and blocks it (nothing more arrived, and the heartbeat said ok)."""
+    import threading
+
+    fake = tmp_path / "journalctl"
+    entry = orjson.dumps({"__CURSOR": "c1", "MESSAGE": "after the warnings", "__REALTIME_TIMESTAMP": "1"})
+    fake.write_text(f"""#!/bin/sh
+head -c 300000 /dev/zero | tr '\\\\0' w >&2
+printf '%s\\n' '{entry.decode()}'
+exec sleep 30
+""")
+    fake.chmod(0o755)
+    source = JournaldInput(settings_of(tag="journal", journalctl=str(fake), poll_interval="50ms"),
+                           InputContext(str(tmp_path), Stats(), 1.0))
+    batches, stop = [], threading.Event()
+    thread = threading.Thread(target=source.run, args=(batches.append, stop), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: batches, 10, message="the entry written after 300 KB of warnings")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert batches[0].messages == ["after the warnings"]

@@ -10,7 +10,7 @@ from shipper.outputs.base import Output, OutputContext
 from shipper.outputs.retry import backoff_delay
 from shipper.pipeline import OutputRunner
 from shipper.quarantine import Quarantine, Strike
-from shipper.record import Batch, Envelope
+from shipper.record import PARSE_ERROR, PARSED, Batch, Envelope
 from shipper.stats import Stats
 
 
@@ -108,6 +108,26 @@ def test_a_batch_an_output_cannot_take_is_retried_record_by_record():
     assert [b.message_list() for b in output.delivered] == [["a"], ["b"]]
     assert output.context.stats.get("records_dropped", reason="unencodable") == 1
     assert not runner.failed.is_set()
+
+
+def test_a_record_an_output_cannot_take_parsed_is_shipped_raw():
+    class NoParsedFields(ScriptedOutput):
+        def accept(self, batch):
+            if any(extra and PARSED in extra and "bad" in extra[PARSED] for extra in batch.fields or ()):
+                raise TypeError("cannot encode")
+            super().accept(batch)
+
+    output = NoParsedFields([])
+    runner = runner_for(output)
+    runner.start()
+    done = []
+    batch = Batch("app", "/f", 0.0, messages=["x", "y"], fields=[{PARSED: {"ok": 1}}, {PARSED: {"bad": 1}}])
+    batch.ack = Acknowledgement(1, lambda: done.append(True))
+    runner.put(batch)
+    wait_until(lambda: done)
+    assert [(b.message_list(), b.fields) for b in output.delivered] == \
+        [(["x"], [{PARSED: {"ok": 1}}]), (["y"], [{PARSE_ERROR: True}])]
+    assert output.context.stats.get("records_dropped") == 0
 
 
 def test_a_bug_in_delivery_stops_the_agent_and_strikes_what_it_held(tmp_path):

@@ -161,6 +161,8 @@ class FileInput:
             self._restart(tailed, emit)
         budget = FAIR_SHARE_BYTES
         while budget > 0 and not stop.is_set():
+            if self.quarantined:
+                self._skip_quarantined(tailed, emit)
             read = tailed.read(self._read_size(tailed))
             if read is None:
                 self._at_end_of_file(tailed, emit, state)
@@ -178,6 +180,8 @@ class FileInput:
         for tailed in list(self.files.values()):
             budget = DRAIN_READ_BYTES
             while budget > 0:
+                if self.quarantined:
+                    self._skip_quarantined(tailed, emit)
                 read = tailed.read(self._read_size(tailed))
                 if read is None:
                     break
@@ -293,34 +297,36 @@ class FileInput:
         batch.on_done = partial(tailed.tracker.done, batch.start, batch.end, tailed.tracker.generation)
         self._count("records_in", batch.count)
         self._count("bytes_in", batch.end - batch.start)
-        if self.quarantined and self._quarantine(batch):
-            return
+        batch.origin = tailed.identity
         emit(batch)
 
     def _read_size(self, tailed: TailedFile) -> int:
-        """One read's size; reads stop at the edges of a quarantined range, so that skipping it
-        skips exactly the lines that were struck and none around them."""
+        """One read's size; a read stops where a quarantined range starts (see _skip_quarantined)."""
         size = self.settings.read_bytes
         for strike in self.quarantined:
-            if strike.source == tailed.path:
-                offset = tailed.read_offset
-                edge = strike.start if offset < strike.start else strike.end
-                if edge > offset:
-                    size = min(size, edge - offset)
+            if strike.source == tailed.path and tailed.read_offset < strike.start:
+                size = min(size, strike.start - tailed.read_offset)
         return size
 
-    def _quarantine(self, batch: Batch) -> bool:
-        """Move past a batch that made the agent fail twice (confirmed unshipped, counted, logged)."""
-        strike = overlapping(self.quarantined, batch.source, batch.start, batch.end)
-        if strike is None:
-            return False
+    def _skip_quarantined(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
+        """At a range that made the agent fail twice in a row: move past it without reading it,
+        confirmed unshipped, counted and logged; what comes before and after it ships as usual."""
+        offset = tailed.read_offset
+        strike = overlapping(self.quarantined, tailed.path, offset, offset + 1, tailed.identity)
+        if strike is None or tailed.carry:
+            return
         self.quarantined.remove(strike)
-        log.error("%s: skipping %d records at offsets %d-%d: the agent failed twice in a row while they were "
-                  "unconfirmed (quarantined)", batch.source, batch.count, batch.start, batch.end)
+        if os.fstat(tailed.fd).st_size < strike.end:  # not the content that was struck
+            return
+        self._send(tailed, tailed.builder.flush_pending(time.time()), emit)  # the event held before it
+        records = os.pread(tailed.fd, strike.end - offset, offset).count(b"\n")
+        tailed.skip_to(strike.end)
+        tailed.builder.restart(strike.end)
+        tailed.tracker.done(offset, strike.end, tailed.tracker.generation)
+        log.error("%s: skipping %d lines at offsets %d-%d: the agent failed twice in a row while they were "
+                  "unconfirmed (quarantined)", tailed.path, records, offset, strike.end)
         if self.stats is not None:
-            self.stats.add("records_dropped", batch.count, input=self.tag, reason="quarantined")
-        batch.on_done()
-        return True
+            self.stats.add("records_dropped", records, input=self.tag, reason="quarantined")
 
     def _ship_held(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
         """Ship the line without newline and the held multi-line event."""

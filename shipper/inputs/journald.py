@@ -222,6 +222,9 @@ def _head(parts: list[bytes]) -> bytes:
     return head
 
 
+STDERR_KEPT = 4096  # the tail of journalctl's stderr kept for the log line when it exits
+
+
 class JournaldInput:
     def __init__(self, settings, context):
         self.settings = settings
@@ -294,12 +297,22 @@ class JournaldInput:
         command = journalctl_command(self.settings, self.committed_cursor)
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         splitter = LineSplitter(self.settings.max_entry_bytes)
+        stdout, stderr = process.stdout.fileno(), process.stderr.fileno()
+        # journalctl's warnings (corrupt or rotated journal files) are read as they come, keeping
+        # the last few KiB: a full stderr pipe would block it, and nothing more would arrive.
+        errors = b""
+        watched = [stdout, stderr]
         try:
             while not stop.is_set():
                 self.heartbeat.beat(self.settings.poll_interval)
-                ready, _, _ = select.select([process.stdout], [], [], self.settings.poll_interval)
-                if ready:
-                    data = os.read(process.stdout.fileno(), READ_BYTES)
+                ready, _, _ = select.select(watched, [], [], self.settings.poll_interval)
+                if stderr in ready:
+                    more = os.read(stderr, READ_BYTES)
+                    if not more:
+                        watched.remove(stderr)  # closed: never readable again (no busy loop)
+                    errors = (errors + more)[-STDERR_KEPT:]
+                if stdout in ready:
+                    data = os.read(stdout, READ_BYTES)
                     if not data:
                         break  # journalctl ended
                     self._emit(splitter.feed(data), emit)
@@ -307,10 +320,11 @@ class JournaldInput:
         finally:
             process.terminate()
             try:
-                _, errors = process.communicate(timeout=5)
+                _, rest = process.communicate(timeout=5)
             except subprocess.TimeoutExpired:
                 process.kill()
-                _, errors = process.communicate()
+                _, rest = process.communicate()
+            errors = (errors + (rest or b""))[-STDERR_KEPT:]
         if not stop.is_set():
             self.stats.add("journalctl_exits", 1, input=self.tag)
             log.error("journalctl exited with %s: %s; starting it again in %.0fs", process.returncode,

@@ -219,6 +219,12 @@ class TailedFile:
         self.failing = False  # the last read failed (reported once)
         self.closed = False
 
+    def skip_to(self, offset: int) -> None:
+        """Move past [read_offset, offset) without reading it (a quarantined range)."""
+        self.read_offset = self.emit_offset = offset
+        self.carry = b""
+        self.in_long_line = False
+
     def read(self, chunk_size: int) -> Read | None:
         """Read up to ``chunk_size`` new bytes; None at end of file.
 

@@ -3,10 +3,12 @@
 A record can fail without stopping the agent (``record.repair``, ``RecordBuilder.build``), but
 a bug in an output's I/O may still stop it. Then systemd restarts the agent, it reads the same
 lines again, and may fail on them again, forever: nothing else would ship meanwhile. So when
-an output fails, the byte ranges it held unconfirmed are written down as *strikes*; a range
-struck by two failures in a row is skipped once by the next start (confirmed without being
-shipped, counted as ``records_dropped{reason="quarantined"}``, logged with its file and
-offsets).
+an output fails, the byte ranges it had been handed and not confirmed are written down as
+*strikes*, with their file's (device, inode); a range of the same file struck by two failures in
+a row (no clean stop between them: ``clear``) is skipped once by the next start, without being
+read (confirmed unshipped, counted as ``records_dropped{reason="quarantined"}``, logged with its
+file and offsets). The output cannot say which of the batches it held made it fail, so all of
+them are struck: the price of never looping is what that output held at the second failure.
 
 The file is small JSON in ``data_dir``; it is written with the same care as checkpoints.
 """

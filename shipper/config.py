@@ -151,7 +151,8 @@ def interpolate(text: str, environ: dict[str, str]) -> str:
 class Option:
     """One key of a section: its kind, default, and optional extra check.
 
-    kind: str, int, float, bool, duration, size, strlist, strmap, choice, table.
+    kind: str, int, float, bool, duration, size, strlist, strmap, choice, table, list (an array of
+    anything, a lone value a list of one: ``check`` or the module's ``validate`` checks the items).
     ``check`` receives the converted value and returns an error text or None.
     ``maximum``: the largest value; None means the kind's bound (MAX_DURATION, MAX_SIZE, MAX_INT).
     """
@@ -245,6 +246,9 @@ def _convert(option: Option, value: Any) -> Any:
     elif kind == "table":
         if not isinstance(value, dict):
             raise ValueError(f"expected a table, got {type(value).__name__}")
+    elif kind == "list":
+        if not isinstance(value, list):
+            value = [value]
     else:  # pragma: no cover - a schema bug, not a user error
         raise AssertionError(f"unknown option kind {kind}")
     if option.minimum is not None and value < option.minimum:
@@ -393,8 +397,8 @@ def target_of(settings: Settings) -> str:
         return f"s3://{settings.bucket}/{settings.get('prefix', '')}".rstrip("/")
     if settings.get("log_group"):
         return f"log group {settings.log_group}"
-    if settings.get("hosts"):
-        return ", ".join(settings.hosts)
+    if settings.get("hosts"):  # a host given as a table shows its address only (never its credentials)
+        return ", ".join(str(h.get("host", "?")) if isinstance(h, dict) else h for h in settings.hosts)
     if settings.get("namespace"):
         return f"namespace {settings.namespace}"
     return ""

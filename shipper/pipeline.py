@@ -72,6 +72,7 @@ class OutputRunner(threading.Thread):
         self.woken = False
         self.urgent = False  # flush-now (the instance is going away): everything held is due every tick
         self.heartbeat = time.monotonic()  # the last time this thread made progress (systemd watchdog)
+        self.deadline_reported = False  # "shutdown deadline reached" is said once
         # Batches this output was given and has not confirmed: their OutputAck -> (read time, source,
         # start, end, file identity): the oldest age for /metrics, what to strike if the output fails.
         self.unsent: dict[OutputAck, tuple] = {}
@@ -251,7 +252,7 @@ class OutputRunner(threading.Thread):
                 if self.deadline is not None:  # stopping: retry only until the deadline
                     delay = min(delay, self.deadline - time.monotonic())
                     if delay <= 0:
-                        log.error("%s: shutdown deadline reached with undelivered records: %s", self.name_, exc)
+                        self._report_deadline(exc)
                         return
                 self._sleep(delay)
                 continue
@@ -263,6 +264,20 @@ class OutputRunner(threading.Thread):
                 self.failing_since = None
                 self.last_error = None
             return
+
+    def _report_deadline(self, exc: Exception) -> None:
+        """Once per output (each batch still queued is tried once more, and fails alike): what is left."""
+        if self.deadline_reported:
+            return
+        self.deadline_reported = True
+        with self.cond:
+            queued, queued_records = len(self.queue), sum(batch.count for batch, _ in self.queue)
+        with self.unsent_lock:
+            unconfirmed = len(self.unsent)
+        log.error("%s: shutdown deadline reached with undelivered records: %d batches unconfirmed (%d records in "
+                  "%d batches still queued here, %d pending in the output); the next start reads them again "
+                  "(or sends them from the spool). Last error: %s", self.name_, unconfirmed, queued_records,
+                  queued, self.output.pending(), exc)
 
     def _sleep(self, seconds: float) -> None:
         """Wait out a backoff, still beating: waiting on purpose is progress for the watchdog."""
@@ -397,13 +412,13 @@ class Pipeline:
 
     def _run_input(self, source) -> None:
         beat = getattr(source, "heartbeat", None)
-        emit = self.emit
-        if beat is not None:
-            def emit(batch: Batch) -> None:
-                with beat.paused():
-                    self.emit(batch)
+
+        def emit_paused(batch: Batch) -> None:  # waiting for room in the outputs is not being stuck
+            with beat.paused():
+                self.emit(batch)
+
         try:
-            source.run(emit, self.stop_inputs)
+            source.run(self.emit if beat is None else emit_paused, self.stop_inputs)
         except Exception:  # a bug, not bad input: stop cleanly so systemd restarts us
             log.exception("input %s failed; stopping the agent", getattr(source, "tag", source))
             self.failed.set()

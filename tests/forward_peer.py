@@ -11,6 +11,26 @@ It speaks the Forward Protocol Specification v1 the way fluentd's ``in_forward``
   decoded and recorded;
 * with ``shared_key`` set, the HELO/PING/PONG handshake runs first (optionally with user
   authentication), exactly as ``in_forward``'s ``generate_helo``/``check_ping``/``generate_pong``.
+  ``flavor="fluentbit"`` does it as Fluent Bit's ``in_forward`` (plugins/in_forward/fw_prot.c) does
+  instead: the HELO's nonce and auth salt are msgpack *str* holding 16 random bytes (no
+  ``keepalive``), the PING must come whole in one read and have only str fields (a bin salt is
+  refused: "Invalid shared_key_salt type message"), a wrong shared key closes the connection with no
+  PONG, a wrong user or password gets ``["PONG", false, "username/password mismatch", "", ""]``;
+* over TLS, how each client ended its connection: with close_notify (``close_notifies``) or without
+  (``unclean_tls_closes``, what makes Fluentd and Fluent Bit log an SSL error), and for each TLS
+  handshake the server name the client asked for (SNI) and its certificate's subject (``tls_clients()``).
+
+Receiver settings of fluentd's ``in_forward``, given to the constructor:
+
+* ``deny_keepalive=True``: after answering a chunk the connection is closed. As in_forward, every
+  message completed by the read that completed the first one is processed and answered, then the
+  connection is closed (what the client sent after it stays unread: the kernel answers it with a
+  reset); the HELO says ``keepalive: false``;
+* ``chunk_size_limit=n``: a message for which more than ``n`` bytes were read is dropped without an
+  answer, the connection kept ("Input chunk size is larger than 'chunk_size_limit', dropped"). As
+  in_forward counts it: the bytes of the reads since the previous message was complete, reads of
+  16 KiB (cool.io's), so the start of the next message read along counts too. ``oversized()`` lists
+  the chunk ids dropped.
 
 Faults can be switched on and off at any time, from any thread, while the agent is connected:
 ``drop_acks``, ``set_down``, ``close_mid_batch``, ``ack_delay``; and a misbehaving peer's
@@ -34,6 +54,7 @@ import errno
 import gzip
 import hashlib
 import os
+import weakref
 import selectors
 import socket
 import ssl
@@ -48,8 +69,10 @@ import msgpack
 import pytest
 
 MODES = ("Message", "Forward", "PackedForward", "CompressedPackedForward")
+FLAVORS = ("fluentd", "fluentbit")  # whose in_forward the handshake imitates
 _UNPACK_OPTIONS = {"raw": False, "strict_map_key": False, "unicode_errors": "surrogateescape"}
 _RECV_SIZE = 65536
+_FLUENTD_READ = 16384  # cool.io's read size, by which in_forward counts a chunk's size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +180,14 @@ class Handshake(NamedTuple):
     username: str | None
     ok: bool
     reason: str
+
+
+class TLSClient(NamedTuple):
+    """One TLS handshake: the name the client asked for (SNI, None without) and its certificate's
+    commonName or first subjectAltName (None: no client certificate)."""
+
+    server_name: str | None
+    client_cert: str | None
 
 
 class ProtocolError(Exception):
@@ -311,10 +342,18 @@ class ForwardPeer:
     """A forward-protocol server on 127.0.0.1:<free port>, one thread per connection."""
 
     def __init__(self, tls: ssl.SSLContext | None = None, shared_key: str | None = None,
-                 users: dict[str, str] | None = None, server_hostname: str = "peer"):
+                 users: dict[str, str] | None = None, server_hostname: str = "peer", flavor: str = "fluentd",
+                 deny_keepalive: bool = False, chunk_size_limit: int | None = None):
+        self.deny_keepalive = deny_keepalive
+        self.chunk_size_limit = chunk_size_limit
         if users and shared_key is None:
             raise ValueError("user authentication needs a shared_key (as in fluentd's <security>)")
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+        self.flavor = flavor
         self.tls = tls
+        if tls is not None and tls.sni_callback is None:
+            tls.sni_callback = _note_server_name
         self.shared_key = shared_key
         self.users = dict(users or {})
         self.server_hostname = server_hostname
@@ -331,6 +370,9 @@ class ForwardPeer:
         self._connections_accepted = 0
         self._tls_handshakes = 0
         self._mid_batch_closes = 0
+        self._close_notifies = 0
+        self._unclean_tls_closes = 0
+        self._tls_clients: list[TLSClient] = []
         self._next_connection = 0
         self._open: dict[int, _Connection] = {}
 
@@ -340,6 +382,7 @@ class ForwardPeer:
         self._raw_answers: list[bytes] = []   # sent instead of the next acks, one per chunk
         self._raw_helos: list[bytes] = []     # sent instead of the HELO of the next connections
         self._raw_sent = 0
+        self._oversized: list = []            # chunk ids dropped over chunk_size_limit
 
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -403,6 +446,11 @@ class ForwardPeer:
         with self._lock:
             return list(self._dropped_acks)
 
+    def oversized(self) -> list:
+        """Chunk ids (None for a message without one) dropped unanswered over ``chunk_size_limit``."""
+        with self._lock:
+            return list(self._oversized)
+
     @property
     def handshakes(self) -> list[Handshake]:
         with self._lock:
@@ -429,6 +477,23 @@ class ForwardPeer:
         with self._lock:
             return self._mid_batch_closes
 
+    @property
+    def close_notifies(self) -> int:
+        """TLS connections the client ended with close_notify."""
+        with self._lock:
+            return self._close_notifies
+
+    @property
+    def unclean_tls_closes(self) -> int:
+        """TLS connections the client ended without close_notify (Fluentd and Fluent Bit log an SSL error)."""
+        with self._lock:
+            return self._unclean_tls_closes
+
+    def tls_clients(self) -> list[TLSClient]:
+        """Every TLS handshake: the server name the client sent (SNI) and its certificate, in order."""
+        with self._lock:
+            return list(self._tls_clients)
+
     def clear(self) -> None:
         """Forget everything recorded (events, messages, handshakes, errors, acks, counters)."""
         with self._lock:
@@ -439,9 +504,12 @@ class ForwardPeer:
             self._acks.clear()
             self._ack_log.clear()
             self._dropped_acks.clear()
+            self._oversized.clear()
             self._connections_accepted = 0
             self._tls_handshakes = 0
             self._mid_batch_closes = 0
+            self._close_notifies = self._unclean_tls_closes = 0
+            self._tls_clients.clear()
 
     def wait_events(self, count: int, timeout: float = 10.0) -> list[Event]:
         """Block until at least ``count`` events were recorded; AssertionError on timeout."""
@@ -619,7 +687,9 @@ class ForwardPeer:
         sock = raw
         if self.tls is not None:
             try:
-                sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                # suppress_ragged_eofs=False: a close without close_notify raises SSLEOFError
+                sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False,
+                                            suppress_ragged_eofs=False)
             except (OSError, ValueError) as exc:
                 raw.close()
                 self._error(f"cannot wrap connection in TLS: {exc}")
@@ -663,7 +733,11 @@ class ForwardPeer:
                     return
                 with self._lock:
                     self._tls_handshakes += 1
+                    self._tls_clients.append(TLSClient(_SERVER_NAMES.pop(sock, None), _cert_name(sock)))
             self._converse(conn)
+        except (ssl.SSLEOFError, ConnectionResetError):
+            if self.tls is not None and not conn.closing.is_set():
+                self._client_closed(conn, clean=False)
         except (OSError, ValueError):
             pass  # the client went away, or set_down/stop closed us
         finally:
@@ -680,25 +754,31 @@ class ForwardPeer:
         established = self.shared_key is None
         nonce = auth_salt = b""
         if not established:
-            nonce = os.urandom(16)
-            auth_salt = os.urandom(16) if self.users else b""
+            # Both send a random auth salt whenever the handshake runs, users or not.
+            nonce, auth_salt = os.urandom(16), os.urandom(16)
             raw = self._take_raw(self._raw_helos)
-            if raw is not None:
-                sock.sendall(raw)
-            else:  # in_forward generate_helo: ['HELO', {'nonce', 'auth', 'keepalive'}]
-                self._send(sock, ["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": True}])
+            sock.sendall(raw if raw is not None else self._helo(nonce, auth_salt))
+            if self.flavor == "fluentbit":
+                if not self._fluentbit_ping(conn, nonce, auth_salt):
+                    return
+                established = True
         unpacker = _unpacker()
         # Unpacker.tell() also advances inside a partly received object, so the position where
         # the last complete message ended is kept here: the next message starts there.
         fed = boundary = 0
+        # in_forward's chunk_size: the bytes of the reads since the last message was complete
+        read_size, unaccounted = (_FLUENTD_READ if self.chunk_size_limit is not None else _RECV_SIZE), 0
         while not conn.closing.is_set():
-            data = sock.recv(_RECV_SIZE)
+            data = sock.recv(read_size)
             if not data:
+                self._client_closed(conn, clean=True)
                 return
             if established and fed == boundary and self._take_mid_batch_close():
                 return  # the first bytes of a new message: close without processing
             unpacker.feed(data)
             fed += len(data)
+            unaccounted += len(data)
+            processed = False
             while True:
                 try:
                     message = unpacker.unpack()
@@ -709,6 +789,7 @@ class ForwardPeer:
                     return
                 end = unpacker.tell()
                 nbytes, boundary = end - boundary, end
+                chunk_size, unaccounted = unaccounted, 0
                 if not established:
                     established = self._check_ping(sock, message, nonce, auth_salt)
                     if not established:
@@ -716,10 +797,23 @@ class ForwardPeer:
                     continue
                 if message is None:
                     continue  # in_forward: reserved for a future TCP heartbeat
+                processed = True
+                if self.chunk_size_limit is not None and chunk_size > self.chunk_size_limit:
+                    self._drop_oversized(message)
+                    continue
                 if not self._on_message(conn, message, nbytes):
                     return
                 if conn.closing.is_set():
                     return
+            if processed and self.deny_keepalive:
+                return  # in_forward deny_keepalive: closed once the answers are written
+
+    def _drop_oversized(self, message) -> None:
+        """in_forward on_message over chunk_size_limit: dropped, not recorded, not answered."""
+        option = message[-1] if isinstance(message, (list, tuple)) and message else None
+        with self._lock:
+            self._oversized.append(option.get("chunk") if isinstance(option, dict) else None)
+            self._changed.notify_all()
 
     def _take_mid_batch_close(self) -> bool:
         with self._lock:
@@ -733,6 +827,78 @@ class ForwardPeer:
     @staticmethod
     def _send(sock: socket.socket, obj) -> None:
         sock.sendall(msgpack.packb(obj, use_bin_type=True))
+
+    def _client_closed(self, conn: _Connection, clean: bool) -> None:
+        """The client ended a TLS connection: count whether it sent close_notify (and answer one)."""
+        if self.tls is None or conn.closing.is_set():
+            return
+        with self._lock:
+            if clean:
+                self._close_notifies += 1
+            else:
+                self._unclean_tls_closes += 1
+            self._changed.notify_all()
+        if clean:
+            try:
+                conn.sock.settimeout(1.0)
+                conn.sock.unwrap()
+            except (OSError, ValueError):
+                pass
+
+    def _helo(self, nonce: bytes, auth_salt: bytes) -> bytes:
+        if self.flavor == "fluentbit":
+            # fw_prot.c send_helo: {nonce, auth} as str of raw bytes (use_bin_type=False), no keepalive
+            return msgpack.packb(["HELO", {"nonce": nonce, "auth": auth_salt}], use_bin_type=False)
+        # in_forward generate_helo: ['HELO', {'nonce', 'auth', 'keepalive'}], Ruby binary strings as bin
+        return msgpack.packb(["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": not self.deny_keepalive}],
+                             use_bin_type=True)
+
+    def _fluentbit_ping(self, conn: _Connection, nonce: bytes, auth_salt: bytes) -> bool:
+        """fw_prot.c check_ping + send_pong; True when the client is authenticated.
+
+        The PING must come whole in one read (secure_forward_read: at most 1023 bytes, whatever
+        else that read brought is lost), every field a str; a wrong shared key closes with no PONG.
+        """
+        data = conn.sock.recv(1023)
+        if not data:
+            self._client_closed(conn, clean=True)
+            return False
+        unpacker = _unpacker()
+        unpacker.feed(data)
+        try:
+            message = unpacker.unpack()
+        except (ValueError, msgpack.UnpackException, msgpack.OutOfData):
+            self._record_handshake(None, None, False, "handshake error expecting PING")
+            return False
+        hostname = username = None
+        if not isinstance(message, (list, tuple)) or len(message) != 6:
+            reason = "Invalid PING message"
+        elif not isinstance(message[0], str):
+            reason = "Invalid PING type message"
+        elif message[0] != "PING":
+            reason = "handshake error checking PING"
+        else:
+            fields = dict(zip(("hostname", "shared_key_salt", "shared_key_digest", "username", "password_digest"),
+                              message[1:]))
+            hostname, username = _as_text(fields["hostname"]), _as_text(fields["username"])
+            wrong = [name for name, value in fields.items() if not isinstance(value, str)]
+            reason = f"Invalid {wrong[0]} type message" if wrong else ""
+        if reason:
+            self._record_handshake(hostname, username, False, reason)
+            return False
+        salt = fields["shared_key_salt"]
+        if fields["shared_key_digest"] != ping_digest(salt, fields["hostname"], nonce, self.shared_key):
+            self._record_handshake(hostname, username, False, "shared_key mismatch")
+            return False  # no PONG: the connection is closed
+        if self.users and not (username in self.users and fields["password_digest"]
+                               == password_digest(auth_salt, username, self.users[username])):
+            self._record_handshake(hostname, username, False, "username/password mismatch")
+            self._send(conn.sock, ["PONG", False, "username/password mismatch", "", ""])
+            return False
+        self._record_handshake(hostname, username, True, "")
+        self._send(conn.sock, ["PONG", True, "", self.server_hostname,
+                               ping_digest(salt, self.server_hostname, nonce, self.shared_key)])
+        return True
 
     def _check_ping(self, sock: socket.socket, message, nonce: bytes, auth_salt: bytes) -> bool:
         """in_forward check_ping + generate_pong; True when the client is authenticated."""
@@ -812,6 +978,28 @@ class ForwardPeer:
 # ---------------------------------------------------------------------------------------------
 # TLS material and pytest fixtures
 # ---------------------------------------------------------------------------------------------
+
+# The server name (SNI) each TLS connection asked for, noted by the context's sni_callback.
+_SERVER_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _note_server_name(sock, name, context) -> None:
+    if name is not None:
+        _SERVER_NAMES[sock] = name
+
+
+def _cert_name(sock: ssl.SSLSocket) -> str | None:
+    """The client certificate's commonName, else its first subjectAltName; None without one."""
+    cert = sock.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    names = cert.get("subjectAltName", ())
+    return names[0][1] if names else ""
+
 
 def tls_certificates(directory: Path | str) -> tuple[ssl.SSLContext, Path]:
     """(server SSLContext, CA PEM path) for a certificate valid for 127.0.0.1 and localhost."""

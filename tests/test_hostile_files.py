@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aws import free_port
 from conftest import agent_config, messages, read_archive, seq_lines, seqs, wait_for
-from shipper.inputs.discovery import NOT_REGULAR, REGULAR, SYMLINK, TOO_DEEP, Skips, expand, fixed_root, matches
+from shipper.inputs.discovery import NOT_REGULAR, SYMLINK, TOO_DEEP, Skips, expand, fixed_root, matches
 from shipper.inputs.tail import NotTailable, open_regular
 from shipper.stats import Stats
 

@@ -4,7 +4,6 @@ credentials in endpoint URLs. Real agent subprocesses, real sockets on 127.0.0.1
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import subprocess
 import sys

@@ -1,10 +1,12 @@
 """The Fluentd Forward Protocol v1, as pure functions: events, messages, the shared-key handshake.
 
 A batch becomes one Forward mode message ``[tag, [[time, record], ...], {"chunk": id, "size": n}]``
-(or CompressedPackedForward: the entries gzip-compressed in a bin). The entries are packed
-once per batch; for plain lines only the message string is packed per line, the rest of
-each entry is the same bytes for the whole batch. Times are EventTime (msgpack ext type 0:
-seconds and nanoseconds), fluent-logger's type.
+(or CompressedPackedForward: the entries gzip-compressed in a bin), or several, each at most
+so long (entry_runs). The entries are packed once per batch; plain lines are never decoded:
+each entry is one struct-packed lead (its time and str header; the rest is the same bytes for
+the whole batch) and a slice of the batch's bytes. Times are EventTime (msgpack ext type 0:
+seconds and nanoseconds), fluent-logger's type: a record's own time, else the batch's read
+time plus the record's place in the batch in nanoseconds (strictly increasing in line order).
 
 Whatever the peer sends is checked here before anything else looks at it (AnswerReader,
 acked_chunk, ping, check_pong): a malformed, oversized or unexpected answer raises PeerError,
@@ -14,14 +16,18 @@ never anything else, and the output drops that connection.
 from __future__ import annotations
 
 import base64
+import bisect
+import gzip
 import hashlib
+import itertools
 import os
+import struct
 
 import msgpack
 from fluent.sender import EventTime
 
 from shipper.outputs.compression import gzip_bytes
-from shipper.record import Batch, Envelope, epoch_of
+from shipper.record import TIME, Batch, Envelope, epoch_of
 
 # The record travels without these: the forward message carries the tag and the event time.
 CARRIED_OUTSIDE = ("time", "tag")
@@ -55,7 +61,10 @@ class AnswerReader:
     def __init__(self, max_bytes: int = MAX_ANSWER_BYTES):
         self.max_bytes = max_bytes
         # raw=False, strict_map_key: map keys are str or bytes, so every answer is hashable and printable.
-        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max_bytes)
+        # surrogateescape: Fluent Bit packs the HELO's random nonce and auth salt as msgpack *str*
+        # holding raw bytes (not UTF-8); they decode to str and _as_bytes gives back the exact bytes.
+        self._unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=True,
+                                          max_buffer_size=max_bytes)
 
     def feed(self, data: bytes) -> list[object]:
         """The objects completed by ``data``; PeerError for bytes that are no msgpack or too much of it."""
@@ -93,36 +102,135 @@ def event_time(epoch: float) -> EventTime:
     return EventTime(seconds, int(round((epoch - seconds) * 1e9)) % 1_000_000_000)
 
 
-def encode_entries(batch: Batch, envelope: Envelope) -> bytes:
-    """The batch's events as concatenated msgpack ``[time, record]`` arrays."""
+def event_seconds(epoch: float) -> int:
+    """The event time as integer seconds (``time_as_integer``: receivers older than Fluentd 0.14)."""
+    return int(epoch)
+
+
+def encode_entries(batch: Batch, envelope: Envelope, time_as_integer: bool = False) -> bytes:
+    """The batch's events as concatenated msgpack ``[time, record]`` arrays (times: EventTime, or
+    integer seconds with ``time_as_integer``); see entry_runs."""
+    return b"".join([entries for entries, _ in entry_runs(batch, envelope, None, time_as_integer)])
+
+
+def entry_runs(batch: Batch, envelope: Envelope, max_bytes: int | None = None,
+               time_as_integer: bool = False) -> list[tuple[bytes, int]]:
+    """The batch's events as msgpack ``[time, record]`` arrays, cut into runs of at most ``max_bytes``
+    (None: one run): ``[(entries, count), ...]`` in order. An event longer than ``max_bytes`` is a run alone.
+
+    Event times: a record's own time (parsed from the line, or the journal's) when it has one; else
+    the batch's read time plus i nanoseconds for its i-th record, so that times increase strictly
+    within a batch, in the order of the lines (with ``time_as_integer``: the read time's second).
+    """
     packer = msgpack.Packer()
     if batch.blob is not None:
-        return _plain_entries(batch, envelope, packer)
-    out = []
-    for record in batch.records(envelope):
-        seconds = epoch_of(record.pop("time"))
-        if seconds is None:
-            seconds = batch.read_time
+        return _plain_runs(batch, envelope, packer, max_bytes, time_as_integer)
+    pieces = []
+    fields = batch.fields
+    read_seconds, read_nanos = _read_nanos(batch.read_time)
+    for index, record in enumerate(batch.records(envelope)):
+        stamp = record.pop("time")
         del record["tag"]
-        out.append(packer.pack([event_time(seconds), record]))
-    return b"".join(out)
+        extra = fields[index] if fields is not None else None
+        seconds = epoch_of(stamp) if extra and TIME in extra else None
+        if seconds is not None:
+            when = event_seconds(seconds) if time_as_integer else event_time(seconds)
+        elif time_as_integer:
+            when = read_seconds
+        else:
+            when = EventTime.from_unix_nano(read_seconds * 1_000_000_000 + read_nanos + index)
+        pieces.append(packer.pack([when, record]))
+    if not pieces:
+        return []
+    ends = list(itertools.accumulate(map(len, pieces)))
+    return [(b"".join(pieces[a:b]), b - a) for a, b in _cuts(ends, max_bytes)]
 
 
-def _plain_entries(batch: Batch, envelope: Envelope, packer: msgpack.Packer) -> bytes:
-    """The fast path: every entry is ``prefix + message + suffix`` with one prefix and suffix per batch."""
+def _read_nanos(epoch: float) -> tuple[int, int]:
+    seconds = int(epoch)
+    return seconds, min(999_999_999, max(0, int(round((epoch - seconds) * 1e9))))
+
+
+# An entry up to its time's seconds: fixarray of 2, then EventTime as fixext 8 of type 0.
+_ENTRY_START = b"\x92\xd7\x00"
+
+
+def _plain_runs(batch: Batch, envelope: Envelope, packer: msgpack.Packer, max_bytes: int | None,
+                time_as_integer: bool) -> list[tuple[bytes, int]]:
+    """The fast path, from the blob's bytes (valid UTF-8: the input checked them), never decoded:
+    every entry is ``lead + line + suffix``, where the lead (entry start, time, the record's head and
+    the line's msgpack str header) is packed by struct, in C, and the line is a slice of the blob.
+
+    ``parts``: [lead_0, line_0, lead_1, line_1, ...]; each lead begins with the suffix of the entry
+    before it (a run's first lead goes without it). The str header is str16, or str32 when a line is
+    64 KiB or longer: a byte or two more than msgpack's shortest, for one fixed-size lead per batch.
+    """
     head = envelope.head("", batch.tag, batch.source)
     for key in CARRIED_OUTSIDE:
         del head[key]
     fields = len(head) + 1 + (1 if envelope.labels else 0)
-    prefix = b"".join([
-        packer.pack_array_header(2), packer.pack(event_time(batch.read_time)), packer.pack_map_header(fields),
+    record_head = b"".join([
+        packer.pack_map_header(fields),
         *(packer.pack(key) + packer.pack(value) for key, value in head.items()), packer.pack("message"),
     ])
     suffix = packer.pack("labels") + packer.pack(envelope.labels) if envelope.labels else b""
-    packed = list(map(packer.pack, batch.message_list()))
-    if not packed:
-        return b""
-    return b"".join((prefix, (suffix + prefix).join(packed), suffix))
+    lines = batch.blob.split(b"\n")
+    lines.pop()  # the blob ends with a newline
+    count = len(lines)
+    if not count:
+        return []
+    sizes = list(map(len, lines))
+    code, size_format = (0xDA, "H") if max(sizes) < 65536 else (0xDB, "I")
+    if time_as_integer:  # one time for the whole batch
+        start = suffix + packer.pack_array_header(2) + packer.pack(event_seconds(batch.read_time)) + record_head
+        lead = struct.Struct(f">{len(start)}sB{size_format}")
+        leads = map(lead.pack, itertools.repeat(start, count), itertools.repeat(code, count), sizes)
+    else:
+        seconds, nanos = _read_nanos(batch.read_time)
+        start = suffix + _ENTRY_START
+        lead = struct.Struct(f">{len(start)}sII{len(record_head)}sB{size_format}")
+
+        def some(first: int, number: int, second: int, first_nanos: int):  # lines first.. in one second
+            return map(lead.pack, itertools.repeat(start, number), itertools.repeat(second, number),
+                       range(first_nanos, first_nanos + number), itertools.repeat(record_head, number),
+                       itertools.repeat(code, number), itertools.islice(sizes, first, None))
+
+        this_second = min(count, 1_000_000_000 - nanos)
+        leads = some(0, this_second, seconds, nanos)
+        if this_second < count:  # the nanoseconds pass into the next second
+            leads = itertools.chain(leads, some(this_second, count - this_second, seconds + 1, 0))
+    parts: list = [None] * (2 * count)
+    parts[0::2] = leads
+    parts[1::2] = lines
+    fixed, cut = lead.size, len(suffix)
+
+    def run(a: int, b: int) -> bytes:
+        if a == 0 and b == count:  # the whole batch: no copy of the list
+            parts[0] = parts[0][cut:]
+            parts.append(suffix)
+            return b"".join(parts)
+        return b"".join((parts[2 * a][cut:], *parts[2 * a + 1:2 * b], suffix))
+
+    if max_bytes is None or len(batch.blob) - count + count * fixed <= max_bytes:
+        return [(run(0, count), count)]
+    ends = list(itertools.accumulate(sizes))
+    return [(run(a, b), b - a) for a, b in _cuts(ends, max_bytes, fixed)]
+
+
+def _cuts(ends: list[int], max_bytes: int | None, fixed: int = 0) -> list[tuple[int, int]]:
+    """Consecutive ranges ``(a, b)`` of entries whose bytes fit ``max_bytes`` (at least one entry each);
+    entry i ends at byte ``ends[i] + (i + 1) * fixed`` (each entry: a ``fixed`` part and its own)."""
+    count = len(ends)
+    if max_bytes is None:
+        return [(0, count)]
+    cuts, a = [], 0
+    while a < count:
+        before = (ends[a - 1] if a else 0) + a * fixed
+        b = bisect.bisect_right(range(count), before + max_bytes, lo=a, key=lambda i: ends[i] + (i + 1) * fixed)
+        b = max(b, a + 1)
+        cuts.append((a, b))
+        a = b
+    return cuts
 
 
 def forward_message(tag: str, entries: bytes, count: int, chunk_id: str | None, compression: str = "none",
@@ -134,10 +242,35 @@ def forward_message(tag: str, entries: bytes, count: int, chunk_id: str | None, 
         option["chunk"] = chunk_id
     if compression == "gzip":
         option["compressed"] = "gzip"
-        body = packer.pack(gzip_bytes(entries, level))  # bytes pack as msgpack bin
+        head, body = b"", packer.pack(gzip_bytes(entries, level))  # bytes pack as msgpack bin
     else:
-        body = packer.pack_array_header(count) + entries
-    return b"".join((packer.pack_array_header(3), packer.pack(tag), body, packer.pack(option)))
+        head, body = packer.pack_array_header(count), entries
+    return b"".join((packer.pack_array_header(3), packer.pack(tag), head, body, packer.pack(option)))
+
+
+def split_entries(message: bytes) -> list[tuple[bytes, int]]:
+    """The entries of a message forward_message made, in two halves of about equal bytes:
+    ``[(entries, count), (entries, count)]`` (a message of one entry: one run)."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(message), 1024))
+    unpacker.feed(message)
+    unpacker.read_array_header()
+    unpacker.skip()  # the tag
+    if message[unpacker.tell()] in (0xC4, 0xC5, 0xC6):  # a bin: CompressedPackedForward, gzip
+        data = gzip.decompress(unpacker.unpack())
+        unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1024))
+        unpacker.feed(data)
+        count = None
+    else:  # Forward: an array of entries, then the option map
+        data, count = message, unpacker.read_array_header()
+    ends, first = [], unpacker.tell()
+    while (count is None or len(ends) < count) and unpacker.tell() < len(data):
+        unpacker.skip()
+        ends.append(unpacker.tell())
+    if len(ends) < 2:
+        return [(data[first:ends[-1] if ends else first], len(ends))]
+    half = (first + ends[-1]) // 2
+    cut = min(max(1, bisect.bisect_left(ends, half)), len(ends) - 1)
+    return [(data[first:ends[cut - 1]], cut), (data[ends[cut - 1]:ends[-1]], len(ends) - cut)]
 
 
 # ---------------------------------------------------------------- the shared-key handshake
@@ -151,17 +284,25 @@ def _sha512_hex(*parts: bytes) -> str:
 
 def ping(helo: object, self_hostname: str, shared_key: str, username: str = "",
          password: str = "") -> tuple[list, bytes, bytes]:
-    """Answer the server's HELO: the PING message, our salt and the server's nonce (to check its PONG)."""
+    """Answer the server's HELO: the PING message, our salt and the server's nonce (to check its PONG).
+
+    Both receivers hash the bytes of what they received: Fluentd's in_forward and Fluent Bit's
+    in_forward compute sha512_hex(salt + hostname + nonce + shared_key) and sha512_hex(auth salt +
+    username + password). So the nonce and auth salt are taken as the exact bytes sent (bin from
+    Fluentd, str holding random bytes from Fluent Bit), and every field of the PING is a msgpack
+    str: Fluent Bit refuses anything else ("Invalid shared_key_salt type message"). The salt is
+    32 hex digits, as Fluentd's out_forward makes it (SecureRandom.hex(16)).
+    """
     if not (isinstance(helo, list) and len(helo) == 2 and helo[0] == "HELO" and isinstance(helo[1], dict)):
         raise HandshakeError(f"expected HELO from the server, got {_shown(helo)}")
     nonce = _as_bytes(helo[1].get("nonce", b""), "the HELO's nonce")
     auth_salt = _as_bytes(helo[1].get("auth", b""), "the HELO's auth salt")
-    salt = os.urandom(16)
+    salt = os.urandom(16).hex()
     # As fluentd's out_forward: a password digest whenever the server sent an auth salt (with
     # whatever username is configured, maybe none), else "".
     password_digest = _sha512_hex(auth_salt, username.encode(), password.encode()) if auth_salt else ""
-    digest = _sha512_hex(salt, self_hostname.encode(), nonce, shared_key.encode())
-    return ["PING", self_hostname, salt, digest, username, password_digest], salt, nonce
+    digest = _sha512_hex(salt.encode(), self_hostname.encode(), nonce, shared_key.encode())
+    return ["PING", self_hostname, salt, digest, username, password_digest], salt.encode(), nonce
 
 
 def check_pong(pong: object, salt: bytes, nonce: bytes, shared_key: str) -> str:
@@ -182,7 +323,10 @@ def check_pong(pong: object, salt: bytes, nonce: bytes, shared_key: str) -> str:
 def _as_bytes(value: object, what: str) -> bytes:
     """A str or bin field of the peer's as bytes; HandshakeError for another type or an absurd length."""
     if isinstance(value, str):
-        value = value.encode("utf-8", "surrogatepass")
+        try:  # the bytes the peer sent (AnswerReader decodes what is not UTF-8 with surrogateescape)
+            value = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate no decoding makes: not from the wire
+            value = value.encode("utf-8", "surrogatepass")
     if not isinstance(value, bytes):
         raise HandshakeError(f"{what} is not a string: {_shown(value)}")
     if len(value) > MAX_FIELD_BYTES:

@@ -248,3 +248,63 @@ def test_a_stop_past_the_deadline_says_so_once_with_counts(run_agent, workdir, f
     log = agent.log()
     assert log.count("shutdown deadline reached with undelivered records") == 1, log[-3000:]
     assert "batches unconfirmed" in log
+
+
+class Bouncer:
+    """A TCP listener that accepts and closes at once (a load balancer in front of dead receivers),
+    or, with ``after_bytes``, reads that many bytes and then closes without an answer (Fluent Bit
+    closing on a message over buffer_max_size)."""
+
+    def __init__(self, after_bytes: int = 0):
+        import socket
+        import threading
+
+        self.after_bytes = after_bytes
+        self.accepted = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(2)
+                got = 0
+                try:
+                    while got < self.after_bytes:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        got += len(data)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_host_that_takes_the_connection_and_closes_it_is_passed_over(run_agent, workdir, make_forward_peer):
+    bouncer, good = Bouncer(), make_forward_peer()
+    try:
+        write(workdir, 0, 2000)
+        agent = start(run_agent, workdir, f'["{bouncer.address}", "{good.address}"]')
+        wait_for(lambda: delivered(workdir, 2000, agent, good), 20, message="every line at the second host")
+        assert bouncer.accepted < 20  # passed over for its backoff, not fed again at once
+    finally:
+        bouncer.close()
+
+
+def test_a_receiver_that_closes_on_a_big_chunk_gets_it_split(run_agent, workdir):
+    bouncer = Bouncer(after_bytes=1)  # closes on every first chunk, answered or not: nothing is acked
+    try:
+        write(workdir, 0, 3000)
+        agent = start(run_agent, workdir, f'["{bouncer.address}"]', extra='max_chunk_bytes = "256KiB"')
+        wait_for(lambda: "in two halves" in agent.log(), 20, message="the unanswered chunk split")
+    finally:
+        bouncer.close()

@@ -304,6 +304,8 @@ class FluentdOutput(Output):
                 self._wait_readable(1.0)
                 self._read_all()
                 self._send_queued()
+            elif self.queue:  # no connection: the head waits out its backoff; sleep, do not spin
+                time.sleep(min(1.0, max(0.01, self.queue[0].not_before - time.monotonic())))
             if self.queued_bytes >= self.settings.buffer_max_bytes:
                 raise BufferFull(f"{self.context.name}: {self.queued_bytes} bytes wait for acknowledgements")
 
@@ -468,12 +470,21 @@ class FluentdOutput(Output):
         self._forget(conn)
         resend = sorted(conn.in_flight.values(), key=lambda c: c.seq)
         conn.in_flight.clear()
+        if not conn.acked and (by_server or not timed_out):
+            # It took the connection and acknowledged nothing on it (a proxy before a dead receiver,
+            # or one that closes on what we sent): down like a refused connect, so failover and
+            # round_robin pass it over for its backoff instead of feeding it again at once.
+            self._host_failed(conn.host, why)
         now = time.monotonic()
-        for chunk in resend:
+        for index, chunk in enumerate(resend):
             chunk.misses += 1
             chunk.not_before = now + self._resend_delay(chunk.misses)
             if by_server and conn.host.one_per_connection and len(resend) == 1:
                 chunk.refused = True  # the server closed on its one chunk, unanswered
+            elif by_server and not conn.acked and index == 0:
+                # Closed on the first chunk of a connection without answering (Fluent Bit closes on a
+                # message over buffer_max_size): it counts as unanswered, so it is split in time.
+                chunk.refused = True
             if chunk.refused or (timed_out and now - chunk.sent_at > self.settings.ack_timeout):
                 chunk.unanswered += 1
         self.queue.extendleft(reversed(resend))

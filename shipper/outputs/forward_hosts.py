@@ -34,7 +34,8 @@ def check_hosts(hosts: list) -> str | None:
         if isinstance(item, dict):
             continue
         if not isinstance(item, str):
-            return f"expected \"host:port\" strings or tables like {{host = \"host:port\"}}, got {_shown(item)}"
+            # the type only: the item may hold a password
+            return f"expected \"host:port\" strings or tables like {{host = \"host:port\"}}, got {type(item).__name__}"
         try:
             parse_host(item)
         except ValueError as exc:

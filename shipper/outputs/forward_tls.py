@@ -40,17 +40,17 @@ def tls_context(settings) -> ssl.SSLContext:
     return context
 
 
-# Longest wait for a TLS peer to answer our close_notify (it is sent at once; the answer is only waited for).
-UNWRAP_TIMEOUT = 1.0
-
-
 def close_socket(sock: socket.socket) -> None:
-    """Close ``sock``; a TLS one is unwrapped first (close_notify), never waiting more than UNWRAP_TIMEOUT."""
+    """Close ``sock``; a TLS one sends close_notify first, without waiting for the peer's."""
     if isinstance(sock, ssl.SSLSocket):
         try:
-            sock.settimeout(UNWRAP_TIMEOUT)
+            # Non-blocking: our close_notify goes out at once; the peer's answer is not waited for
+            # (a peer that never answers would hold the runner, once per connection).
+            sock.setblocking(False)
             sock.unwrap()
-        except (OSError, ValueError):  # not connected, broken, refused, or no answer in time: closed anyway
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # sent; the answer would come later
+        except (OSError, ValueError):  # not connected, broken or refused: closed anyway
             pass
     try:
         sock.close()

@@ -36,10 +36,8 @@ def check_hosts(hosts: list) -> str | None:
         if not isinstance(item, str):
             # the type only: the item may hold a password
             return f"expected \"host:port\" strings or tables like {{host = \"host:port\"}}, got {type(item).__name__}"
-        try:
-            parse_host(item)
-        except ValueError as exc:
-            return str(exc)
+        if error := _address(item):
+            return error
     return None
 
 

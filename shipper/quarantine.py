@@ -88,8 +88,9 @@ class Quarantine:
         data = orjson.dumps({"strikes": [s._asdict() for s in strikes]})
         write_atomically(self.path, data)
 
-    def strike(self, failed: list[tuple[str, int, int]]) -> None:
-        """An output failed holding these unconfirmed ranges: write them down (never raises)."""
+    def strike(self, failed: list[tuple]) -> None:
+        """An output failed holding these unconfirmed ranges, (source, start, end, identity):
+        write them down (never raises)."""
         try:
             with self.lock:
                 strikes = merge_strikes(self.load(), failed)

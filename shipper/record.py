@@ -227,12 +227,14 @@ def encode_ndjson(batch: Batch, envelope: Envelope) -> bytes:
         prefix, suffix = _prefix_suffix(batch, envelope)
         return encode_plain_lines(batch.blob, prefix, suffix)
     try:
-        return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-                         for record in batch.records(envelope)])
+        return _encode_records(batch, envelope)
     except Exception:  # one record cannot be encoded: find it, keep the rest (see repair)
         repair(batch, envelope)
-        return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-                         for record in batch.records(envelope)])
+        return _encode_records(batch, envelope)
+
+
+def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
+    return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in batch.records(envelope)])
 
 
 def repair(batch: Batch, envelope: Envelope) -> int:

@@ -304,7 +304,8 @@ class FileInput:
         """One read's size; a read stops where a quarantined range starts (see _skip_quarantined)."""
         size = self.settings.read_bytes
         for strike in self.quarantined:
-            if strike.source == tailed.path and tailed.read_offset < strike.start:
+            if (strike.source == tailed.path and strike.identity == tailed.identity
+                    and tailed.read_offset < strike.start):
                 size = min(size, strike.start - tailed.read_offset)
         return size
 

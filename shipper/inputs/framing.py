@@ -95,12 +95,7 @@ class RecordBuilder:
             self.joiner.restore(held)
             events.extend((line, self.joiner.pending_flags) for line in self.joiner.pending)
             self.joiner.reset()
-        for kind, data, consumed in read.blocks:
-            if kind == LINES:
-                events.extend((text, flags) for text, _, flags in decode_lines(data))
-            else:
-                text, _, flags = decode_one(data, consumed, kind == PART)
-                events.append((text, flags))
+        events.extend((text, flags) for text, _, flags in messages_of(read, need_consumed=True))
         if not events:
             return None
         return self._batch(now, read.end, messages=[text for text, _ in events],

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from shipper.acks import OffsetTracker
+from shipper.nofollow import kind_of, open_below
 from shipper.inputs.checkpoints import FINGERPRINT_BYTES, Checkpoint, fingerprint
 
 LINES, LINE, PART = "lines", "line", "part"
@@ -97,7 +98,6 @@ class NotTailable(Exception):
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def open_regular(path: str, follow_symlinks: bool = False, root: str | None = None) -> int:
@@ -125,7 +125,7 @@ def open_regular(path: str, follow_symlinks: bool = False, root: str | None = No
         raise
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise NotTailable(path, "not_regular", f"it is not a regular file but a {_kind_of(mode)}")
+        raise NotTailable(path, "not_regular", f"it is not a regular file but a {kind_of(mode)}")
     return fd
 
 
@@ -143,15 +143,7 @@ def _open_below(path: str, root: str | None) -> int:
     names = _below(path, root)
     if not names:
         return os.open(path, _OPEN_FLAGS | os.O_NOFOLLOW)
-    directory = os.open(root, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW)  # the root: named by the operator
-    try:
-        for name in names[:-1]:
-            inner = os.open(name, _DIRECTORY_FLAGS, dir_fd=directory)
-            os.close(directory)
-            directory = inner
-        return os.open(names[-1], _OPEN_FLAGS | os.O_NOFOLLOW, dir_fd=directory)
-    finally:
-        os.close(directory)
+    return open_below(root, names, _OPEN_FLAGS)
 
 
 def _symlink_on_the_way(path: str, root: str | None) -> bool:
@@ -165,14 +157,6 @@ def _symlink_on_the_way(path: str, root: str | None) -> bool:
         if os.path.islink(base):
             return True
     return False
-
-
-def _kind_of(mode: int) -> str:
-    for check, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                        (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
-        if check(mode):
-            return name
-    return "special file"
 
 
 # ---------------------------------------------------------------- rotation decisions

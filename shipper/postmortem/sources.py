@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from shipper.nofollow import kind_of, open_below, open_directory_below
 from shipper.outputs.log_events import RECORD_MARK
 from shipper.postmortem.selection import ObjectRef, parse_key
 from shipper.record import format_time
@@ -159,17 +160,7 @@ def _zstd_decompressor():
 # Directories are opened one component at a time without following links, so nothing outside the
 # archive is listed or read; objects must be regular files (a FIFO would hang the read, a link to
 # /dev/zero would never end).
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return name
-    return "not a regular file"
+_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class DirectoryArchive:
@@ -183,16 +174,7 @@ class DirectoryArchive:
         self.problems: list[str] = []  # partitions not listed, said by the caller
 
     def _open_directory(self, parts: list[str]) -> int:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in parts:
-                inner = os.open(part, _DIRECTORY, dir_fd=fd)
-                os.close(fd)
-                fd = inner
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return open_directory_below(self.root, parts)
 
     def list(self, prefix: str) -> Iterator[ObjectRef]:
         parts = [p for p in prefix.split("/") if p]
@@ -227,11 +209,7 @@ class DirectoryArchive:
         """The object as an unbuffered binary file, or CorruptObject when it is not a regular file."""
         *parts, name = ref.key.split("/")
         try:
-            directory = self._open_directory(parts)
-            try:
-                fd = os.open(name, _FILE, dir_fd=directory)
-            finally:
-                os.close(directory)
+            fd = open_below(self.root, [*parts, name], _FILE)
         except OSError as exc:
             why = "a symbolic link on its path, not followed" if exc.errno in (errno.ELOOP, errno.ENOTDIR) \
                 else os.strerror(exc.errno)
@@ -239,7 +217,7 @@ class DirectoryArchive:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            raise CorruptObject(f"{ref.key}: not read: {_kind(mode)}, not a regular file")
+            raise CorruptObject(f"{ref.key}: not read: a {kind_of(mode)}, not a regular file")
         return os.fdopen(fd, "rb", buffering=0)
 
 

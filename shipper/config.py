@@ -39,8 +39,11 @@ _REQUIRED = object()
 
 # ---------------------------------------------------------------- value parsers
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# One or more number+unit parts, largest first or not: "90s", "1h30m", "1m30.5s"; a bare number is seconds.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_DURATION_COMPOUND = re.compile(r"^(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+$")
+_DURATION_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
@@ -57,24 +60,37 @@ MAX_INT = 2**31 - 1
 
 
 def parse_duration(value: Any, maximum: float = MAX_DURATION) -> float:
-    """'500ms', '10s', '5m', '1h', '1d' or a number of seconds -> seconds, at most ``maximum``."""
+    """'500ms', '10s', '5m', '1h', '1d', compounds like '1h30m', or a number of seconds -> seconds,
+    at most ``maximum``."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like \"10s\", got a boolean")
     if isinstance(value, float):
         seconds = value
     elif isinstance(value, int):
         seconds = float(value) if abs(value) < 1e300 else math.inf  # a huge int must not raise OverflowError
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    elif isinstance(value, str):
+        seconds = _duration_text(value)
     else:
-        raise ValueError(f"expected a duration like \"500ms\", \"10s\", \"5m\", got {value!r}")
+        raise ValueError(f"expected a duration like \"500ms\", \"10s\", \"1h30m\", got {type(value).__name__}")
     if math.isnan(seconds):
         raise ValueError("expected a duration like \"10s\", got nan")
     if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+        raise ValueError(f"{_shown(value)}: must be positive (a duration cannot be negative)")
     if seconds > maximum:
         raise ValueError(f"{_shown(value)} is longer than the limit of {format_duration(maximum)}")
     return seconds
+
+
+def _duration_text(value: str) -> float:
+    text = value.strip()
+    if text.startswith("-") and text[1:].strip() and (_DURATION_COMPOUND.match(text[1:].strip())
+                                                      or _DURATION_NUMBER.match(text[1:].strip())):
+        return -1.0  # told apart from a typo: "-5s" says "must be positive"
+    if _DURATION_NUMBER.match(text):
+        return float(text)
+    if _DURATION_COMPOUND.match(text):
+        return sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text))
+    raise ValueError(f"expected a duration like \"500ms\", \"10s\", \"5m\", \"1h30m\", got {_shown(value)}")
 
 
 def parse_size(value: Any, maximum: int = MAX_SIZE) -> int:
@@ -264,7 +280,7 @@ def validate_section(where: str, raw: Any, schema: dict[str, Option], problems: 
         raw = {}
     for key in raw:
         if key not in schema:
-            problems.append(f"{_join(where, key)}: unknown key (known: {', '.join(sorted(schema))})")
+            problems.append(f"{_join(where, key)}: unknown key{did_you_mean(key, schema)}")
     for key, option in schema.items():
         path = _join(where, key)
         if key not in raw:
@@ -284,6 +300,16 @@ def validate_section(where: str, raw: Any, schema: dict[str, Option], problems: 
             continue
         values[key] = value
     return Settings(where, values)
+
+
+def did_you_mean(name: Any, known: Any) -> str:
+    """"; did you mean flush_interval?" for a misspelt name, else the list of known names."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean {close[0]}?"
+    return f" (known: {', '.join(sorted(known))})"
 
 
 def _join(where: str, key: str) -> str:
@@ -361,7 +387,7 @@ class Config:
     server: Settings
     inputs: list[Settings] = field(default_factory=list)
     outputs: list[Settings] = field(default_factory=list)
-    source: str = "<embedded default>"
+    source: str = "<embedded default>"  # EMBEDDED_DEFAULT, or the path read
 
     def describe(self) -> str:
         """The resolved pipeline, as `shipper check` prints it."""
@@ -375,6 +401,18 @@ class Config:
             routed = [o.where for o in self.outputs if tag_matches(settings.tag, o.match)]
             lines.append(f"route: {settings.tag} -> {', '.join(routed) or 'nothing (no output matches)'}")
         return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What is valid but surely not meant: an input whose records no output takes (read, counted as
+        records_unrouted, never shipped). Easy to hit, as ``tag`` defaults to the input's type."""
+        found = []
+        for settings in self.inputs:
+            if not any(tag_matches(settings.tag, o.match) for o in self.outputs):
+                patterns = sorted({p for o in self.outputs for p in o.match})
+                found.append(f"{settings.where}: its records (tag {settings.tag!r}) reach no output: no "
+                             f"output's match ({', '.join(patterns)}) takes that tag; set the input's tag "
+                             f"or add it to an output's match")
+        return found
 
 
 def source_of(settings: Settings) -> str:
@@ -417,7 +455,7 @@ def _plugin_schema(kind: str, where: str, raw: Any, modules: dict[str, str], com
         problems.append(f"{where}.type: required (one of {', '.join(sorted(modules))})")
         return None
     if type_name not in modules:
-        problems.append(f"{where}.type: unknown {kind} type {type_name!r} (known: {', '.join(sorted(modules))})")
+        problems.append(f"{where}.type: unknown {kind} type {type_name!r}{did_you_mean(type_name, modules)}")
         return None
     module = importlib.import_module(modules[type_name])
     return {**common, **module.OPTIONS}
@@ -438,18 +476,33 @@ def _shared_checkpoints(inputs: list[Settings]) -> list[str]:
     return problems
 
 
-def _interpolate_tree(value: Any, where: str, environ: dict[str, str], problems: list[str]) -> Any:
+def _interpolate_tree(value: Any, where: str, environ: dict[str, str], problems: list[str],
+                      unresolved: list[str]) -> Any:
     if isinstance(value, str):
         try:
             return interpolate(value, environ)
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
+            unresolved.append(where)
             return value
     if isinstance(value, dict):
-        return {k: _interpolate_tree(v, _join(where, k), environ, problems) for k, v in value.items()}
+        return {k: _interpolate_tree(v, _join(where, k), environ, problems, unresolved) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate_tree(v, f"{where}[{i}]", environ, problems) for i, v in enumerate(value)]
+        return [_interpolate_tree(v, f"{where}[{i}]", environ, problems, unresolved) for i, v in enumerate(value)]
     return value
+
+
+def one_cause_each(problems: list[str], unresolved: list[str]) -> list[str]:
+    """Without the later problems of a key whose ``${VAR}`` could not be expanded: an unset variable is
+    reported once, not again as, say, an invalid bucket name made of the text "${SHIPPER_BUCKET}"."""
+    if not unresolved:
+        return problems
+    kept = problems[:len(unresolved)]  # the interpolation problems themselves come first
+    for problem in problems[len(unresolved):]:
+        key = problem.split(": ", 1)[0]
+        if not any(key == path or key.startswith((path + ".", path + "[")) for path in unresolved):
+            kept.append(problem)
+    return kept
 
 
 def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> Config:
@@ -457,13 +510,14 @@ def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> 
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+        raise ConfigError([f"{source}: not valid TOML: {exc}"], source) from None
     problems: list[str] = []
-    raw = _interpolate_tree(raw, "", dict(os.environ) if environ is None else environ, problems)
+    unresolved: list[str] = []
+    raw = _interpolate_tree(raw, "", dict(os.environ) if environ is None else environ, problems, unresolved)
     known = {"agent", "cloud", "server", "inputs", "outputs"}
     for key in raw:
         if key not in known:
-            problems.append(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+            problems.append(f"{key}: unknown section{did_you_mean(key, known)}")
     agent = validate_section("agent", raw.get("agent", {}), AGENT_OPTIONS, problems)
     cloud = validate_section("cloud", raw.get("cloud", {}), CLOUD_OPTIONS, problems)
     server = validate_section("server", raw.get("server", {}), SERVER_OPTIONS, problems)
@@ -491,7 +545,7 @@ def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> 
             sections[name].append(settings)
     problems.extend(_shared_checkpoints(sections["inputs"]))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(one_cause_each(problems, unresolved), source)
     return Config(agent, cloud, server, sections["inputs"], sections["outputs"], source)
 
 
@@ -499,17 +553,26 @@ def embedded_default_text() -> str:
     return resources.files("shipper").joinpath("default.toml").read_text()
 
 
+EMBEDDED_DEFAULT = "<embedded default>"
+
+
+def config_path(path: str | None, embedded: bool = False) -> str | None:
+    """The file ``shipper run|check`` reads: ``path`` if given; else /etc/shipper/shipper.toml when it
+    exists, unless ``embedded`` (``--default``, what ``make run`` uses); None: the embedded default."""
+    if path is not None or embedded:
+        return path
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
+
+
 def load(path: str | None, environ: dict[str, str] | None = None) -> Config:
-    """Load ``path``; without one, /etc/shipper/shipper.toml when present, else the embedded default."""
-    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
-        path = DEFAULT_CONFIG_PATH
+    """Load the file ``path``; None loads the embedded default (see ``config_path`` for the search)."""
     if path is None:
-        return load_text(embedded_default_text(), "<embedded default>", environ)
+        return load_text(embedded_default_text(), EMBEDDED_DEFAULT, environ)
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"], path) from None
     except UnicodeDecodeError:
-        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+        raise ConfigError([f"{path}: not UTF-8 text"], path) from None
     return load_text(text, path, environ)

@@ -6,10 +6,12 @@ class ShipperError(Exception):
 
 
 class ConfigError(ShipperError):
-    """The configuration is invalid. Carries every problem found, each naming its key."""
+    """The configuration is invalid. Carries every problem found, each naming its key, and the file
+    they were found in (``source``: a path, or "<embedded default>")."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
+        self.source = source
         super().__init__("\n".join(self.problems))
 
 

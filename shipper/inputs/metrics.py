@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import psutil
 
-from shipper.config import Option
+from shipper.config import Option, did_you_mean
 from shipper.heartbeat import Heartbeat
 from shipper.record import METRICS, TIME, Batch, format_time
 
@@ -39,7 +39,7 @@ SKIP_INTERFACES = ("lo",)
 
 def check_groups(groups: list[str]) -> str | None:
     unknown = [g for g in groups if g not in GROUPS]
-    return f"unknown group {unknown[0]!r} (known: {', '.join(GROUPS)})" if unknown else None
+    return f"unknown group {unknown[0]!r}{did_you_mean(unknown[0], GROUPS)}" if unknown else None
 
 
 OPTIONS = {

@@ -7,6 +7,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+from shipper.config import did_you_mean
+
 DEFAULT_PORT = 24224
 
 
@@ -100,7 +102,7 @@ def host_problems(where: str, hosts: list) -> list[str]:
         if not isinstance(item, dict):
             continue
         path = f"{where}.hosts[{index}]"
-        problems.extend(f"{path}.{key}: unknown key (known: {', '.join(sorted(HOST_KEYS))})"
+        problems.extend(f"{path}.{key}: unknown key{did_you_mean(key, HOST_KEYS)}"
                         for key in item if key not in HOST_KEYS)
         if "host" not in item:
             problems.append(f"{path}.host: required")

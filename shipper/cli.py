@@ -17,7 +17,8 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 from shipper import __version__
-from shipper.config import DEFAULT_CONFIG_PATH, Config, load, redact_urls, target_of
+from shipper.config import DEFAULT_CONFIG_PATH, Config, config_path, load, redact_urls, target_of
+from shipper.envfile import DEFAULT_ENV_FILE, environment_with
 from shipper.errors import ConfigError
 from shipper.memory import trim_heap, tune_allocator
 
@@ -41,22 +42,50 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("watchdog").setLevel(logging.WARNING)
 
 
-def _load_or_report(path: str | None) -> Config | None:
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _report(exc: ConfigError) -> None:
+    print(f"shipper: {_counted(len(exc.problems), 'problem')} in {exc.source or 'the configuration'}:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {redact_urls(problem)}", file=sys.stderr)
+
+
+def _env_file_of(args: argparse.Namespace, path: str | None) -> str | None:
+    """--env-file; else, for the packaged configuration, the unit's EnvironmentFile when it exists (the
+    service reads its ${VAR}s from there, so a check of that file must too)."""
+    if getattr(args, "env_file", None):
+        return args.env_file
+    if path == DEFAULT_CONFIG_PATH and os.path.isfile(DEFAULT_ENV_FILE):
+        return DEFAULT_ENV_FILE
+    return None
+
+
+def _load_or_report(path: str | None, env_file: str | None) -> Config | None:
     try:
-        return load(path)
+        return load(path, environment_with(env_file))
     except ConfigError as exc:
-        print(f"shipper: {len(exc.problems)} problem(s) in the configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {redact_urls(problem)}", file=sys.stderr)
+        _report(exc)
         return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
+    path = config_path(args.config, args.default)
+    env_file = _env_file_of(args, path)
+    config = _load_or_report(path, env_file)
     if config is None:
         return EXIT_CONFIG
     print(config.describe())
-    print("configuration OK")
+    if env_file:
+        print(f"environment: {env_file}")
+    warnings = config.warnings()
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if warnings and args.strict:
+        print(f"configuration refused: {_counted(len(warnings), 'warning')} and --strict", file=sys.stderr)
+        return EXIT_CONFIG
+    print("configuration OK" + (f", with {_counted(len(warnings), 'warning')}" if warnings else ""))
     if args.probe:
         return _probe(config)
     return EXIT_OK
@@ -102,7 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals = Signals()
     _setup_logging("info")
     reading = time.monotonic()
-    config = _load_or_report(args.config)
+    path = config_path(args.config, args.default)
+    config = _load_or_report(path, args.env_file)
     if config is None:
         return EXIT_CONFIG
     signals.config_read(reading)
@@ -110,9 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if signals.stop_requested:
         log.info("stopped during start-up, before reading anything")
         return EXIT_OK
+    for warning in config.warnings():
+        log.warning("%s", warning)
     tune_allocator()
     try:
-        service = Service(config, args.config, signals=signals)
+        service = Service(config, path, signals=signals, env_file=args.env_file)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("cannot start: %s", redact_urls(problem))
@@ -135,8 +167,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     url = args.url
     if url is None:
+        path = config_path(args.config)
         try:
-            listen = load(args.config).server.listen
+            listen = load(path, environment_with(_env_file_of(args, path))).server.listen
         except ConfigError:
             listen = "127.0.0.1:2020"
         if not listen:
@@ -274,11 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shipper", description="Ship log files and metrics off the box.")
     commands = parser.add_subparsers(dest="command", required=True)
     config_help = f"config file (default: {DEFAULT_CONFIG_PATH} if present, else the embedded default)"
+    default_help = f"the embedded default configuration, even when {DEFAULT_CONFIG_PATH} exists"
+    env_help = ("a systemd EnvironmentFile (NAME=VALUE lines) whose values the config's ${VAR}s take, over the "
+                "environment")
     run = commands.add_parser("run", help="run the agent until SIGTERM/SIGINT")
-    run.add_argument("-c", "--config", help=config_help)
+    sources = run.add_mutually_exclusive_group()
+    sources.add_argument("-c", "--config", help=config_help)
+    sources.add_argument("--default", action="store_true", help=default_help)
+    run.add_argument("--env-file", help=env_help + " (read again on SIGHUP)")
     run.set_defaults(func=cmd_run)
     check = commands.add_parser("check", help="validate a config and print the resolved pipeline")
-    check.add_argument("-c", "--config", help=config_help)
+    sources = check.add_mutually_exclusive_group()
+    sources.add_argument("-c", "--config", help=config_help)
+    sources.add_argument("--default", action="store_true", help=default_help)
+    check.add_argument("--env-file", help=env_help + f" (default for {DEFAULT_CONFIG_PATH}: {DEFAULT_ENV_FILE} "
+                       "if present, as the unit reads it)")
+    check.add_argument("--strict", action="store_true",
+                       help="exit 2 on warnings too (an input whose records reach no output)")
     check.add_argument("--probe", action="store_true",
                        help="also try credentials and reach each destination (HeadBucket, DescribeLogGroups)")
     check.set_defaults(func=cmd_check)

@@ -48,8 +48,12 @@ def parse_json(line: str) -> dict[str, Any] | None:
 
 def make_regex_parser(pattern: str, max_chars: int = 16 * 1024) -> Callable[[str], dict[str, Any] | None]:
     """The parse function of a configured pattern. It sees at most the first ``max_chars`` characters
-    of a line (``$`` matches there): a pattern that backtracks then costs a bounded time per line."""
-    compiled = re.compile(pattern)
+    of a line (``$`` matches there): a pattern that backtracks then costs a bounded time per line.
+
+    ``.`` matches newlines too (DOTALL), so that a pattern written for one line also parses a joined
+    multi-line event (a traceback): ``(?P<msg>.*)$`` takes the whole event, not nothing.
+    ``(?-s:...)`` turns it off for a part of the pattern."""
+    compiled = re.compile(pattern, re.DOTALL)
     if not compiled.groupindex:
         raise ValueError("the pattern has no named group (?P<name>...)")
 

@@ -21,7 +21,8 @@ import time
 from dataclasses import replace
 
 from shipper import __version__
-from shipper.config import Config, ConfigError, load, redact_urls, source_of, target_of
+from shipper.config import EMBEDDED_DEFAULT, Config, ConfigError, load, redact_urls, source_of, target_of
+from shipper.envfile import environment_with
 from shipper.identity import ImdsClient, resolve_identity
 from shipper.lifecycle import TerminationWatcher, lifecycle_batch
 from shipper.server import AgentState, InputState, Server, output_problem
@@ -130,9 +131,10 @@ class Signals:
 
 class Service:
     def __init__(self, config: Config, config_path: str | None, environ: dict[str, str] | None = None,
-                 signals: Signals | None = None):
+                 signals: Signals | None = None, env_file: str | None = None):
         self.config = config
-        self.config_path = config_path
+        self.config_path = config_path  # None: the embedded default, on reload too
+        self.env_file = env_file
         self.stats = Stats()
         self.started = time.time()
         self.signals = signals or Signals()
@@ -238,12 +240,12 @@ class Service:
         one ``shutdown_timeout``; a stop requested meanwhile leaves the new pipeline unstarted (the
         main loop then finds the old one stopped), so the stop keeps its deadline.
         """
-        log.info("received SIGHUP: reloading %s", self.config_path or "the configuration")
+        log.info("received SIGHUP: reloading %s", self.config_path or EMBEDDED_DEFAULT)
         try:
-            config = load(self.config_path)
+            config = load(self.config_path, environment_with(self.env_file))
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %d problem(s) in %s: %s",
-                      len(exc.problems), self.config_path, redact_urls("; ".join(exc.problems)))
+                      len(exc.problems), exc.source, redact_urls("; ".join(exc.problems)))
             self.stats.add("reloads_refused", 1)
             return False
         if self._stop_during_reload():

@@ -18,7 +18,6 @@ import time
 import orjson
 import pytest
 
-from shipper.config import DEFAULT_CONFIG_PATH
 from conftest import agent_config, checkpoint_offsets, messages, read_archive, seq_lines, seqs, wait_for
 
 LINE_LEN = len(seq_lines(0, 1))
@@ -340,13 +339,13 @@ def test_a_second_signal_later_exits_at_once(workdir, run_agent, tmp_path):
     (workdir / "data" / "archive" / ".tmp").chmod(0o755)
 
 
-@pytest.mark.skipif(os.path.exists(DEFAULT_CONFIG_PATH), reason=f"{DEFAULT_CONFIG_PATH} exists: it would be used")
-def test_without_a_config_it_runs_the_embedded_default_in_the_current_directory(tmp_path):
+def test_run_default_runs_the_embedded_default_in_the_current_directory(tmp_path):
+    # `make run` runs `shipper run --default`: the embedded default even where /etc/shipper/shipper.toml exists
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "app.log").write_text(seq_lines(0, 5))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHIPPER_")}
     with open(tmp_path / "default.stderr", "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "shipper", "run"], cwd=tmp_path, env=env, stderr=stderr)
+        proc = subprocess.Popen([sys.executable, "-m", "shipper", "run", "--default"], cwd=tmp_path, env=env, stderr=stderr)
         try:
             wait_for(lambda: "tailing" in (tmp_path / "default.stderr").read_text(), message="tailing")
             proc.send_signal(signal.SIGTERM)

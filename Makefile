@@ -18,11 +18,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed-run
 
+# Always the embedded default, even where /etc/shipper/shipper.toml exists (e.g. the .deb is installed).
 run: $(VENV)/.installed-run
 	mkdir -p logs
-	$(BIN)/shipper run
+	$(BIN)/shipper run --default
 
+# The Debian packages some tests need are installed first when missing (tests/system-packages.sh).
 test: $(VENV)/.installed-test
+	tests/system-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # dist/shipper_VERSION_ARCH.deb (needs dpkg-deb and /usr/bin/python3 >= 3.11 with venv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,35 @@ import pytest
 
 pytest_plugins = ["aws", "forward_peer"]
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# In CI every test must run: a skip there fails the run, whatever its reason (tests/system-packages.sh
+# installs what the skipping tests need). Elsewhere a skip says what is missing and how to get it.
+STRICT_SKIPS = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def system_tool(probe: str) -> bool:
+    """Whether a command (``journalctl``) or a file (``/lib/systemd/...``, also under /usr) is there."""
+    if probe.startswith("/"):
+        return os.path.exists(probe) or os.path.exists("/usr" + probe)
+    return shutil.which(probe) is not None
+
+
+def needs_system(probe: str, package: str) -> pytest.MarkDecorator:
+    """Skip unless ``probe`` is installed, naming the Debian package (one of tests/system-packages.sh)."""
+    return pytest.mark.skipif(not system_tool(probe), reason=(
+        f"needs {probe}, from the Debian package {package}: `make test` installs it when run as root or "
+        f"with sudo (tests/system-packages.sh)"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (CI={os.environ['CI']}), where every test must run: {reason}"
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):
@@ -72,8 +102,10 @@ def messages(records: list[dict]) -> list[str]:
 class Agent:
     """The agent as a real subprocess with a config written to a temp dir."""
 
-    def __init__(self, workdir: Path, config: str, env: dict | None = None, wrapper: list[str] | None = None):
+    def __init__(self, workdir: Path, config: str, env: dict | None = None, wrapper: list[str] | None = None,
+                 extra_args: list[str] | None = None):
         self.workdir = workdir
+        self.extra_args = extra_args or []
         self.config_path = workdir / "shipper.toml"
         self.config_path.write_text(config)
         self.env = {**os.environ, **(env or {})}
@@ -84,7 +116,7 @@ class Agent:
     def start(self) -> "Agent":
         self._stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "shipper", "run", "-c", str(self.config_path)],
+            [*self.wrapper, sys.executable, "-m", "shipper", "run", "-c", str(self.config_path), *self.extra_args],
             cwd=self.workdir, env=self.env, stdout=subprocess.PIPE, stderr=self._stderr)
         return self
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -20,7 +19,7 @@ import orjson
 import pytest
 
 from aws import s3_output
-from conftest import FAST_RETRIES, Agent, agent_config, wait_for
+from conftest import FAST_RETRIES, Agent, agent_config, needs_system, wait_for
 from imds import FakeImds
 from shipper.postmortem.report import reduce_series, summarize, svg_chart
 from shipper.postmortem.selection import (Filter, SelectionError, check_level, hour_prefixes, level_of, parse_key,
@@ -202,7 +201,7 @@ def png_is_not_blank(data: bytes) -> bool:
     return len(set(pixels)) > 20
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed (.ci/run installs it)")
+@needs_system("chromium", "chromium")
 def test_the_report_of_a_terminated_instance_renders_in_chromium_with_its_charts_and_the_notice(workdir, tmp_path):
     with FakeImds() as imds:
         config = agent_config(workdir / "logs", workdir / "data", agent_extra=FAST_RETRIES,

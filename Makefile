@@ -28,7 +28,7 @@ test: $(VENV)/.installed-test
 	tests/system-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# dist/shipper_VERSION_ARCH.deb (needs dpkg-deb and /usr/bin/python3 >= 3.11 with venv)
+# dist/shipper_VERSION_ARCH.deb (needs dpkg-deb and the distribution's /usr/bin/python3.X >= 3.11 with venv; PYTHON picks X)
 deb:
 	packaging/build-deb.sh dist
 

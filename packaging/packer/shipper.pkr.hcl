@@ -20,8 +20,9 @@ build {
     inline = [
       "sudo apt-get install -y /tmp/shipper.deb",
       "rm /tmp/shipper.deb",
-      # Fail the image build on a broken configuration, not the first boot.
-      "SHIPPER_BUCKET=image-build-check shipper check --config /etc/shipper/shipper.toml",
+      # Fail the image build on a broken configuration, not the first boot. The bucket comes at boot
+      # (cloud-init); --strict also fails on warnings, such as an input whose records reach no output.
+      "SHIPPER_BUCKET=image-build-check shipper check --strict --config /etc/shipper/shipper.toml",
       "systemctl is-enabled shipper",
     ]
   }

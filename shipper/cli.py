@@ -177,15 +177,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         url = f"http://{listen}"
     try:
-        first = fetch_status(url)
-        time.sleep(args.interval)
-        second = fetch_status(url)
+        previous = None
+        if args.interval is not None:  # rates measured here; without it, the agent's own over its last minute
+            previous = fetch_status(url)
+            time.sleep(args.interval)
+        document = fetch_status(url)
     except OSError as exc:
         print(f"shipper status: no agent answers at {redact_urls(url)}: {getattr(exc, 'reason', exc)} "
               f"(is it running? `systemctl status shipper`)", file=sys.stderr)
         return EXIT_FAILED
-    print(render_status(first, second, args.interval))
-    return EXIT_OK if second["healthy"] else EXIT_FAILED
+    print(render_status(document, previous, args.interval))
+    return EXIT_OK if document["healthy"] else EXIT_FAILED
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -237,7 +239,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         records = fetch.records_of(source, since, until, args.instance, args.tag or None, warn)
         if records is None:
             return EXIT_FAILED
-        for record in fetch.filtered(records, wanted, args.host):
+        for record in fetch.filtered(records, wanted, args.host, warn):
             if args.json:
                 out.write(orjson.dumps(record).decode())
             else:
@@ -330,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the running agent's inputs, outputs, rates and health")
     status.add_argument("-c", "--config", help=config_help + "; its [server] listen is asked")
     status.add_argument("--url", help="the agent's server (default: http://LISTEN from the config)")
-    status.add_argument("--interval", type=_positive_seconds, default=1.0,
-                        help="seconds between the two samples for rates")
+    status.add_argument("--interval", type=_positive_seconds, default=None,
+                        help="measure the rates here, between two fetches this many seconds apart "
+                             "(default: the agent's own rates, over its last minute)")
     status.set_defaults(func=cmd_status)
     fetch = commands.add_parser("fetch", help="read a (dead) server's records back from S3, a directory or CloudWatch",
                                 description="Print one instance's records of a time range, in time order.")

@@ -6,6 +6,9 @@ One thread and a selector loop serve it, with a cap on connections and a deadlin
 Nothing is counted per request or per record for it: a scrape reads the counters the
 pipeline keeps anyway (:class:`shipper.stats.Stats`) and asks each output and input for
 its state, through ``agent_state`` (a function, because a reload replaces the pipeline).
+
+/status carries rates over the last minute (:class:`CounterHistory`): the server thread copies the
+counters every 10 s, its only timer, so an input that samples every 10 s shows a steady rate.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -87,19 +91,92 @@ def health(state: AgentState) -> tuple[bool, dict[str, Any]]:
     return not (problems or stuck), {k: v for k, v in body.items() if v is not None}
 
 
-def status_document(state: AgentState) -> dict[str, Any]:
-    """Everything `shipper status` shows, as JSON."""
+# ---------------------------------------------------------------- rates
+
+Counters = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+RATE_WINDOW = 60.0      # /status rates cover the last minute (since the start while the agent is younger) ...
+SNAPSHOT_EVERY = 10.0   # ... measured from copies of the counters this far apart
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What the rates of /status are measured from: the counters ``seconds`` ago."""
+    seconds: float
+    counters: Counters
+    since_start: bool   # the first copy, taken when the server started: the agent is younger than the window
+
+
+class CounterHistory:
+    """Copies of the counters every ``every`` seconds, only as many as cover ``window``.
+
+    The rates are the growth since the newest copy at least ``window`` old (the oldest while the
+    agent is younger), so they cover window..window+every seconds: a whole number of samples of an
+    input sampling every 10 s, never the 0 or 1 of a one-second difference. Used by one thread only.
+    """
+
+    def __init__(self, now: float, counters: Counters, window: float = RATE_WINDOW, every: float = SNAPSHOT_EVERY):
+        self.window = window
+        self.every = every
+        self.snapshots: deque[tuple[float, Counters]] = deque([(now, counters)])
+        self.first = now
+        self.next_at = now + every
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def add(self, now: float, counters: Counters) -> None:
+        self.snapshots.append((now, counters))
+        self.next_at = now + self.every  # after a stall: the next one in ``every``, not a burst to catch up
+        while len(self.snapshots) > 1 and self.snapshots[1][0] <= now - self.window:
+            self.snapshots.popleft()   # the next one is old enough to measure from
+
+    def baseline(self, now: float) -> Baseline:
+        """The newest copy at least ``window`` before ``now``, or the oldest while none is."""
+        when, counters = self.snapshots[0]
+        for moment, copy in self.snapshots:
+            if moment > now - self.window:
+                break
+            when, counters = moment, copy
+        return Baseline(max(0.0, now - when), counters, when == self.first)
+
+
+def total(counters: Counters, name: str, **labels: str) -> float:
+    """The sum of counter ``name`` over the series whose labels include ``labels``."""
+    wanted = labels.items()
+    return sum(value for (n, series), value in counters.items() if n == name and wanted <= dict(series).items())
+
+
+def per_second(current: Counters, baseline: Baseline, name: str, **labels: str) -> float:
+    """The growth of ``name`` (over the series with ``labels``) per second since ``baseline``.
+    0 over no time at all; never negative (a counter that went down counts as still)."""
+    if baseline.seconds <= 0:
+        return 0.0
+    grown = total(current, name, **labels) - total(baseline.counters, name, **labels)
+    return round(max(0.0, grown) / baseline.seconds, 6)
+
+
+def status_document(state: AgentState, baseline: Baseline | None = None) -> dict[str, Any]:
+    """Everything `shipper status` shows, as JSON; with ``baseline``, each input's and output's
+    records per second since then, and ``rates`` saying over how long."""
     healthy, _ = health(state)
     counters: dict[str, list[dict[str, Any]]] = {}
     for (name, labels), value in sorted(state.counters.items()):
         counters.setdefault(name, []).append({"labels": dict(labels), "value": value})
+    outputs = [dict(asdict(o), problem=output_problem(o, state.unhealthy_after)) for o in state.outputs]
+    inputs = [asdict(i) for i in state.inputs]
+    rates = None
+    if baseline is not None:
+        rates = {"window_seconds": round(baseline.seconds, 1), "since_start": baseline.since_start}
+        for item in inputs:
+            item["records_per_second"] = per_second(state.counters, baseline, "records_in", input=item["name"])
+        for item in outputs:
+            item["records_per_second"] = per_second(state.counters, baseline, "records_out", output=item["name"])
     return {
         "version": __version__, "healthy": healthy, "uptime_seconds": round(time.time() - state.started, 1),
         "identity": state.identity, "labels": state.labels, "reloads": state.reloads,
         "lifecycle": state.lifecycle, "unhealthy_after": state.unhealthy_after,
-        "outputs": [dict(asdict(o), problem=output_problem(o, state.unhealthy_after)) for o in state.outputs],
-        "inputs": [asdict(i) for i in state.inputs],
-        "counters": counters,
+        "rates": rates, "outputs": outputs, "inputs": inputs, "counters": counters,
     }
 
 
@@ -278,13 +355,18 @@ class Server:
     Bounded whatever clients do: at most ``max_connections`` at once (others get a 503 and are closed
     at once), each given ``deadline`` seconds in total to send its request and take the answer, at most
     MAX_REQUEST_BYTES of request. Nothing here can reach the pipeline: every error is contained in
-    this thread. ``stats`` counts the connections dropped (``server_connections_dropped{reason}``).
+    this thread. ``stats`` counts the connections dropped (``server_connections_dropped{reason}``),
+    and its counters are copied every ``snapshot_every`` seconds for the rates of /status (without
+    ``stats``, the rates are measured from nothing at the start).
     """
 
     def __init__(self, listen: str, agent_state: Callable[[], AgentState], stats=None, *,
-                 max_connections: int = MAX_CONNECTIONS, deadline: float = REQUEST_DEADLINE):
+                 max_connections: int = MAX_CONNECTIONS, deadline: float = REQUEST_DEADLINE,
+                 rate_window: float = RATE_WINDOW, snapshot_every: float = SNAPSHOT_EVERY):
         self.agent_state = agent_state
         self.stats = stats
+        self._copy_counters: Callable[[], Counters] = stats.snapshot if stats is not None else dict
+        self.history = CounterHistory(time.monotonic(), self._copy_counters(), rate_window, snapshot_every)
         self.max_connections = max_connections
         self.deadline = deadline
         self._exposition: list = []  # prometheus-client, imported at the first scrape (nobody scrapes: -1 MiB)
@@ -318,7 +400,8 @@ class Server:
         if path == "/metrics":
             return (200, *self._metrics_text())
         if path == "/status":
-            return 200, "application/json", orjson.dumps(status_document(self.agent_state()))
+            baseline = self.history.baseline(time.monotonic())
+            return 200, "application/json", orjson.dumps(status_document(self.agent_state(), baseline))
         return 404, "text/plain", b"not found: try /healthz, /metrics or /status\n"
 
     def _metrics_text(self) -> tuple[str, bytes]:
@@ -367,10 +450,13 @@ class Server:
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
             selector.register(self.sock, selectors.EVENT_READ, "listen")
+        if self.history.due(now):
+            self.history.add(now, self._copy_counters())  # a dict copy: idle, one wake-up every 10 s
         wake_at = [c.deadline for c in self._connections.values()]
+        wake_at.append(self.history.next_at)
         if self._accept_paused_until is not None:
             wake_at.append(self._accept_paused_until)
-        timeout = max(0.0, min(wake_at) - now) if wake_at else None  # idle: no wake-ups at all
+        timeout = max(0.0, min(wake_at) - now)
         for key, events in selector.select(timeout):
             if key.data == "listen":
                 self._accept(selector)

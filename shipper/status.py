@@ -1,4 +1,9 @@
-"""`shipper status`: the running agent's /status document as a table a person reads at a glance."""
+"""`shipper status`: the running agent's /status document as a table a person reads at a glance.
+
+The rates are the agent's own, over its last minute (see shipper.server.CounterHistory): one
+fetch, no wait, and an input that samples every 10 s shows its 0.1/s. ``--interval N`` measures
+them here instead, between two fetches N seconds apart.
+"""
 
 from __future__ import annotations
 
@@ -58,37 +63,70 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def render_status(first: dict[str, Any], second: dict[str, Any], seconds: float) -> str:
-    """Two /status documents ``seconds`` apart -> the table (rates are their difference)."""
-    def rate(name: str, **labels: str) -> str:
-        return f"{(counter(second, name, **labels) - counter(first, name, **labels)) / seconds:.0f}/s"
+def per_second(value: float | None) -> str:
+    """A rate as a person reads it: 4100/s, 41/s, 4.1/s, 0.11/s, 0.017/s; "-" when unknown."""
+    if value is None:
+        return "-"
+    if value >= 10 or value == 0:
+        return f"{value:.0f}/s"
+    if value >= 1:
+        return f"{value:.1f}/s"
+    return f"{value:.2g}/s" if value >= 0.001 else "<0.001/s"  # two digits: 0.1/s of a 10 s sampler
 
-    identity = second["identity"]
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def rates_note(document: dict[str, Any], seconds: float | None) -> str:
+    """Over what the rates were measured."""
+    if seconds is not None:
+        return f"rates over {seconds:g}s"
+    rates = document.get("rates")
+    if not rates:  # an agent from before rates were kept: still running the old version
+        return "rates unknown (this agent keeps none: restart it, or use --interval 10)"
+    window = _age(rates["window_seconds"])
+    return f"rates over the {window} since the start" if rates["since_start"] else f"rates over the last {window}"
+
+
+def render_status(document: dict[str, Any], previous: dict[str, Any] | None = None,
+                  seconds: float | None = None) -> str:
+    """The /status document as the table. Rates are the agent's (over its last minute), or, given
+    ``previous`` fetched ``seconds`` earlier, the difference between the two."""
+    def rate(item: dict[str, Any], name: str, **labels: str) -> str:
+        if previous is not None and seconds:
+            return per_second(max(0.0, counter(document, name, **labels) - counter(previous, name, **labels))
+                              / seconds)
+        return per_second(item.get("records_per_second"))
+
+    identity = document["identity"]
     who = identity.get("instance_id") or identity.get("host", "?")
-    health = "healthy" if second["healthy"] else "UNHEALTHY"
-    lines = [f"shipper {second['version']} on {who}: {health}, up {_age(second['uptime_seconds'])}"
-             + (f", {second['reloads']} reloads" if second["reloads"] else "")]
-    if second.get("lifecycle"):
-        lines.append(f"  {second['lifecycle']}")
+    health = "healthy" if document["healthy"] else "UNHEALTHY"
+    lines = [f"shipper {document['version']} on {who}: {health}, up {_age(document['uptime_seconds'])}"
+             + (f", {plural(document['reloads'], 'reload')}" if document["reloads"] else "")
+             + f"; {rates_note(document, seconds if previous is not None else None)}"]
+    if document.get("lifecycle"):
+        lines.append(f"  {document['lifecycle']}")
     lines.append("")
     rows = []
-    for item in second["inputs"]:
+    for item in document["inputs"]:
         name = item["name"]
         lag = sum(item["lag"].values())
-        rows.append([name, item["type"], rate("records_in", input=name), f"{counter(second, 'records_in', input=name):.0f}",
-                     f"{len(item['lag'])} files, lag {_size(lag)}" if item["lag"] else ""])
+        rows.append([name, item["type"], rate(item, "records_in", input=name),
+                     f"{counter(document, 'records_in', input=name):.0f}",
+                     f"{plural(len(item['lag']), 'file')}, lag {_size(lag)}" if item["lag"] else ""])
     lines += _table(["INPUT", "TYPE", "RECORDS", "TOTAL", "FILES"], rows)
     lines.append("")
     rows = []
-    for item in second["outputs"]:
+    for item in document["outputs"]:
         name = item["name"]
-        dropped = counter(second, "records_dropped", output=name)
-        rows.append([name, "ok" if not item["problem"] else "UNHEALTHY", rate("records_out", output=name),
-                     f"{counter(second, 'records_out', output=name):.0f}", f"{dropped:.0f}",
-                     f"{counter(second, 'retries', output=name):.0f}", _size(item["buffered_bytes"]),
+        dropped = counter(document, "records_dropped", output=name)
+        rows.append([name, "ok" if not item["problem"] else "UNHEALTHY", rate(item, "records_out", output=name),
+                     f"{counter(document, 'records_out', output=name):.0f}", f"{dropped:.0f}",
+                     f"{counter(document, 'retries', output=name):.0f}", _size(item["buffered_bytes"]),
                      _age(item["oldest_unsent_age"])])
     lines += _table(["OUTPUT", "HEALTH", "RECORDS", "TOTAL", "DROPPED", "RETRIES", "BUFFER", "OLDEST UNSENT"], rows)
-    problems = [f"  {item['name']}: {item['problem']}" for item in second["outputs"] if item["problem"]]
+    problems = [f"  {item['name']}: {item['problem']}" for item in document["outputs"] if item["problem"]]
     if problems:
         lines += ["", "problems:", *problems]
     return "\n".join(lines)

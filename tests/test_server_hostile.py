@@ -164,7 +164,7 @@ def test_the_server_answers_odd_requests_and_survives_a_failing_route(caplog):
 
 
 def test_an_idle_server_does_not_wake_up():
-    """No timer while no client is connected: select() without a timeout."""
+    """No wake-up but the 10 s counter copy while no client is connected: select() without a timeout."""
     from shipper.server import Server
 
     server = Server("127.0.0.1:0", lambda: None)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import orjson
 
 from shipper.outputs.keys import partition_of
-from shipper.postmortem.selection import Filter, ObjectRef, hour_prefixes
+from shipper.postmortem.selection import Filter, Funnel, ObjectRef, hour_prefixes
 from shipper.postmortem.sources import MAX_LINE_BYTES, CloudWatchLogsSource, CorruptObject, ObjectLines
 from shipper.record import format_time
 
@@ -266,12 +266,18 @@ def merged_records(archive, refs: list[ObjectRef], warn: Callable[[str], None],
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def stream_tag(stream: str) -> str:
+    """The tag in a stream's name, "{instance_id}/{tag}/{source}"."""
+    return stream.partition("/")[2].split("/", 1)[0]
+
+
 def cloudwatch_records(source: CloudWatchLogsSource, since: float, until: float, instance: str | None,
-                       tags: list[str] | None) -> Iterator[dict[str, Any]]:
-    """The instance's streams merged in time order."""
-    streams = source.streams(f"{instance}/" if instance else None)
+                       tags: list[str] | None, streams: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The instance's streams (of ``tags``) merged in time order."""
+    if streams is None:
+        streams = source.streams(f"{instance}/" if instance else None)
     if tags:
-        streams = [s for s in streams if s.partition("/")[2].split("/", 1)[0] in tags]
+        streams = [s for s in streams if stream_tag(s) in tags]
     page = max(50, min(10_000, CLOUDWATCH_EVENTS // max(1, len(streams))))
     iterators = [source.records(stream, since, until, page) for stream in streams]
     return heapq.merge(*iterators, key=lambda r: str(r.get("time", "")))
@@ -337,22 +343,73 @@ def suggest(instance: str, known: Iterable[str]) -> list[str]:
 
 def records_of(source, since: float, until: float, instance: str | None, tags: list[str] | None,
                warn: Callable[[str], None]) -> Iterator[dict[str, Any]] | None:
-    """The records of the range from any source, in time order; None (said through ``warn``, with the
-    nearest names) when an archive holds nothing of that instance in the range."""
+    """The records of the range from any source, in time order. When an archive holds no object of
+    them, ``warn`` is told which filter matched nothing (:func:`nothing_listed`); then None when an
+    instance was asked (it is not there), else no records."""
     if isinstance(source, CloudWatchLogsSource):
-        return cloudwatch_records(source, since, until, instance, tags)
-    refs = select_objects(source, since, until, instance, tags, warn)
-    if not refs and instance:
-        seen = instances_seen(source, since, until, warn)
+        streams = source.streams(f"{instance}/" if instance else None)
+        tags_there = sorted({stream_tag(s) for s in streams})
+        if streams and (not tags or set(tags) & set(tags_there)):
+            return cloudwatch_records(source, since, until, instance, tags, streams)
+        if streams:
+            warn(tags_matched_nothing(tags or [], source.name, instance, tags_there, "streams"))
+        elif instance:
+            warn(f"no log streams of instance {instance} in {source.name} (streams are named INSTANCE/TAG/...; "
+                 f"--list-instances lists the instances of an archive)")
+        else:
+            warn(f"no log streams in {source.name}")
+        return None if instance else iter(())
+    listed = select_objects(source, since, until, instance, None, warn)
+    refs = [r for r in listed if not tags or r.tag in tags]
+    if refs:
+        return merged_records(source, refs, warn, Progress(len(refs)))
+    seen = None
+    if instance and not listed:  # the instance is not there: which ones are, to suggest the nearest
+        seen = sorted(instances_seen(source, since, until, warn))
+    warn(nothing_listed(source.name, since, until, instance, tags, sorted({r.tag for r in listed}), seen))
+    return None if instance else iter(())
+
+
+def nothing_listed(name: str, since: float, until: float, instance: str | None, tags: list[str] | None,
+                   tags_there: list[str], instances_there: list[str] | None) -> str:
+    """Which filter left no object to read: the instance (with the nearest names there), the tags
+    (with the instance's tags there), or the time range itself."""
+    between = f"between {format_time(since)} and {format_time(until)}"
+    if instance and not tags_there:
+        seen = instances_there or []
         hint = suggest(instance, seen)
-        warn(f"no records of instance {instance} in {source.name} between {format_time(since)} and {format_time(until)}"
-             + (f"; did you mean {', '.join(hint)}?" if hint else f" ({len(seen)} other instances there: "
-                                                                  f"--list-instances)"))
-        return None
-    return merged_records(source, refs, warn, Progress(len(refs)))
+        if hint:
+            return f"no records of instance {instance} in {name} {between}; did you mean {', '.join(hint)}?"
+        if seen:
+            return (f"no records of instance {instance} in {name} {between} ({len(seen)} other "
+                    f"instance{'s' if len(seen) != 1 else ''} there: --list-instances)")
+        return f"no records of instance {instance} in {name} {between}: it holds no records of that range at all"
+    if tags and tags_there:
+        return f"{tags_matched_nothing(tags, name, instance, tags_there, 'records')} {between}"
+    return f"no records in {name} {between}"
 
 
-def filtered(records: Iterable[dict[str, Any]], wanted: Filter, host: str | None) -> Iterator[dict[str, Any]]:
+def tags_matched_nothing(tags: list[str], name: str, instance: str | None, tags_there: list[str], what: str) -> str:
+    whose = f"instance {instance} has {what}" if instance else f"{name} has {what}"
+    return (f"--tag {', '.join(tags)} matched nothing: {whose} of tag{'s' if len(tags_there) != 1 else ''} "
+            f"{', '.join(tags_there)}" + (f" in {name}" if instance else ""))
+
+
+def filtered(records: Iterable[dict[str, Any]], wanted: Filter, host: str | None,
+             warn: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The records that match ``wanted`` and are of ``host``. When none does, ``warn`` is told which
+    filter matched nothing (:class:`Funnel`: it counts only until the first match)."""
+    records = iter(records)
+    if warn is not None:
+        funnel = Funnel(wanted, host)
+        for record in records:
+            if funnel.count(record):
+                yield record
+                break
+        else:
+            if funnel.read:  # nothing read: the source said why (no object, unreadable ones)
+                warn(funnel.explain())
+            return
     for record in records:
         if host is not None and record.get("host") != host:
             continue

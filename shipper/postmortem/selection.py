@@ -164,6 +164,103 @@ class Filter:
             return False
         return True
 
+    def miss(self, record: dict[str, Any], host: str | None = None) -> str | None:
+        """The first test ``record`` fails, in the order time, tag, host, level, grep; None when it
+        matches (and is of ``host``). The slow twin of :meth:`matches`, to say which filter matched nothing."""
+        stamp = record.get("time")
+        if not isinstance(stamp, str) or not (self._since <= stamp <= self._until):
+            return "time"
+        if self.tags and record.get("tag") not in self.tags:
+            return "tag"
+        if host is not None and record.get("host") != host:
+            return "host"
+        if self._min_rank is not None:
+            level = level_of(record)
+            if level not in LEVELS or LEVELS.index(level) < self._min_rank:
+                return "level"
+        if self.grep is not None and not self.grep.search(str(record.get("message") or "")):
+            return "grep"
+        return None
+
+
+STAGES = ("time", "tag", "host", "level", "grep")
+HOSTS_SHOWN = 5
+
+
+class Funnel:
+    """How many records each filter let through, until one matched: when none does, :meth:`explain`
+    names the filter that matched nothing (counting stops at the first match, so it costs nothing then)."""
+
+    def __init__(self, wanted: Filter, host: str | None = None):
+        self.wanted = wanted
+        self.host = host
+        self.read = 0
+        self.missed = dict.fromkeys(STAGES, 0)  # records stopped by each filter (the first they failed)
+        self.first: str | None = None   # the earliest and latest time of the records outside the range
+        self.last: str | None = None
+        self.hosts: dict[str, None] = {}  # a few hosts of the records that --host stopped
+
+    def count(self, record: dict[str, Any]) -> bool:
+        """Counts ``record`` through the filters; True when it matches them all."""
+        self.read += 1
+        miss = self.wanted.miss(record, self.host)
+        if miss is None:
+            return True
+        self.missed[miss] += 1
+        if miss == "time":
+            stamp = record.get("time")
+            if isinstance(stamp, str):
+                if self.first is None or stamp < self.first:
+                    self.first = stamp
+                if self.last is None or stamp > self.last:
+                    self.last = stamp
+        elif miss == "host" and len(self.hosts) < HOSTS_SHOWN and isinstance(host := record.get("host"), str):
+            self.hosts.setdefault(host, None)
+        return False
+
+    def passed(self, stage: str) -> int:
+        """Records through ``stage`` and every filter before it."""
+        return self.read - sum(self.missed[s] for s in STAGES[:STAGES.index(stage) + 1])
+
+    def active(self) -> list[tuple[str, str, str]]:
+        """(stage, how it was asked, how its matches are described) for the filters given beyond the range."""
+        wanted = self.wanted
+        given = []
+        if wanted.tags:
+            given.append(("tag", f"--tag {', '.join(wanted.tags)}", "of that tag" if len(wanted.tags) == 1
+                          else "of those tags"))
+        if self.host is not None:
+            given.append(("host", f"--host {self.host}", "of that host"))
+        if wanted.level:
+            given.append(("level", f"--level {wanted.level}", f"at level {wanted.level} or more severe"))
+        if wanted.grep is not None:
+            given.append(("grep", f"--grep {wanted.grep.pattern!r}", "matching it"))
+        return given
+
+    def explain(self) -> str:
+        """Why nothing matched: the filter that let no record through, and what the ones before it let through."""
+        since, until = format_time(self.wanted.since), format_time(self.wanted.until)
+        if self.read == 0:
+            return f"no records between {since} and {until}: the objects of that range hold none"
+        if self.passed("time") == 0:
+            return (f"no records between {since} and {until}: the {records(self.read)} read from the objects "
+                    f"of that range are from {self.first or '?'} to {self.last or '?'}")
+        before = self.passed("time")
+        text = f"{records(before)} read between {since} and {until}"
+        for stage, asked, described in self.active():
+            through = self.passed(stage)
+            if through == 0:
+                hint = f" (hosts there: {', '.join(self.hosts)})" if stage == "host" and self.hosts else ""
+                return f"{asked} matched nothing: {text}{hint}"
+            if through < before:  # a filter that let every record through goes unsaid
+                text += f", {through:,} of them {described}"
+            before = through
+        return f"no record matched: {text}"  # not reached while some filter let none through
+
+
+def records(count: int) -> str:
+    return f"{count:,} record" if count == 1 else f"{count:,} records"
+
 
 def render(record: dict[str, Any], template: str | None) -> str:
     """``--format '{time} {host} {message}'``; a missing field renders empty. Without a template:

@@ -87,8 +87,8 @@ def test_an_unknown_group_is_a_config_error():
     problems: list[str] = []
     validate_section("inputs[0]", {"type": "metrics", "groups": ["cpu", "gpu"]},
                      {**COMMON_INPUT_OPTIONS, **metrics.OPTIONS}, problems)
-    assert problems == ["inputs[0].groups: unknown group 'gpu' (known: cpu, load, memory, swap, disk, diskio, "
-                        "network, processes, fds, uptime)"]
+    assert problems == ["inputs[0].groups: unknown group 'gpu' (known: cpu, disk, diskio, fds, load, memory, "
+                        "network, processes, swap, uptime)"]
 
 
 def test_samples_are_records_in_the_archive(run_agent, workdir):

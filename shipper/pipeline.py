@@ -42,6 +42,7 @@ class InputContext:
     stats: Stats
     checkpoint_interval: float
     quarantined: list = field(default_factory=list)  # quarantine.Strike: ranges to move past once
+    file_inputs: int = 1  # they share the descriptors (inputs/file.py default_max_open_files)
 
 
 class OutputRunner(threading.Thread):
@@ -347,7 +348,7 @@ class Pipeline:
                                              agent.flush_interval, self.stats, self.failed,
                                              quarantine=self.quarantine))
         input_context = InputContext(self.data_dir, self.stats, agent.checkpoint_interval,
-                                     self.quarantine.take())
+                                     self.quarantine.take(), sum(s.type == "file" for s in config.inputs))
         self.inputs = [importlib.import_module(INPUT_MODULES[s.type]).INPUT(s, input_context)
                        for s in config.inputs]
         self.stop_inputs = threading.Event()

@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 from fnmatch import fnmatchcase
-from typing import Iterator
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -261,32 +261,49 @@ def watch_root(pattern: str) -> tuple[str, bool]:
 
 
 class DirectoryWatcher:
-    """Sets ``changed`` when a file is created, moved or deleted under the patterns' directories."""
+    """Watches the patterns' directories with inotify (watchdog): a file created, moved or deleted sets
+    ``changed`` (discovery runs again); every event also names its paths to ``touched`` (a file written,
+    truncated, renamed or deleted is visited at once), so that a quiet file costs nothing until then."""
 
-    def __init__(self, patterns: list[str], changed: threading.Event, wake: threading.Event):
+    def __init__(self, patterns: list[str], changed: threading.Event, wake: threading.Event,
+                 touched: Callable[[str], None] | None = None):
         self.patterns = patterns
         self.changed = changed
         self.wake = wake
+        self.touched = touched
         self._observer = None
         self._watched: set[tuple[str, bool]] = set()
 
+    @property
+    def watching(self) -> bool:
+        """Whether events arrive (watchdog started); False: everything is found by polling."""
+        return self._observer is not None
+
     def start(self) -> None:
         try:
-            from watchdog.events import (DirCreatedEvent, FileCreatedEvent, FileDeletedEvent,
-                                         FileMovedEvent, FileSystemEventHandler)
+            from watchdog.events import (DirCreatedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
+                                         FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
             from watchdog.observers import Observer
         except ImportError:  # pragma: no cover - watchdog is a dependency; polling still works
             log.warning("watchdog is not available; discovering new files by polling only")
             return
-        changed, wake = self.changed, self.wake
+        changed, wake, touched = self.changed, self.wake, self.touched
+        content_events = (FileModifiedEvent, FileClosedEvent)
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event) -> None:
-                changed.set()
+                if touched is not None:
+                    touched(os.fsdecode(event.src_path))
+                    if getattr(event, "dest_path", ""):
+                        touched(os.fsdecode(event.dest_path))
+                if not isinstance(event, content_events):
+                    changed.set()
                 wake.set()
 
         self._handler = Handler()
         self._filter = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent]
+        if touched is not None:
+            self._filter += list(content_events)
         self._observer = Observer()
         self._observer.daemon = True
         self.refresh()

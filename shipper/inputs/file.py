@@ -55,7 +55,33 @@ OPTIONS = {
     "watch": Option("bool", True),
     # Like Filebeat: a symlink below a pattern's fixed directories is not followed (skipped, counted).
     "follow_symlinks": Option("bool", False),
+    # Descriptors: at most this many files open at once (0: derived from RLIMIT_NOFILE); a file without
+    # new data for close_inactive is closed and taken up again, where it was, when it changes.
+    "max_open_files": Option("int", 0, minimum=0),
+    "close_inactive": Option("duration", 300.0, minimum=0.1),
+    # Files found at start-up without a checkpoint and unmodified for this long are not read (only
+    # what is written to them later); 0: off.
+    "ignore_older": Option("duration", 0.0),
 }
+
+# A file that had data this recently is visited every poll_interval; a quieter one only when inotify
+# says it changed, or at the sweep every refresh_interval (the safety net for missed events).
+BUSY_FOR = 5.0
+# Descriptors left to the rest of the agent (objects, checkpoints, sockets, inotify, journalctl).
+RESERVED_DESCRIPTORS = 256
+
+def default_max_open_files(soft_limit: int, file_inputs: int = 1) -> int:
+    """The open files one input may hold: the soft RLIMIT_NOFILE less what the rest of the agent
+    needs, shared by the file inputs; never below 16."""
+    return max(16, (soft_limit - RESERVED_DESCRIPTORS) // max(1, file_inputs))
+
+
+def _soft_nofile() -> int:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
 
 # How much one file may read before the others get their turn.
 FAIR_SHARE_BYTES = 16 * 1024 * 1024
@@ -95,7 +121,20 @@ class FileInput:
         self.skips = Skips(self.stats, self.tag)  # symlinks, FIFOs, devices: reported once each
         self.wake = threading.Event()
         self.changed = threading.Event()
-        self.watcher = DirectoryWatcher(self.patterns, self.changed, self.wake) if settings.watch else None
+        self.by_path: dict[str, TailedFile] = {}
+        self.active: dict[tuple[int, int], TailedFile] = {}  # visited every poll (see BUSY_FOR)
+        self.idle_open: dict[tuple[int, int], TailedFile] = {}  # open, not active: closed first for room
+        self.waiting: dict[str, tuple[TailedFile | None, bool]] = {}  # path -> (dormant file or None, at_startup)
+        self.open_count = 0
+        self.max_open = settings.max_open_files or default_max_open_files(
+            _soft_nofile(), getattr(context, "file_inputs", 1))
+        self._emfile_reported = False
+        self._touched: set[str] = set()
+        self._touched_lock = threading.Lock()
+        self._last_sweep = 0.0
+        self._checkpoints_changed = True
+        self.watcher = (DirectoryWatcher(self.patterns, self.changed, self.wake, self._touch)
+                        if settings.watch else None)
         self._saved: dict[tuple[int, int], Checkpoint] = {}
         self._last_refresh = 0.0
         self._checkpoints = Every(self.checkpoint_interval)
@@ -124,8 +163,18 @@ class FileInput:
             if self.watcher:
                 self.watcher.stop()
 
+    def _touch(self, path: str) -> None:
+        """From the watcher's thread: ``path`` was written, truncated, moved or deleted."""
+        with self._touched_lock:
+            self._touched.add(path)
+
+    @property
+    def _events(self) -> bool:
+        return self.watcher is not None and self.watcher.watching
+
     def poll(self, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
-        """One pass over every file; True when a file had more than its fair share to read (go on at once)."""
+        """One pass over the files that may have something to read; True when a file had more than
+        its fair share (go on at once). Without inotify every file is visited, every poll."""
         now = time.monotonic()
         if self.changed.is_set() or now - self._last_refresh >= self.settings.refresh_interval:
             self.changed.clear()
@@ -133,18 +182,169 @@ class FileInput:
             if self.watcher:
                 self.watcher.refresh()
             self.discover(at_startup=False)
+        with self._touched_lock:
+            touched, self._touched = self._touched, set()
+        if not self._events or now - self._last_sweep >= self.settings.refresh_interval:
+            self._last_sweep = now
+            visit = list(self.files.values())
+        else:
+            visit = list(self.active.values())
+            visit += [t for t in (self.by_path.get(p) for p in touched) if t is not None and t.identity not in self.active]
         more = False
-        for tailed in list(self.files.values()):
+        for tailed in visit:
+            if tailed.closed:
+                continue
             try:
-                more |= self._follow(tailed, emit, stop)
+                if tailed.dormant:
+                    self._wake_dormant(tailed, now)
+                    if tailed.dormant or tailed.closed:
+                        continue
+                had_more = self._follow(tailed, emit, stop)
+                more |= had_more
                 tailed.failing = False
+                self._after_visit(tailed, had_more, now)
             except OSError as exc:  # an I/O error on one file (EIO, a vanished mount): retried next pass
+                self._activate(tailed)
                 if not tailed.failing:
                     tailed.failing = True
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
+        self._serve_waiting()
         self._checkpoint_when_due()
         return more
+
+    def _after_visit(self, tailed: TailedFile, had_more: bool, now: float) -> None:
+        """Keep a file among the active ones while it may have more soon; close it when idle, or when
+        others wait for a descriptor (they take turns)."""
+        if tailed.closed:
+            self.active.pop(tailed.identity, None)
+            return
+        holds = bool(tailed.carry) or tailed.builder.holds_event or tailed.released_since is not None
+        idle = now - tailed.last_data
+        if not holds and tailed.closable and (self.waiting or idle >= self.settings.close_inactive):
+            self._close_idle(tailed)
+        elif had_more or holds or idle < BUSY_FOR:
+            self._activate(tailed)
+            return
+        else:
+            self.idle_open[tailed.identity] = tailed
+        self.active.pop(tailed.identity, None)
+
+    def _activate(self, tailed: TailedFile) -> None:
+        self.active[tailed.identity] = tailed
+        self.idle_open.pop(tailed.identity, None)
+
+    def _close_idle(self, tailed: TailedFile) -> None:
+        st = os.fstat(tailed.fd)
+        tailed.seen = (st.st_size, st.st_mtime_ns)
+        tailed.close_idle()
+        self.open_count -= 1
+        self.active.pop(tailed.identity, None)
+        self.idle_open.pop(tailed.identity, None)
+
+    def _wake_dormant(self, tailed: TailedFile, now: float) -> None:
+        """A dormant file that may have changed: take it up again (a descriptor permitting), or, when its
+        path holds another file now (rotated or deleted while closed), look for it next to its path."""
+        try:
+            st = os.stat(tailed.path)
+            identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            st, identity = None, None
+        if identity == tailed.identity:
+            if (st.st_size, st.st_mtime_ns) == getattr(tailed, "seen", None):
+                return  # unchanged
+            self._take_up(tailed, tailed.path)
+            return
+        moved_to = self._find_sibling(tailed)
+        if moved_to is not None:
+            self._take_up(tailed, moved_to)
+            if not tailed.dormant:
+                tailed.released_since = now  # drained, then released after rotate_wait
+            self.changed.set()
+            return
+        # Deleted or moved out of sight while closed, with everything read when it was closed.
+        self.files.pop(tailed.identity, None)
+        self.active.pop(tailed.identity, None)
+        if self.by_path.get(tailed.path) is tailed:
+            del self.by_path[tailed.path]
+        tailed.close()
+        self.releasing.append(tailed)
+        self._checkpoints_changed = True
+        self.changed.set()
+
+    def _find_sibling(self, tailed: TailedFile) -> str | None:
+        """The path of the file's inode in its directory (renamed by a rotation), if any."""
+        try:
+            with os.scandir(os.path.dirname(tailed.path)) as entries:
+                for entry in entries:
+                    if entry.inode() == tailed.identity[1] and entry.is_file(follow_symlinks=False):
+                        if entry.stat(follow_symlinks=False).st_dev == tailed.identity[0]:
+                            return entry.path
+        except OSError:
+            return None
+        return None
+
+    def _take_up(self, tailed: TailedFile, path: str) -> None:
+        """Reopen a dormant file at ``path``; when no descriptor is free it waits its turn."""
+        fd = self._open_descriptor(path)
+        if fd is None:
+            tailed.seen = None  # changed: taken up when its turn comes, not judged unchanged then
+            self.waiting.setdefault(tailed.path, (tailed, False))
+            return
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != tailed.identity:  # replaced between the stat and the open
+            os.close(fd)
+            self.open_count -= 1
+            return
+        tailed.reopen(fd)
+        if path != tailed.path:
+            if self.by_path.get(tailed.path) is tailed:
+                del self.by_path[tailed.path]
+            tailed.path = path
+            self.by_path.setdefault(path, tailed)
+        self._activate(tailed)
+
+    def _open_descriptor(self, path: str) -> int | None:
+        """open_regular within max_open_files (closing an idle file to make room); None: no descriptor
+        now (at the cap, or EMFILE/ENFILE: the cap is lowered to what the process could open)."""
+        if self.open_count >= self.max_open and not self._make_room():
+            return None
+        try:
+            fd = open_regular(path, self.settings.follow_symlinks, fixed_root(path, self.patterns))
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.max_open = max(1, self.open_count)
+            self._count("descriptors_exhausted")
+            if not self._emfile_reported:
+                self._emfile_reported = True
+                log.warning("%s: out of descriptors (%s) with %d files open: at most %d open from now on; the "
+                            "others take turns (raise LimitNOFILE, or set max_open_files)", self.tag,
+                            exc.strerror, self.open_count, self.max_open)
+            return None
+        self.open_count += 1
+        return fd
+
+    def _make_room(self) -> bool:
+        """Close the open file idle the longest that holds nothing, to free a descriptor."""
+        for tailed in list(self.idle_open.values()):
+            if tailed.closable and not tailed.builder.holds_event and tailed.released_since is None:
+                self._close_idle(tailed)
+                return True
+            self._activate(tailed)  # it holds something: visited until it does not
+        return False
+
+    def _serve_waiting(self) -> None:
+        """Give freed descriptors to the files waiting for one, first come first served."""
+        while self.waiting and self.open_count < self.max_open:
+            path, (tailed, at_startup) = next(iter(self.waiting.items()))
+            del self.waiting[path]
+            if tailed is None:
+                self._open(path, at_startup)
+            elif tailed.dormant:
+                self._wake_dormant(tailed, time.monotonic())
+            if path in self.waiting:  # could not be opened after all: try again on a later pass
+                break
 
     def _checkpoint_when_due(self) -> None:
         if self._checkpoints.due():
@@ -178,6 +378,8 @@ class FileInput:
     def _drain(self, emit: Callable[[Batch], None]) -> None:
         """Stopping: read what is already written (bounded), then ship partial lines and held events."""
         for tailed in list(self.files.values()):
+            if tailed.dormant:  # read to its end when closed; what came since is read on the next start
+                continue
             budget = DRAIN_READ_BYTES
             while budget > 0:
                 if self.quarantined:
@@ -204,11 +406,17 @@ class FileInput:
         known = self.files.get((st.st_dev, st.st_ino))
         if known is not None:
             if known.path != path:  # renamed to another name that the globs also match
+                if self.by_path.get(known.path) is known:
+                    del self.by_path[known.path]
                 known.path = path
                 known.released_since = None
+                self.by_path[path] = known
+                self._checkpoints_changed = True
+            return None
+        if path in self.waiting:
             return None
         try:  # never blocks (a FIFO), never follows a symlink unless told to, regular files only
-            fd = open_regular(path, self.settings.follow_symlinks, fixed_root(path, self.patterns))
+            fd = self._open_descriptor(path)
         except NotTailable as exc:
             self.skips.skip(path, exc.reason, exc.detail)
             return None
@@ -221,11 +429,15 @@ class FileInput:
                           exc.strerror or errno.errorcode.get(exc.errno, exc))
                 self._count("files_unreadable")
             return None
+        if fd is None:  # no descriptor free: it waits its turn
+            self.waiting[path] = (None, at_startup)
+            return None
         self.unreadable.discard(path)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         if key in self.files:  # replaced between stat and open by a file we already follow
             os.close(fd)
+            self.open_count -= 1
             return None
         for old in [t for t in self.releasing if t.identity == key]:
             self.releasing.remove(old)  # its inode was reused: the old file is gone for good
@@ -234,11 +446,15 @@ class FileInput:
         # An empty file's fingerprint matches anything: never take a file outside the globs on it alone.
         if rotated_away and not (resumable and saved.fp_len > 0):
             os.close(fd)
+            self.open_count -= 1
             return None
+        ignored = False
         if resumable:
             offset = saved.offset if saved.offset <= st.st_size else 0
         elif at_startup and self.settings.start_at == "end":
             offset = st.st_size
+        elif at_startup and self.settings.ignore_older and time.time() - st.st_mtime > self.settings.ignore_older:
+            offset, ignored = st.st_size, True
         else:
             offset = 0
         tailed = TailedFile(path, fd, offset, self.settings.max_line_bytes)
@@ -246,6 +462,13 @@ class FileInput:
         if rotated_away:
             tailed.released_since = time.monotonic()
         self.files[key] = tailed
+        self.by_path[path] = tailed
+        self._checkpoints_changed = True
+        if ignored:  # its checkpoint stands at its end: what is written to it later is read
+            self._close_idle(tailed)
+            log.info("not reading %s: unmodified for longer than ignore_older; following it from its end", path)
+            return tailed
+        self._activate(tailed)
         log.info("tailing %s from offset %d%s", path, offset, " (rotated away, draining)" if rotated_away else "")
         return tailed
 
@@ -294,11 +517,16 @@ class FileInput:
         if batch is None:
             return
         batch.source = tailed.path
-        batch.on_done = partial(tailed.tracker.done, batch.start, batch.end, tailed.tracker.generation)
+        batch.on_done = partial(self._confirmed, tailed.tracker, batch.start, batch.end, tailed.tracker.generation)
         self._count("records_in", batch.count)
         self._count("bytes_in", batch.end - batch.start)
         batch.origin = tailed.identity
         emit(batch)
+
+    def _confirmed(self, tracker, start: int, end: int, generation: int) -> None:
+        """From an output's thread: a batch is delivered; the checkpoint has something to write."""
+        if tracker.done(start, end, generation):
+            self._checkpoints_changed = True
 
     def _read_size(self, tailed: TailedFile) -> int:
         """One read's size; a read stops where a quarantined range starts (see _skip_quarantined)."""
@@ -324,6 +552,7 @@ class FileInput:
         tailed.skip_to(strike.end)
         tailed.builder.restart(strike.end)
         tailed.tracker.done(offset, strike.end, tailed.tracker.generation)
+        self._checkpoints_changed = True
         log.error("%s: skipping %d lines at offsets %d-%d: the agent failed twice in a row while they were "
                   "unconfirmed (quarantined)", tailed.path, records, offset, strike.end)
         if self.stats is not None:
@@ -368,13 +597,21 @@ class FileInput:
         self._ship_held(tailed, emit)
         tailed.restart()
         tailed.builder.restart(0)
+        self._checkpoints_changed = True
 
     def _release(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
         """The file was rotated or deleted and is drained: close it, keep its checkpoint until confirmed."""
         self._ship_held(tailed, emit)
+        if tailed.fd is not None:
+            self.open_count -= 1
         tailed.close()
         del self.files[tailed.identity]
+        self.active.pop(tailed.identity, None)
+        self.idle_open.pop(tailed.identity, None)
+        if self.by_path.get(tailed.path) is tailed:
+            del self.by_path[tailed.path]
         self.releasing.append(tailed)
+        self._checkpoints_changed = True
         log.info("released %s (rotated or deleted, read to its end)", tailed.path)
 
     def lag(self) -> dict[str, int]:
@@ -386,11 +623,15 @@ class FileInput:
     def save_checkpoints(self) -> None:
         """Persist confirmed offsets. Also called by the pipeline after the drain (hence the lock)."""
         with self._save_lock:
+            if not self._checkpoints_changed:  # nothing confirmed, opened or released since the last save
+                return
+            self._checkpoints_changed = False
             self.releasing = [t for t in self.releasing if t.tracker.committed < t.emit_offset]
             entries = [t.checkpoint() for t in list(self.files.values()) + self.releasing]
             try:
                 self.store.save(entries)
             except OSError as exc:  # e.g. data_dir full: delivery goes on, the next save may succeed
+                self._checkpoints_changed = True
                 if not self._checkpoint_failing:
                     log.error("cannot write checkpoints to %s: %s (retrying every %.1fs)", self.store.path, exc,
                               self.checkpoint_interval)

@@ -186,6 +186,7 @@ class TailedFile:
     """One open file being followed, with its read position and confirmed (committed) offset."""
 
     def __init__(self, path: str, fd: int, offset: int, max_line_bytes: int):
+        # self.fd is None while the file is dormant (see close_idle)
         st = os.fstat(fd)
         self.path = path
         self.fd = fd
@@ -285,7 +286,31 @@ class TailedFile:
         return Checkpoint(self.path, self.identity[0], self.identity[1], self.tracker.committed,
                           self.fp_len, self.fp)
 
+    # A file idle for close_inactive, or closed to make room under max_open_files, is *dormant*: its
+    # descriptor is closed, everything else (offsets, fingerprint, acknowledgements) stays.
+
+    @property
+    def dormant(self) -> bool:
+        return self.fd is None and not self.closed
+
+    @property
+    def closable(self) -> bool:
+        """Nothing of it is held: read to the size last seen, no partial line. (The caller checks the
+        multi-line event its builder may hold.)"""
+        return self.fd is not None and not self.carry and self.read_offset >= self.known_size
+
+    def close_idle(self) -> None:
+        """Close the descriptor; ``reopen`` takes the file up again where it was."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def reopen(self, fd: int) -> None:
+        self.fd = fd
+        self.known_size = self.read_offset  # the next read asks fstat
+
     def close(self) -> None:
         if not self.closed:
-            os.close(self.fd)
+            if self.fd is not None:
+                os.close(self.fd)
             self.closed = True

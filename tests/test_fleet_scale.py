@@ -1,0 +1,119 @@
+"""The file input with many files (issue 15): reads follow inotify events, descriptors stay under
+max_open_files (and a low RLIMIT_NOFILE), idle files are closed and taken up again where they were,
+through rotation while closed; ignore_older."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from conftest import agent_config, read_archive, wait_for
+from shipper.inputs.file import RESERVED_DESCRIPTORS, default_max_open_files
+
+
+def test_the_default_cap_leaves_room_for_the_rest_of_the_agent_and_is_shared_by_the_inputs():
+    assert default_max_open_files(1024) == 1024 - RESERVED_DESCRIPTORS
+    assert default_max_open_files(65536, file_inputs=2) == (65536 - RESERVED_DESCRIPTORS) // 2
+    assert default_max_open_files(100) == 16  # never none
+
+
+def open_log_descriptors(pid: int, logs: Path) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(logs))
+        except OSError:
+            pass
+    return count
+
+
+def messages(workdir: Path) -> list[str]:
+    return [r["message"] for r in read_archive(workdir / "data" / "archive")]
+
+
+def test_many_files_under_a_low_descriptor_limit_every_line_once_through_rotation_while_closed(workdir, run_agent):
+    logs = workdir / "logs"
+    files = 600
+    for n in range(files):
+        (logs / f"f{n:04d}.log").write_text(f"f{n:04d} line 0\n")
+    config = agent_config(logs, workdir / "data", input_extra="max_open_files = 40", close_inactive="1s")
+    # The soft limit as a small unit would set it: the cap holds below it and nothing runs out.
+    agent = run_agent(config, wrapper=["prlimit", "--nofile=128:4096"])
+    peak = 0
+
+    def all_arrived(expected: int) -> bool:
+        nonlocal peak
+        peak = max(peak, open_log_descriptors(agent.proc.pid, logs))
+        return len(messages(workdir)) >= expected
+
+    wait_for(lambda: all_arrived(files), timeout=60, message="the first line of every file")
+    expected = [f"f{n:04d} line 0" for n in range(files)]
+    rng = random.Random(7)
+    # Lines to random files in random order, most of them closed as idle by now.
+    written = 0
+    for step in range(300):
+        n = rng.randrange(files)
+        with open(logs / f"f{n:04d}.log", "a") as handle:
+            handle.write(f"f{n:04d} extra {step}\n")
+        expected.append(f"f{n:04d} extra {step}")
+        written += 1
+        if step % 50 == 0:
+            time.sleep(0.2)
+    wait_for(lambda: all_arrived(len(expected)), timeout=60, message="the random lines")
+    time.sleep(1.5)  # closed as idle again (close_inactive 1 s)
+    # Rotation of idle (closed) files: by rename (the writer keeps writing to the renamed file, then
+    # a new file) and by copytruncate (the copy outside the globs).
+    for n in range(0, 20):
+        path = logs / f"f{n:04d}.log"
+        if n % 2:
+            os.rename(path, logs / f"f{n:04d}.log.1")
+            with open(logs / f"f{n:04d}.log.1", "a") as handle:
+                handle.write(f"f{n:04d} after rename\n")
+            path.write_text(f"f{n:04d} new file\n")
+            expected += [f"f{n:04d} after rename", f"f{n:04d} new file"]
+        else:
+            shutil.copyfile(path, logs / f"f{n:04d}.log.1")
+            os.truncate(path, 0)
+            with open(path, "a") as handle:
+                handle.write(f"f{n:04d} after truncate\n")
+            expected.append(f"f{n:04d} after truncate")
+    wait_for(lambda: all_arrived(len(expected)), timeout=60, message="the lines after rotation")
+    time.sleep(1)
+    assert agent.stop() == 0
+    got = messages(workdir)
+    assert sorted(got) == sorted(expected)  # every line once: none lost, none twice
+    assert peak <= 40
+    log = agent.log()
+    assert "out of descriptors" not in log and "Too many open files" not in log
+
+
+def test_ignore_older_skips_old_files_found_at_start_but_reads_what_is_written_to_them_later(workdir, run_agent):
+    logs = workdir / "logs"
+    (logs / "old.log").write_text("old line\n")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(logs / "old.log", (two_days_ago, two_days_ago))
+    (logs / "fresh.log").write_text("fresh line\n")
+    agent = run_agent(agent_config(logs, workdir / "data", ignore_older="1d"))
+    wait_for(lambda: "fresh line" in messages(workdir), message="the fresh file")
+    wait_for(lambda: "ignore_older" in agent.log(), message="the old file set aside")
+    with open(logs / "old.log", "a") as handle:
+        handle.write("written later\n")
+    wait_for(lambda: "written later" in messages(workdir), message="the later line")
+    assert agent.stop() == 0
+    assert sorted(messages(workdir)) == ["fresh line", "written later"]
+
+
+def test_a_quiet_file_is_read_on_its_inotify_event_not_by_polling(workdir, run_agent):
+    logs = workdir / "logs"
+    (logs / "quiet.log").write_text("first\n")
+    # Polling every 10 minutes and a sweep every 10 minutes: only the event can bring the line.
+    agent = run_agent(agent_config(logs, workdir / "data", poll_interval="10m", refresh_interval="10m"))
+    wait_for(lambda: messages(workdir) == ["first"], message="the first line")
+    time.sleep(6)  # past BUSY_FOR: no longer visited every poll
+    with open(logs / "quiet.log", "a") as handle:
+        handle.write("second\n")
+    wait_for(lambda: messages(workdir) == ["first", "second"], message="the line, by its event")
+    assert agent.stop() == 0

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 WAKE_BYTES = 64 * 1024
 
 
+# Per input thread: what its input does while a put waits for room (FileInput.while_waiting).
+_reader = threading.local()
+
+
 @dataclass
 class InputContext:
     data_dir: str
@@ -97,6 +101,13 @@ class OutputRunner(threading.Thread):
                     return False
                 self.cond.notify_all()  # full: the runner takes what is queued now, not at its next tick
                 self.cond.wait(0.5)
+                hook = getattr(_reader, "while_waiting", None)
+                if hook is not None:  # the input's own care while it cannot go on (e.g. deleted files)
+                    self.cond.release()
+                    try:
+                        hook()
+                    finally:
+                        self.cond.acquire()
             self.queue.append((batch, cost))
             self.queued_bytes += cost
             if self.queued_bytes >= self.wake_bytes:
@@ -412,6 +423,7 @@ class Pipeline:
             self._input_threads.append(thread)
 
     def _run_input(self, source) -> None:
+        _reader.while_waiting = getattr(source, "while_waiting", None)
         beat = getattr(source, "heartbeat", None)
 
         def emit_paused(batch: Batch) -> None:  # waiting for room in the outputs is not being stuck

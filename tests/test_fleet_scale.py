@@ -7,10 +7,15 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import stat
+import subprocess
 import time
 from pathlib import Path
 
-from conftest import agent_config, read_archive, wait_for
+import pytest
+
+from aws import free_port
+from conftest import FAST_RETRIES, agent_config, http_get, read_archive, wait_for
 from shipper.inputs.file import RESERVED_DESCRIPTORS, default_max_open_files
 
 
@@ -21,10 +26,12 @@ def test_the_default_cap_leaves_room_for_the_rest_of_the_agent_and_is_shared_by_
 
 
 def open_log_descriptors(pid: int, logs: Path) -> int:
+    """The agent's descriptors of regular files under ``logs`` (not the directories it scans)."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(logs))
+            link = f"/proc/{pid}/fd/{fd}"
+            count += os.readlink(link).startswith(str(logs)) and stat.S_ISREG(os.stat(link).st_mode)
         except OSError:
             pass
     return count
@@ -117,3 +124,49 @@ def test_a_quiet_file_is_read_on_its_inotify_event_not_by_polling(workdir, run_a
         handle.write("second\n")
     wait_for(lambda: messages(workdir) == ["first", "second"], message="the line, by its event")
     assert agent.stop() == 0
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """An 8 MiB tmpfs for the log directory (needs root and mount)."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and a tmpfs mount (a small file system to fill)")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def free_bytes(path: Path) -> int:
+    fs = os.statvfs(path)
+    return fs.f_bavail * fs.f_frsize
+
+
+def test_a_deleted_file_held_open_in_an_outage_is_released_when_its_disk_is_nearly_full(tmp_path, small_filesystem,
+                                                                                         run_agent):
+    logs, data = small_filesystem, tmp_path / "data"
+    with open(logs / "app.log", "w") as handle:
+        for n in range(30_000):
+            handle.write(f"seq={n:06d} {'x' * 90}\n")  # 3 MiB
+    port = free_port()
+    refused = free_port()  # nothing listens there: the output cannot deliver (an outage)
+    output = f'[[outputs]]\ntype = "fluentd"\nhosts = ["127.0.0.1:{refused}"]\nbuffer_max_bytes = "1KiB"\n'
+    config = agent_config(logs, data, output=output, agent_extra=FAST_RETRIES,
+                          server=f'listen = "127.0.0.1:{port}"', read_bytes="64KiB")
+    agent = run_agent(config)
+    wait_for(lambda: "tailing" in agent.log(), message="the file followed")
+    time.sleep(1)  # reading is held up by the outage now
+    (logs / "app.log").unlink()
+    held = free_bytes(logs)
+    with open(logs / "filler", "wb") as handle:  # the application fills its disk: under 5 % free
+        handle.write(b"\0" * (held - 200 * 1024))
+    wait_for(lambda: "released because its file system has" in agent.log(), timeout=20, message="the release")
+    wait_for(lambda: free_bytes(logs) > 2 * 1024 * 1024, message="the space given back")
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    dropped = [line for line in body.decode().splitlines()
+               if line.startswith("shipper_bytes_dropped_total") and 'reason="released_deleted"' in line]
+    assert status == 200 and len(dropped) == 1 and float(dropped[0].split()[-1]) > 2_000_000
+    agent.kill()

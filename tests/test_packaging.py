@@ -55,6 +55,7 @@ def test_the_unit_is_a_notify_service_stopped_after_the_drain_and_confined():
     stop_timeout = parse_duration(settings["TimeoutStopSec"][0])
     assert stop_timeout > config.agent.shutdown_timeout + 10  # systemd never cuts the drain short
     assert parse_duration(settings["WatchdogSec"][0]) >= 60  # longer than any single call may block
+    assert int(settings["LimitNOFILE"][0]) >= 65536  # thousands of followed files (inputs/file.py max_open_files)
     for key in ("MemoryMax", "CPUQuota", "Nice", "RestrictAddressFamilies", "ProtectHome", "PrivateTmp"):
         assert settings.get(key), key
     # The packaged config's journald input: journalctl, its child, reads the journal as a member of

@@ -27,6 +27,7 @@ its number to a new file: inode reuse is covered by its own test at the end of t
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import shutil
@@ -49,6 +50,7 @@ from shipper.stats import Stats
 # The glob is *.log: app.log is followed, app.log.1 is not, app.1.log (a rotation that the
 # glob still matches, like dateext names) is followed as the same file under a new name.
 LIVE, ROTATED, ROTATED_IN_GLOB = "app.log", "app.log.1", "app.1.log"
+COMPRESSED = "gz"  # rotate's target: app.log.N.gz, compressed, the file itself removed
 # Printable padding, with multi-byte characters so that 4 KiB reads cut through them.
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " " + "éß€😀"
 NEVER = float("inf")
@@ -67,11 +69,12 @@ def make_input(logs: str, data_dir: str, checkpoint_interval: float) -> file_inp
     return file_input.FileInput(cfg, InputContext(data_dir, Stats(), checkpoint_interval))
 
 
-def start_input(inp: file_input.FileInput) -> None:
+def start_input(inp: file_input.FileInput, emit=lambda batch: None) -> None:
     """What ``FileInput.run`` does before its loop."""
     inp._saved = inp.store.load()
+    inp._recover_truncated_while_down()
     inp.discover(at_startup=True)
-    inp._recover_rotated()
+    inp._recover_rotated(emit)
 
 
 def kill_input(inp: file_input.FileInput) -> None:
@@ -111,6 +114,7 @@ class MFile:
         self.seen_empty = True          # empty when the tailer last fingerprinted it
         self.start = 0                  # index this generation was (re)started at, this run
         self.next_emit = 0              # index of the next line it must emit, this run
+        self.compressed: str | None = None  # rotated and compressed: where its content is now
 
     def __repr__(self) -> str:
         where = os.path.basename(self.where) if self.where else "unlinked"
@@ -160,6 +164,7 @@ class TailerModel(RuleBasedStateMachine):
         self.emitted_this_run = 0
         self.dirty = False  # read or acknowledged since the last checkpoint
         self.stop = threading.Event()
+        self.compressions = 0
 
     # ------------------------------------------------------------ driving the tailer
 
@@ -170,6 +175,15 @@ class TailerModel(RuleBasedStateMachine):
         self.emitted_this_run = 0
         either: list[MFile] = []
         for f in self.files:
+            if f.where is None and f.compressed is not None and not f.is_copy:
+                entry = self.persisted.get(f.id)
+                p = entry[1] if entry is not None and entry[0] == f.gen and not entry[2] else None
+                if p is not None and p < len(f.lines):
+                    self._opened(f, p)  # its unread rest is read from the compressed file
+                else:
+                    self._excuse(f.lines[p or 0:])  # no checkpoint with a fingerprint leads to it
+
+                continue
             if f.is_copy or f.where is None:
                 continue
             entry = self.persisted.get(f.id)
@@ -187,7 +201,7 @@ class TailerModel(RuleBasedStateMachine):
             else:
                 self._excuse(f.lines[p or 0:])  # rotated while down, no checkpoint leads to it
         self.inp = make_input(self.logs, self.data_dir, self.interval)
-        start_input(self.inp)
+        start_input(self.inp, self._on_batch)
         for f in either:
             if f.key in self.inp.files:
                 self._opened(f, 0)
@@ -237,6 +251,13 @@ class TailerModel(RuleBasedStateMachine):
                 f"{line} emitted {line.emits} times, allowed {line.allowed}: "
                 f"a duplicate not explained by a crash before its checkpoint")
             f = line.file
+            if line.gen != f.gen:
+                # Content copytruncated away (it is in no file but the copy): read from the copy, where
+                # the file was when it was truncated while the agent was down, or again after a crash
+                # lost its batches (the copy took the file's checkpoint over). The bound on emits holds.
+                assert batch.source != self.live, f"{line}: old content read from {batch.source}"
+                got.append(line)
+                continue
             assert f.known_run == self.run, f"{line} emitted, but the tailer cannot know {f}"
             assert line.gen == f.gen, f"{line}: content from before the truncation of {f} read again"
             assert line.index == f.next_emit, (
@@ -300,13 +321,23 @@ class TailerModel(RuleBasedStateMachine):
         if self.at[path] is not None:
             self.pins.append(os.open(path, os.O_RDONLY))
 
-    def _unlinked(self, f: MFile | None) -> None:
+    def _unlinked(self, f: MFile | None, compressed: str | None = None) -> None:
+        """``f`` lost its last name; ``compressed``: its content lives on in that compressed file."""
         if f is None:
             return
         f.where = None
+        f.compressed = compressed
+        if compressed is not None and (self.inp is None or self._dormant(f)):
+            return  # read from the compressed file: at the next start (from the checkpoint), or when looked at
         if self.inp is None or f.known_run != self.run:
             self._excuse(f.lines)  # nobody holds it open: what was not delivered is gone
+        elif self._dormant(f):
+            self._excuse(f.lines[f.next_emit:])  # closed as idle: what came since it was closed is gone
         # else the tailer holds it open and must drain it
+
+    def _dormant(self, f: MFile) -> bool:
+        tailed = self.inp.files.get(f.key) if self.inp is not None else None
+        return tailed is not None and tailed.dormant
 
     # ------------------------------------------------------------ rules
 
@@ -343,12 +374,20 @@ class TailerModel(RuleBasedStateMachine):
             os.close(fd)
 
     @precondition(lambda self: self.at[self.live] is not None)
-    @rule(to=st.sampled_from([ROTATED, ROTATED_IN_GLOB, None]), create=st.booleans())
+    @rule(to=st.sampled_from([ROTATED, ROTATED_IN_GLOB, None, COMPRESSED]), create=st.booleans())
     def rotate(self, to: str | None, create: bool) -> None:
-        """Rename app.log to app.log.1 or app.1.log (replacing what was there), or delete it (to=None);
-        then maybe create a new, empty app.log."""
+        """Rename app.log to app.log.1 or app.1.log (replacing what was there), delete it (to=None), or
+        rotate and compress it to app.log.1.gz (logrotate's compress); then maybe create a new app.log."""
         f = self.at[self.live]
-        if to is None:
+        if to == COMPRESSED:
+            self.compressions += 1
+            target = os.path.join(self.logs, f"app.log.{self.compressions}.gz")
+            with open(self.live, "rb") as source, gzip.open(target, "wb") as packed:
+                shutil.copyfileobj(source, packed)
+            self._pin(self.live)
+            os.unlink(self.live)
+            self._unlinked(f, compressed=target)
+        elif to is None:
             self._pin(self.live)
             os.unlink(self.live)
             self._unlinked(f)
@@ -400,6 +439,15 @@ class TailerModel(RuleBasedStateMachine):
             self._poll()
         else:
             self._excuse(f.retired)  # now only in the copy, which the glob does not match
+
+    @precondition(lambda self: self.inp is not None)
+    @rule()
+    def close_idle(self) -> None:
+        """close_inactive passed: every file read to its end and holding nothing is closed; it is taken up
+        again where it was when it changes (through rotation, truncation and compression while closed)."""
+        for tailed in list(self.inp.files.values()):
+            if tailed.closable and not tailed.builder.holds_event and tailed.released_since is None:
+                self.inp._close_idle(tailed)
 
     @precondition(lambda self: self.inp is not None and self._unread())
     @rule(ack=st.sampled_from(ACK_MODES), rnd=st.randoms(use_true_random=False))
@@ -488,7 +536,7 @@ class TailerModel(RuleBasedStateMachine):
 
 TestTailerModel = TailerModel.TestCase
 TestTailerModel.settings = settings(
-    max_examples=100,
+    max_examples=int(os.environ.get("SHIPPER_MODEL_EXAMPLES", "100")),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

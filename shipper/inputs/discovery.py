@@ -242,6 +242,18 @@ class Skips:
             self.reported = {p: r for p, r in self.reported.items() if p in paths}
 
 
+def path_matches(path: str, pattern: str) -> bool:
+    """Whether ``expand`` could yield ``path`` for ``pattern`` (``**`` is any number of directories). Pure."""
+    def match(names: list[str], parts: list[str]) -> bool:
+        if not parts:
+            return not names
+        if parts[0] == "**":
+            return any(match(names[i:], parts[1:]) for i in range(len(names) + 1))
+        return bool(names) and fnmatchcase(names[0], parts[0]) and match(names[1:], parts[1:])
+
+    return match(path.split(os.sep), pattern.split(os.sep))
+
+
 def is_excluded(path: str, excludes: list[str]) -> bool:
     name = os.path.basename(path)
     return any(fnmatchcase(path, pattern) or fnmatchcase(name, pattern) for pattern in excludes)

@@ -13,18 +13,21 @@ import logging
 import os
 import threading
 import time
+import zlib
 from functools import partial
 from typing import Callable
 
 from shipper.config import Option, Settings, regex_check, validate_section
 from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, Every, fingerprint_matches
-from shipper.inputs.discovery import DirectoryWatcher, Skips, expand, fixed_root
+from shipper.inputs.discovery import DirectoryWatcher, Skips, expand, fixed_root, is_excluded, path_matches
 from shipper.inputs.framing import RecordBuilder
+from shipper.inputs.rotation import compressed_chunks, find_compressed, find_copy, rotation_names
 from shipper.inputs.tail import GONE, REPLACED, SAME, TRUNCATED, NotTailable, Read, TailedFile, classify, open_regular
 from shipper.multiline import PRESETS, Joiner, make_rule
 from shipper.parsers import PARSERS, LineParser
 from shipper.heartbeat import Heartbeat
 from shipper.quarantine import overlapping
+from shipper.acks import OffsetTracker
 from shipper.record import Batch
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,17 @@ OPTIONS = {
     "follow_symlinks": Option("bool", False),
     # Descriptors: at most this many files open at once (0: derived from RLIMIT_NOFILE); a file without
     # new data for close_inactive is closed and taken up again, where it was, when it changes.
-    "max_open_files": Option("int", 0, minimum=0),
+    "max_open_files": Option("int", 0, minimum=0,
+                             check=lambda v: None if v == 0 or v >= 2 else "must be 0 (from RLIMIT_NOFILE) or at least 2"),
     "close_inactive": Option("duration", 300.0, minimum=0.1),
     # Files found at start-up without a checkpoint and unmodified for this long are not read (only
     # what is written to them later); 0: off.
     "ignore_older": Option("duration", 0.0),
+    # A deleted file stays open until read to its end, but not at the cost of the host's disk: it is
+    # let go (its unread bytes counted) when its file system has less free than this percentage,
+    # or once it has been deleted this long (0: never).
+    "release_deleted_when_free_below": Option("float", 5.0, minimum=0.0, maximum=100.0),
+    "release_deleted_after": Option("duration", 0.0),
 }
 
 # A file that had data this recently is visited every poll_interval; a quieter one only when inotify
@@ -133,6 +142,11 @@ class FileInput:
         self._touched_lock = threading.Lock()
         self._last_sweep = 0.0
         self._checkpoints_changed = True
+        # New files whose first bytes are those of a followed file: a copy, until that file is truncated
+        # (then its copy, read from where the file was) or a while passes (then a file of its own).
+        self.suspects: dict[str, tuple[TailedFile, float]] = {}
+        self._deleted_checked = 0.0
+        self._reused: list[Checkpoint] = []  # at start-up: checkpoints whose inode now holds another file
         self.watcher = (DirectoryWatcher(self.patterns, self.changed, self.wake, self._touch)
                         if settings.watch else None)
         self._saved: dict[tuple[int, int], Checkpoint] = {}
@@ -150,8 +164,9 @@ class FileInput:
         if self.watcher:
             self.watcher.start()
         self._saved = self.store.load()
+        self._recover_truncated_while_down()  # before discovery: a copy in the globs is known, not new
         self.discover(at_startup=True)
-        self._recover_rotated()
+        self._recover_rotated(emit)
         try:
             while not stop.is_set():
                 self.heartbeat.beat(self.settings.poll_interval)
@@ -196,7 +211,7 @@ class FileInput:
                 continue
             try:
                 if tailed.dormant:
-                    self._wake_dormant(tailed, now)
+                    self._wake_dormant(tailed, now, emit)
                     if tailed.dormant or tailed.closed:
                         continue
                 had_more = self._follow(tailed, emit, stop)
@@ -209,9 +224,62 @@ class FileInput:
                     tailed.failing = True
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
-        self._serve_waiting()
+        self._serve_waiting(emit)
+        self._release_deleted(now)
         self._checkpoint_when_due()
         return more
+
+    def while_waiting(self) -> None:
+        """Called by the pipeline while emit waits for room in the outputs (an outage): the reading is
+        held up, but a deleted file must not hold the host's disk meanwhile."""
+        now = time.monotonic()
+        if now - self._deleted_checked >= 1.0:
+            self._deleted_checked = now
+            self._release_deleted(now)
+
+    def _release_deleted(self, now: float) -> None:
+        """Let go of open files that were deleted, when their file system is nearly full or they have
+        been deleted for release_deleted_after: the bytes not read yet are counted as dropped."""
+        threshold = self.settings.release_deleted_when_free_below
+        after = self.settings.release_deleted_after
+        for tailed in [t for t in self.active.values() if t.fd is not None]:
+            try:
+                st = os.fstat(tailed.fd)
+                if st.st_nlink > 0:
+                    continue  # not deleted (renamed at most): it holds no space the application freed
+                fs = os.fstatvfs(tailed.fd)
+            except OSError:
+                continue
+            if getattr(tailed, "deleted_since", None) is None:
+                tailed.deleted_since = now
+            free = 100.0 * fs.f_bavail / fs.f_blocks if fs.f_blocks else 100.0
+            too_long = after and now - tailed.deleted_since >= after
+            if free >= threshold and not too_long:
+                continue
+            unread = max(0, st.st_size - tailed.emit_offset)
+            why = (f"its file system has {free:.1f} % free (release_deleted_when_free_below = {threshold:g})"
+                   if free < threshold else f"it was deleted over {after:g} s ago (release_deleted_after)")
+            log.error("%s: deleted and not read to its end, released because %s: %d bytes not shipped",
+                      tailed.path, why, unread)
+            if self.stats is not None:
+                self.stats.add("bytes_dropped", unread, input=self.tag, reason="released_deleted")
+            self._count("files_released_deleted")
+            tailed.carry = b""  # part of what is dropped (counted above, from emit_offset)
+            tailed.emit_offset = tailed.read_offset
+            self._forget(tailed)
+
+    def _forget(self, tailed: TailedFile) -> None:
+        """Close a file and stop following it; its checkpoint stays until what was sent is confirmed."""
+        if tailed.fd is not None:
+            self.open_count -= 1
+        tailed.close()
+        self.files.pop(tailed.identity, None)
+        self.active.pop(tailed.identity, None)
+        self.idle_open.pop(tailed.identity, None)
+        if self.by_path.get(tailed.path) is tailed:
+            del self.by_path[tailed.path]
+        self.releasing.append(tailed)
+        self._checkpoints_changed = True
 
     def _after_visit(self, tailed: TailedFile, had_more: bool, now: float) -> None:
         """Keep a file among the active ones while it may have more soon; close it when idle, or when
@@ -221,8 +289,9 @@ class FileInput:
             return
         holds = bool(tailed.carry) or tailed.builder.holds_event or tailed.released_since is not None
         idle = now - tailed.last_data
-        if not holds and tailed.closable and (self.waiting or idle >= self.settings.close_inactive):
-            self._close_idle(tailed)
+        if (not holds and tailed.closable and (self.waiting or idle >= self.settings.close_inactive)
+                and self._close_idle(tailed)):
+            pass
         elif had_more or holds or idle < BUSY_FOR:
             self._activate(tailed)
             return
@@ -234,15 +303,19 @@ class FileInput:
         self.active[tailed.identity] = tailed
         self.idle_open.pop(tailed.identity, None)
 
-    def _close_idle(self, tailed: TailedFile) -> None:
+    def _close_idle(self, tailed: TailedFile) -> bool:
+        """Close a file read to its end; False (left open) when it grew since it was last read."""
         st = os.fstat(tailed.fd)
-        tailed.seen = (st.st_size, st.st_mtime_ns)
+        if st.st_size != tailed.read_offset:
+            return False
+        tailed.seen = (st.st_size, st.st_mtime_ns)  # a change of either takes it up again
         tailed.close_idle()
         self.open_count -= 1
         self.active.pop(tailed.identity, None)
         self.idle_open.pop(tailed.identity, None)
+        return True
 
-    def _wake_dormant(self, tailed: TailedFile, now: float) -> None:
+    def _wake_dormant(self, tailed: TailedFile, now: float, emit: Callable[[Batch], None] | None = None) -> None:
         """A dormant file that may have changed: take it up again (a descriptor permitting), or, when its
         path holds another file now (rotated or deleted while closed), look for it next to its path."""
         try:
@@ -262,13 +335,15 @@ class FileInput:
                 tailed.released_since = now  # drained, then released after rotate_wait
             self.changed.set()
             return
-        # Deleted or moved out of sight while closed, with everything read when it was closed.
+        # Deleted, compressed or moved out of sight while closed.
         self.files.pop(tailed.identity, None)
         self.active.pop(tailed.identity, None)
         if self.by_path.get(tailed.path) is tailed:
             del self.by_path[tailed.path]
         tailed.close()
-        self.releasing.append(tailed)
+        unread = Checkpoint(tailed.path, *tailed.identity, tailed.read_offset, tailed.fp_len, tailed.fp)
+        if emit is None or not self._read_compressed_rest(unread, emit, tailed.tracker):
+            self.releasing.append(tailed)
         self._checkpoints_changed = True
         self.changed.set()
 
@@ -307,14 +382,15 @@ class FileInput:
     def _open_descriptor(self, path: str) -> int | None:
         """open_regular within max_open_files (closing an idle file to make room); None: no descriptor
         now (at the cap, or EMFILE/ENFILE: the cap is lowered to what the process could open)."""
-        if self.open_count >= self.max_open and not self._make_room():
+        # One of the cap stays free for the short looks at other files' first bytes (copies, rotations).
+        if self.open_count >= self.max_open - 1 and not self._make_room():
             return None
         try:
             fd = open_regular(path, self.settings.follow_symlinks, fixed_root(path, self.patterns))
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
-            self.max_open = max(1, self.open_count)
+            self.max_open = max(2, self.open_count + 1)
             self._count("descriptors_exhausted")
             if not self._emfile_reported:
                 self._emfile_reported = True
@@ -328,21 +404,21 @@ class FileInput:
     def _make_room(self) -> bool:
         """Close the open file idle the longest that holds nothing, to free a descriptor."""
         for tailed in list(self.idle_open.values()):
-            if tailed.closable and not tailed.builder.holds_event and tailed.released_since is None:
-                self._close_idle(tailed)
+            if (tailed.closable and not tailed.builder.holds_event and tailed.released_since is None
+                    and self._close_idle(tailed)):
                 return True
-            self._activate(tailed)  # it holds something: visited until it does not
+            self._activate(tailed)  # it holds something (or grew): visited until it does not
         return False
 
-    def _serve_waiting(self) -> None:
+    def _serve_waiting(self, emit: Callable[[Batch], None]) -> None:
         """Give freed descriptors to the files waiting for one, first come first served."""
-        while self.waiting and self.open_count < self.max_open:
+        while self.waiting and self.open_count < self.max_open - 1:
             path, (tailed, at_startup) = next(iter(self.waiting.items()))
             del self.waiting[path]
             if tailed is None:
                 self._open(path, at_startup)
             elif tailed.dormant:
-                self._wake_dormant(tailed, time.monotonic())
+                self._wake_dormant(tailed, time.monotonic(), emit)
             if path in self.waiting:  # could not be opened after all: try again on a later pass
                 break
 
@@ -356,7 +432,10 @@ class FileInput:
         What happened to the file is decided before reading, so that a file truncated and refilled
         past our offset is not read from the middle (the size alone cannot tell; its first bytes can).
         """
+        fingerprinted = tailed.fp_len
         state = self._state(tailed)
+        if tailed.fp_len != fingerprinted:  # more of its first bytes fingerprinted: the checkpoint says so
+            self._checkpoints_changed = True
         if state == TRUNCATED:
             self._restart(tailed, emit)
         budget = FAIR_SHARE_BYTES
@@ -370,6 +449,8 @@ class FileInput:
             budget -= read.end - read.start
             self.heartbeat.beat(self.settings.poll_interval)
             self._emit(tailed, read, emit)
+            if tailed.closed:  # released while emit waited for the outputs (a deleted file, disk nearly full)
+                return False
             # emit waits while the outputs are full: the acknowledgements that free them must
             # reach the checkpoint file meanwhile, not only after the file's fair share.
             self._checkpoint_when_due()
@@ -389,7 +470,10 @@ class FileInput:
                     break
                 budget -= read.end - read.start
                 self._emit(tailed, read, emit)
-            self._ship_held(tailed, emit)
+                if tailed.closed:
+                    break
+            if not tailed.closed:
+                self._ship_held(tailed, emit)
 
     # ------------------------------------------------------------ discovery
 
@@ -405,6 +489,9 @@ class FileInput:
             return None
         known = self.files.get((st.st_dev, st.st_ino))
         if known is not None:
+            if known.drain_only:  # a copy being drained that the globs match: followed from now on
+                known.drain_only = False
+                known.released_since = None
             if known.path != path:  # renamed to another name that the globs also match
                 if self.by_path.get(known.path) is known:
                     del self.by_path[known.path]
@@ -443,6 +530,12 @@ class FileInput:
             self.releasing.remove(old)  # its inode was reused: the old file is gone for good
         saved = self._saved.pop(key, None)
         resumable = saved is not None and fingerprint_matches(fd, saved)
+        if saved is not None and not resumable:
+            self._reused.append(saved)  # its inode holds another file now: the old one may be compressed
+        if saved is None and not at_startup and not rotated_away and self._suspect_copy(path, fd, st.st_size):
+            os.close(fd)
+            self.open_count -= 1
+            return None
         # An empty file's fingerprint matches anything: never take a file outside the globs on it alone.
         if rotated_away and not (resumable and saved.fp_len > 0):
             os.close(fd)
@@ -451,6 +544,8 @@ class FileInput:
         ignored = False
         if resumable:
             offset = saved.offset if saved.offset <= st.st_size else 0
+        elif saved is not None:  # known, but truncated or replaced while the agent was down: all of it
+            offset = 0
         elif at_startup and self.settings.start_at == "end":
             offset = st.st_size
         elif at_startup and self.settings.ignore_older and time.time() - st.st_mtime > self.settings.ignore_older:
@@ -465,31 +560,42 @@ class FileInput:
         self.by_path[path] = tailed
         self._checkpoints_changed = True
         if ignored:  # its checkpoint stands at its end: what is written to it later is read
-            self._close_idle(tailed)
+            if not self._close_idle(tailed):
+                self._activate(tailed)
             log.info("not reading %s: unmodified for longer than ignore_older; following it from its end", path)
             return tailed
         self._activate(tailed)
         log.info("tailing %s from offset %d%s", path, offset, " (rotated away, draining)" if rotated_away else "")
         return tailed
 
-    def _recover_rotated(self) -> None:
-        """A file rotated while the agent was down: find its old inode next to its old path and drain it."""
+    def _recover_rotated(self, emit: Callable[[Batch], None]) -> None:
+        """A file rotated while the agent was down: find its old inode next to its old path and drain it,
+        or, when it was compressed, its decompressed rest."""
         for saved in list(self._saved.values()):
             directory = os.path.dirname(saved.path)
             try:
-                names = os.listdir(directory)
+                entries = list(os.scandir(directory))
             except OSError:
                 continue
-            for name in names:
-                candidate = os.path.join(directory, name)
+            found = False
+            for entry in entries:
+                if entry.inode() != saved.key[1]:
+                    continue
                 try:
-                    st = os.stat(candidate)
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if (st.st_dev, st.st_ino) == saved.key and st.st_size > saved.offset:
-                    self._open(candidate, at_startup=True, rotated_away=True)
+                if (st.st_dev, st.st_ino) == saved.key:
+                    found = True
+                    if st.st_size > saved.offset:
+                        self._open(entry.path, at_startup=True, rotated_away=True)
                     break
+            if not found and saved.fp_len > 0:
+                self._read_compressed_rest(saved, emit)
+        for saved in self._reused:
+            self._read_compressed_rest(saved, emit)
         self._saved.clear()
+        self._reused.clear()
 
     def _builder(self, path: str, offset: int) -> RecordBuilder:
         settings = self.settings
@@ -571,7 +677,7 @@ class FileInput:
             self._emit(tailed, tailed.flush_carry(), emit)
         if multiline is not None and idle >= multiline.timeout and tailed.builder.holds_event:
             self._send(tailed, tailed.builder.flush_pending(time.time()), emit)
-        if state in (GONE, REPLACED):
+        if state in (GONE, REPLACED) or tailed.drain_only:
             if tailed.released_since is None:
                 tailed.released_since = now
                 self.changed.set()  # a new file may stand at the path now
@@ -592,26 +698,154 @@ class FileInput:
         return classify(tailed.identity, tailed.read_offset, size, tailed.head_matches(), path_identity)
 
     def _restart(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
-        log.info("%s was truncated (copytruncate?); reading it again from the start", tailed.path)
+        """Truncated (copytruncate): what was written between our last read and the truncation is only in
+        the copy. Its rest is read first, from where the file was, then the file from its start."""
         self._count("files_truncated")
-        self._ship_held(tailed, emit)
-        tailed.restart()
-        tailed.builder.restart(0)
         self._checkpoints_changed = True
+        copy = self._copy_of(tailed)
+        if copy is None:
+            log.info("%s was truncated (copytruncate?), no copy of it found next to it; reading it again "
+                     "from the start", tailed.path)
+            self._ship_held(tailed, emit)
+            tailed.restart()
+            tailed.builder.restart(0)
+            return
+        log.info("%s was truncated (copytruncate): reading the rest of its copy %s from offset %d, and it "
+                 "again from the start", tailed.path, copy.path, copy.read_offset)
+        self._count("copies_followed")
+        # The copy takes over what the file held: its acknowledgements, the partial line, the held event.
+        tailed.restart(OffsetTracker(0))
+        tailed.builder = self._builder(tailed.path, 0)
+
+    def _copy_of(self, tailed: TailedFile) -> TailedFile | None:
+        """Open the copy of a truncated file (a suspect, or a file next to it with its first bytes) at
+        the file's position, with its acknowledgements and held data; None when there is none."""
+        if tailed.emit_offset <= 0 or tailed.fp_len <= 0:
+            return None
+        path = next((p for p, (original, _) in self.suspects.items() if original is tailed), None)
+        if path is not None:
+            del self.suspects[path]
+        else:
+            path = find_copy(tailed.path, tailed.identity, tailed.fp_len, tailed.fp, tailed.emit_offset,
+                             set(self.files))
+        if path is None:
+            return None
+        try:
+            fd = self._open_descriptor(path)
+        except (OSError, NotTailable):
+            return None
+        if fd is None:
+            return None
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self.files or st.st_size < tailed.emit_offset:
+            os.close(fd)
+            self.open_count -= 1
+            return None
+        copy = TailedFile(path, fd, tailed.emit_offset, self.settings.max_line_bytes)
+        copy.tracker, copy.builder = tailed.tracker, tailed.builder
+        copy.drain_only = not self._matches(path)
+        self.files[key] = copy
+        self.by_path[path] = copy
+        self._activate(copy)
+        return copy
+
+    def _matches(self, path: str) -> bool:
+        """Whether the globs take ``path`` (a copy they take is followed on, not drained and let go)."""
+        return any(path_matches(path, p) for p in self.patterns) and not is_excluded(path, self.settings.exclude)
+
+    def _suspect_copy(self, path: str, fd: int, size: int) -> bool:
+        """A new file whose first bytes are a followed file's, named like its rotation: kept aside as its
+        copy until that file is truncated, or for two refresh intervals (then it is a file of its own)."""
+        if path in self.suspects:
+            since = self.suspects[path][1]
+            if time.monotonic() - since < 2 * self.settings.refresh_interval:
+                return True
+            del self.suspects[path]
+            return False
+        directory, name = os.path.split(path)
+        for candidate in rotation_names(name):
+            original = self.by_path.get(os.path.join(directory, candidate))
+            if original is None or original.closed or original.fp_len <= 0 or size < original.fp_len:
+                continue
+            if fingerprint_matches(fd, Checkpoint(path, 0, 0, 0, original.fp_len, original.fp)):
+                self.suspects[path] = (original, time.monotonic())
+                return True
+        return False
+
+    def _recover_truncated_while_down(self) -> None:
+        """A checkpointed file truncated while the agent was down: its copy, read from the checkpoint."""
+        for saved in list(self._saved.values()):
+            try:
+                st = os.stat(saved.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != saved.key or saved.fp_len <= 0 or saved.offset <= 0:
+                continue
+            if st.st_size >= saved.offset:
+                try:
+                    fd = os.open(saved.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    same = fingerprint_matches(fd, saved)
+                finally:
+                    os.close(fd)
+                if same:
+                    continue
+            path = find_copy(saved.path, saved.key, saved.fp_len, saved.fp, saved.offset, set(self.files))
+            if path is None:
+                continue
+            log.info("%s was truncated while the agent was down: reading the rest of its copy %s from offset %d",
+                     saved.path, path, saved.offset)
+            self._count("copies_followed")
+            try:
+                fd = self._open_descriptor(path)
+            except (OSError, NotTailable):
+                continue
+            if fd is None:
+                continue
+            st = os.fstat(fd)
+            copy = TailedFile(path, fd, saved.offset, self.settings.max_line_bytes)
+            copy.builder = self._builder(path, saved.offset)
+            copy.drain_only = not self._matches(path)
+            self.files[(st.st_dev, st.st_ino)] = copy
+            self.by_path[path] = copy
+            self._activate(copy)
+
+    def _read_compressed_rest(self, saved: Checkpoint, emit: Callable[[Batch], None],
+                              tracker: OffsetTracker | None = None) -> bool:
+        """A file rotated and compressed unread (logrotate ``compress``): its unread rest, decompressed.
+        Its checkpoint stays until that rest is confirmed; after a crash it is read again from there."""
+        path = find_compressed(saved.path, saved.fp_len, saved.fp)
+        if path is None:
+            return False
+        log.info("%s was rotated and compressed unread: reading its rest from %s, from offset %d", saved.path,
+                 path, saved.offset)
+        self._count("compressed_read")
+        rest = TailedFile.detached(saved.path, saved.key, saved.offset, self.settings.max_line_bytes,
+                                   saved.fp_len, saved.fp)
+        rest.builder = self._builder(path, saved.offset)
+        if tracker is not None:  # a dormant file's: its acknowledgements still to come count too
+            rest.tracker = tracker
+        try:
+            for _, data in compressed_chunks(path, saved.offset, self.settings.read_bytes):
+                self._emit(rest, rest.take(data), emit)
+                self.heartbeat.beat(self.settings.poll_interval)
+        except (OSError, EOFError, zlib.error) as exc:
+            log.error("%s: the compressed data breaks after offset %d (%s): the rest of it cannot be read",
+                      path, rest.read_offset, exc)
+            self._count("read_errors")
+        self._ship_held(rest, emit)
+        self.releasing.append(rest)
+        self._checkpoints_changed = True
+        return True
+
 
     def _release(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
         """The file was rotated or deleted and is drained: close it, keep its checkpoint until confirmed."""
         self._ship_held(tailed, emit)
-        if tailed.fd is not None:
-            self.open_count -= 1
-        tailed.close()
-        del self.files[tailed.identity]
-        self.active.pop(tailed.identity, None)
-        self.idle_open.pop(tailed.identity, None)
-        if self.by_path.get(tailed.path) is tailed:
-            del self.by_path[tailed.path]
-        self.releasing.append(tailed)
-        self._checkpoints_changed = True
+        self._forget(tailed)
         log.info("released %s (rotated or deleted, read to its end)", tailed.path)
 
     def lag(self) -> dict[str, int]:

@@ -203,6 +203,24 @@ class TailedFile:
         self.released_since: float | None = None  # when the path stopped pointing here
         self.failing = False  # the last read failed (reported once)
         self.closed = False
+        # Only its unread rest is wanted (the copy of a truncated file, outside the globs): released
+        # like a rotated file once drained.
+        self.drain_only = False
+
+    @classmethod
+    def detached(cls, path: str, identity: tuple[int, int], offset: int, max_line_bytes: int,
+                 fp_len: int, fp: int) -> "TailedFile":
+        """A file known by its checkpoint only, whose bytes come from elsewhere (``take``): the
+        decompressed rest of a file that was rotated and compressed unread."""
+        tailed = cls.__new__(cls)
+        tailed.path, tailed.fd, tailed.identity = path, None, identity
+        tailed.read_offset = tailed.emit_offset = tailed.known_size = offset
+        tailed.carry, tailed.in_long_line, tailed.max_line_bytes = b"", False, max_line_bytes
+        tailed.tracker = OffsetTracker(offset)
+        tailed.fp_len, tailed.fp = fp_len, fp
+        tailed.last_data, tailed.released_since = time.monotonic(), None
+        tailed.failing, tailed.closed, tailed.drain_only = False, True, False
+        return tailed
 
     def skip_to(self, offset: int) -> None:
         """Move past [read_offset, offset) without reading it (a quarantined range)."""
@@ -225,6 +243,10 @@ class TailedFile:
         if not data:  # truncated since the fstat: the rotation check finds out
             self.known_size = self.read_offset
             return None
+        return self.take(data)
+
+    def take(self, data: bytes) -> Read:
+        """Frame ``data``, the file's bytes at read_offset (read here, or decompressed elsewhere)."""
         self.read_offset += len(data)
         self.last_data = time.monotonic()
         buf = self.carry + data if self.carry else data
@@ -264,13 +286,17 @@ class TailedFile:
         self.emit_offset = self.read_offset
         return read
 
-    def restart(self) -> None:
-        """The file was truncated (copytruncate): read it again from the start."""
+    def restart(self, tracker: OffsetTracker | None = None) -> None:
+        """The file was truncated (copytruncate): read it again from the start. ``tracker``: a new one
+        (the old one went with the copy that holds the old content), else the old one is reset."""
         self.read_offset = self.emit_offset = 0
         self.known_size = 0
         self.carry = b""
         self.in_long_line = False
-        self.tracker.reset(0)
+        if tracker is None:
+            self.tracker.reset(0)
+        else:
+            self.tracker = tracker
         self.fp_len, self.fp = fingerprint(self.fd)
 
     def head_matches(self) -> bool:

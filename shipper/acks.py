@@ -59,8 +59,9 @@ class OutputAck:
 class OffsetTracker:
     """The committed offset of one file: the end of the contiguous run of done byte ranges."""
 
-    def __init__(self, committed: int = 0):
+    def __init__(self, committed: int = 0, owner: object = None):
         self._committed = committed
+        self.owner = owner  # the followed file whose checkpoint this offset is (a copy may take it over)
         self._done: dict[int, int] = {}  # start -> end of ranges done ahead of the committed offset
         self._lock = threading.Lock()
         # Bumped when the file restarts (truncation): acknowledgements of older content are ignored.

@@ -73,12 +73,10 @@ def read_archive(path: Path) -> list[dict]:
 
 
 def checkpoint_offsets(workdir: Path) -> dict[str, int]:
-    """The file input's saved offsets (input tag "app"), by file path."""
-    try:
-        files = orjson.loads((workdir / "data" / "checkpoints" / "file-app.json").read_bytes())["files"]
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return {}
-    return {entry["path"]: entry["offset"] for entry in files}
+    """The file input's saved offsets (input tag "app"), by file path: its base file and journal."""
+    from shipper.inputs.checkpoints import CheckpointStore
+
+    return {c.path: c.offset for c in CheckpointStore(str(workdir / "data"), "app").load().values()}
 
 
 def checkpoint_offset(workdir: Path, name: str = "app.log") -> int:

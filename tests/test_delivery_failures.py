@@ -8,19 +8,18 @@ import signal
 import subprocess
 import time
 
-import orjson
 import pytest
 
 from conftest import agent_config, read_archive, seq_lines, seqs, wait_for
+from shipper.inputs.checkpoints import CheckpointStore
 
 # As root, drop the capabilities that bypass file permissions, so a read-only directory refuses writes.
 NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
 
 
 def checkpoint(workdir) -> int:
-    path = workdir / "data" / "checkpoints" / "file-app.json"
-    files = orjson.loads(path.read_bytes())["files"] if path.exists() else []
-    return files[0]["offset"] if files else 0
+    files = list(CheckpointStore(str(workdir / "data"), "app").load().values())
+    return files[0].offset if files else 0
 
 
 def archived_seqs(workdir):

@@ -293,14 +293,16 @@ class DirectoryWatcher:
 
     def start(self) -> None:
         try:
-            from watchdog.events import (DirCreatedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
+            from watchdog.events import (DirCreatedEvent, FileCreatedEvent, FileDeletedEvent,
                                          FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
             from watchdog.observers import Observer
         except ImportError:  # pragma: no cover - watchdog is a dependency; polling still works
             log.warning("watchdog is not available; discovering new files by polling only")
             return
         changed, wake, touched = self.changed, self.wake, self.touched
-        content_events = (FileModifiedEvent, FileClosedEvent)
+        # Written or truncated (IN_MODIFY). Not IN_CLOSE_WRITE: a write came with its IN_MODIFY already,
+        # and a writer that opens, writes and closes per line would double the events.
+        content_events = (FileModifiedEvent,)
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event) -> None:

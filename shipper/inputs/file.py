@@ -76,6 +76,10 @@ OPTIONS = {
 # A file that had data this recently is visited every poll_interval; a quieter one only when inotify
 # says it changed, or at the sweep every refresh_interval (the safety net for missed events).
 BUSY_FOR = 5.0
+# With inotify, the globs are scanned again every RESCAN_FACTOR refresh intervals (and on events).
+RESCAN_FACTOR = 6
+# A pass woken by an inotify event waits this long for the events right behind it.
+EVENT_GAP = 0.05
 # Descriptors left to the rest of the agent (objects, checkpoints, sockets, inotify, journalctl).
 RESERVED_DESCRIPTORS = 256
 
@@ -141,7 +145,10 @@ class FileInput:
         self._touched: set[str] = set()
         self._touched_lock = threading.Lock()
         self._last_sweep = 0.0
-        self._checkpoints_changed = True
+        self._last_active_visit = 0.0
+        self._full_save = True  # the first save drops the loaded checkpoints no file took up
+        self._dirty: set[TailedFile] = set()  # whose checkpoint changed since the last save
+        self._dirty_lock = threading.Lock()
         # New files whose first bytes are those of a followed file: a copy, until that file is truncated
         # (then its copy, read from where the file was) or a while passes (then a file of its own).
         self.suspects: dict[str, tuple[TailedFile, float]] = {}
@@ -170,9 +177,13 @@ class FileInput:
         try:
             while not stop.is_set():
                 self.heartbeat.beat(self.settings.poll_interval)
-                if not self.poll(emit, stop):  # nothing left unread: sleep until the next poll
-                    self.wake.wait(self.settings.poll_interval)
-                    self.wake.clear()
+                self.wake.clear()  # before the pass: an event during it wakes the next one at once
+                if not self.poll(emit, stop):  # nothing left unread: sleep until the next poll or event
+                    started = time.monotonic()
+                    if self.wake.wait(self.settings.poll_interval):
+                        # Woken by an event: let the ones right behind it come too (one pass for a
+                        # burst of writes, at most 1/EVENT_GAP passes a second).
+                        stop.wait(max(0.0, EVENT_GAP - (time.monotonic() - started)))
             self._drain(emit)
         finally:
             if self.watcher:
@@ -191,7 +202,11 @@ class FileInput:
         """One pass over the files that may have something to read; True when a file had more than
         its fair share (go on at once). Without inotify every file is visited, every poll."""
         now = time.monotonic()
-        if self.changed.is_set() or now - self._last_refresh >= self.settings.refresh_interval:
+        # With inotify a new file is found, and a file read, on its event; the globs are scanned again
+        # and every file looked at (a stat) every RESCAN_FACTOR refresh intervals, for what events
+        # miss (as Fluent Bit's Refresh_Interval, 60 s). Without inotify: every refresh_interval.
+        rescan_every = self.settings.refresh_interval * (RESCAN_FACTOR if self._events else 1)
+        if self.changed.is_set() or now - self._last_refresh >= rescan_every:
             self.changed.clear()
             self._last_refresh = now
             if self.watcher:
@@ -199,12 +214,18 @@ class FileInput:
             self.discover(at_startup=False)
         with self._touched_lock:
             touched, self._touched = self._touched, set()
-        if not self._events or now - self._last_sweep >= self.settings.refresh_interval:
-            self._last_sweep = now
+        sweep = False
+        if not self._events or now - self._last_sweep >= rescan_every:
+            self._last_sweep = self._last_active_visit = now
             visit = list(self.files.values())
+            sweep = self._events  # a look at every file, for events missed: a stat is enough for most
         else:
-            visit = list(self.active.values())
-            visit += [t for t in (self.by_path.get(p) for p in touched) if t is not None and t.identity not in self.active]
+            # Woken by an event: the files it names. Every poll_interval: the active ones too.
+            visit = [t for t in (self.by_path.get(p) for p in touched) if t is not None]
+            if now - self._last_active_visit >= self.settings.poll_interval:
+                self._last_active_visit = now
+                named = {t.identity for t in visit}
+                visit += [t for t in self.active.values() if t.identity not in named]
         more = False
         for tailed in visit:
             if tailed.closed:
@@ -214,6 +235,8 @@ class FileInput:
                     self._wake_dormant(tailed, now, emit)
                     if tailed.dormant or tailed.closed:
                         continue
+                elif sweep and tailed.identity not in self.active and self._looks_unchanged(tailed):
+                    continue
                 had_more = self._follow(tailed, emit, stop)
                 more |= had_more
                 tailed.failing = False
@@ -225,9 +248,11 @@ class FileInput:
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
         self._serve_waiting(emit)
-        self._release_deleted(now)
+        if now - self._deleted_checked >= 1.0:
+            self._deleted_checked = now
+            self._release_deleted(now)
         self._checkpoint_when_due()
-        return more
+        return more or bool(self.waiting)  # files waiting for a descriptor: their turn comes at once
 
     def while_waiting(self) -> None:
         """Called by the pipeline while emit waits for room in the outputs (an outage): the reading is
@@ -279,7 +304,18 @@ class FileInput:
         if self.by_path.get(tailed.path) is tailed:
             del self.by_path[tailed.path]
         self.releasing.append(tailed)
-        self._checkpoints_changed = True
+        self._full_save = True
+
+    def _looks_unchanged(self, tailed: TailedFile) -> bool:
+        """An open, quiet file at the sweep: one stat says nothing happened to it (same file at its path,
+        the size it was read to, nothing held); else it is visited as usual."""
+        try:
+            st = os.stat(tailed.path)
+        except OSError:
+            return False
+        return ((st.st_dev, st.st_ino) == tailed.identity and st.st_size == tailed.read_offset
+                and not tailed.carry and not tailed.failing and tailed.released_since is None
+                and not tailed.builder.holds_event)
 
     def _after_visit(self, tailed: TailedFile, had_more: bool, now: float) -> None:
         """Keep a file among the active ones while it may have more soon; close it when idle, or when
@@ -344,7 +380,7 @@ class FileInput:
         unread = Checkpoint(tailed.path, *tailed.identity, tailed.read_offset, tailed.fp_len, tailed.fp)
         if emit is None or not self._read_compressed_rest(unread, emit, tailed.tracker):
             self.releasing.append(tailed)
-        self._checkpoints_changed = True
+        self._full_save = True
         self.changed.set()
 
     def _find_sibling(self, tailed: TailedFile) -> str | None:
@@ -435,7 +471,7 @@ class FileInput:
         fingerprinted = tailed.fp_len
         state = self._state(tailed)
         if tailed.fp_len != fingerprinted:  # more of its first bytes fingerprinted: the checkpoint says so
-            self._checkpoints_changed = True
+            self._mark(tailed)
         if state == TRUNCATED:
             self._restart(tailed, emit)
         budget = FAIR_SHARE_BYTES
@@ -478,8 +514,10 @@ class FileInput:
     # ------------------------------------------------------------ discovery
 
     def discover(self, at_startup: bool) -> None:
+        known = self.by_path if self._events and not at_startup else {}
         for path in expand(self.patterns, self.settings.exclude, self.settings.follow_symlinks, self.skips):
-            self._open(path, at_startup)
+            if path not in known:  # a followed path: what happens to it comes as events, or at the sweep
+                self._open(path, at_startup)
 
     def _open(self, path: str, at_startup: bool, rotated_away: bool = False) -> TailedFile | None:
         """Start tailing ``path`` (unless already tailed). ``rotated_away``: only resume a checkpointed file."""
@@ -498,7 +536,7 @@ class FileInput:
                 known.path = path
                 known.released_since = None
                 self.by_path[path] = known
-                self._checkpoints_changed = True
+                self._full_save = True
             return None
         if path in self.waiting:
             return None
@@ -558,7 +596,7 @@ class FileInput:
             tailed.released_since = time.monotonic()
         self.files[key] = tailed
         self.by_path[path] = tailed
-        self._checkpoints_changed = True
+        self._full_save = True
         if ignored:  # its checkpoint stands at its end: what is written to it later is read
             if not self._close_idle(tailed):
                 self._activate(tailed)
@@ -630,9 +668,16 @@ class FileInput:
         emit(batch)
 
     def _confirmed(self, tracker, start: int, end: int, generation: int) -> None:
-        """From an output's thread: a batch is delivered; the checkpoint has something to write."""
+        """From an output's thread: a batch is delivered; the checkpoint of the file that holds the tracker
+        now (a copy may have taken it over) has something to write."""
         if tracker.done(start, end, generation):
-            self._checkpoints_changed = True
+            with self._dirty_lock:
+                self._dirty.add(tracker.owner)
+
+    def _mark(self, tailed: TailedFile) -> None:
+        """Its checkpoint changed (offset, fingerprint): written at the next save, alone."""
+        with self._dirty_lock:
+            self._dirty.add(tailed)
 
     def _read_size(self, tailed: TailedFile) -> int:
         """One read's size; a read stops where a quarantined range starts (see _skip_quarantined)."""
@@ -658,7 +703,7 @@ class FileInput:
         tailed.skip_to(strike.end)
         tailed.builder.restart(strike.end)
         tailed.tracker.done(offset, strike.end, tailed.tracker.generation)
-        self._checkpoints_changed = True
+        self._mark(tailed)
         log.error("%s: skipping %d lines at offsets %d-%d: the agent failed twice in a row while they were "
                   "unconfirmed (quarantined)", tailed.path, records, offset, strike.end)
         if self.stats is not None:
@@ -680,6 +725,8 @@ class FileInput:
         if state in (GONE, REPLACED) or tailed.drain_only:
             if tailed.released_since is None:
                 tailed.released_since = now
+                if state != SAME and self.by_path.get(tailed.path) is tailed:
+                    del self.by_path[tailed.path]  # the path names another file now, or none
                 self.changed.set()  # a new file may stand at the path now
                 self.wake.set()
             elif now - max(tailed.released_since, tailed.last_data) >= self.settings.rotate_wait:
@@ -701,7 +748,7 @@ class FileInput:
         """Truncated (copytruncate): what was written between our last read and the truncation is only in
         the copy. Its rest is read first, from where the file was, then the file from its start."""
         self._count("files_truncated")
-        self._checkpoints_changed = True
+        self._full_save = True
         copy = self._copy_of(tailed)
         if copy is None:
             log.info("%s was truncated (copytruncate?), no copy of it found next to it; reading it again "
@@ -714,7 +761,7 @@ class FileInput:
                  "again from the start", tailed.path, copy.path, copy.read_offset)
         self._count("copies_followed")
         # The copy takes over what the file held: its acknowledgements, the partial line, the held event.
-        tailed.restart(OffsetTracker(0))
+        tailed.restart(OffsetTracker(0, owner=tailed))
         tailed.builder = self._builder(tailed.path, 0)
 
     def _copy_of(self, tailed: TailedFile) -> TailedFile | None:
@@ -744,6 +791,7 @@ class FileInput:
             return None
         copy = TailedFile(path, fd, tailed.emit_offset, self.settings.max_line_bytes)
         copy.tracker, copy.builder = tailed.tracker, tailed.builder
+        copy.tracker.owner = copy
         copy.drain_only = not self._matches(path)
         self.files[key] = copy
         self.by_path[path] = copy
@@ -828,6 +876,7 @@ class FileInput:
         rest.builder = self._builder(path, saved.offset)
         if tracker is not None:  # a dormant file's: its acknowledgements still to come count too
             rest.tracker = tracker
+            tracker.owner = rest
         try:
             for _, data in compressed_chunks(path, saved.offset, self.settings.read_bytes):
                 self._emit(rest, rest.take(data), emit)
@@ -838,7 +887,7 @@ class FileInput:
             self._count("read_errors")
         self._ship_held(rest, emit)
         self.releasing.append(rest)
-        self._checkpoints_changed = True
+        self._full_save = True
         return True
 
 
@@ -855,17 +904,29 @@ class FileInput:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoints(self) -> None:
-        """Persist confirmed offsets. Also called by the pipeline after the drain (hence the lock)."""
+        """Persist confirmed offsets: only the files whose checkpoint changed (a journal append), or all of
+        them after a file was opened, released, renamed or truncated. Also called by the pipeline after
+        the drain (hence the lock)."""
         with self._save_lock:
-            if not self._checkpoints_changed:  # nothing confirmed, opened or released since the last save
+            with self._dirty_lock:
+                dirty, self._dirty = self._dirty, set()
+            full, self._full_save = self._full_save, False
+            confirmed = [t for t in self.releasing if t.tracker.committed >= t.emit_offset]
+            if not (dirty or full or confirmed):
                 return
-            self._checkpoints_changed = False
-            self.releasing = [t for t in self.releasing if t.tracker.committed < t.emit_offset]
-            entries = [t.checkpoint() for t in list(self.files.values()) + self.releasing]
+            if confirmed:
+                self.releasing = [t for t in self.releasing if t.tracker.committed < t.emit_offset]
             try:
-                self.store.save(entries)
+                if full:
+                    self.store.save([t.checkpoint() for t in list(self.files.values()) + self.releasing])
+                else:
+                    kept = set(map(id, self.releasing))
+                    changed = [t.checkpoint() for t in dirty
+                               if self.files.get(t.identity) is t or id(t) in kept]
+                    removed = [t.identity for t in confirmed if t.identity not in self.files]
+                    self.store.update(changed, removed)
             except OSError as exc:  # e.g. data_dir full: delivery goes on, the next save may succeed
-                self._checkpoints_changed = True
+                self._full_save = True
                 if not self._checkpoint_failing:
                     log.error("cannot write checkpoints to %s: %s (retrying every %.1fs)", self.store.path, exc,
                               self.checkpoint_interval)

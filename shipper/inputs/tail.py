@@ -196,7 +196,7 @@ class TailedFile:
         self.carry = b""            # bytes after the last newline
         self.in_long_line = False   # the carry continues a line already cut into parts
         self.max_line_bytes = max_line_bytes
-        self.tracker = OffsetTracker(offset)
+        self.tracker = OffsetTracker(offset, owner=self)
         self.fp_len, self.fp = fingerprint(fd)
         self.known_size = st.st_size  # the file's size when last looked at (reads stop there)
         self.last_data = time.monotonic()
@@ -216,7 +216,7 @@ class TailedFile:
         tailed.path, tailed.fd, tailed.identity = path, None, identity
         tailed.read_offset = tailed.emit_offset = tailed.known_size = offset
         tailed.carry, tailed.in_long_line, tailed.max_line_bytes = b"", False, max_line_bytes
-        tailed.tracker = OffsetTracker(offset)
+        tailed.tracker = OffsetTracker(offset, owner=tailed)
         tailed.fp_len, tailed.fp = fp_len, fp
         tailed.last_data, tailed.released_since = time.monotonic(), None
         tailed.failing, tailed.closed, tailed.drain_only = False, True, False

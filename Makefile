@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test deb bench bench-aws bench-fluentd bench-idle bench-postmortem clean
+.PHONY: run test deb bench bench-aws bench-fluentd bench-idle bench-postmortem bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -46,6 +46,10 @@ bench-idle: $(VENV)/.installed-test
 
 bench-postmortem: $(VENV)/.installed-test
 	$(BIN)/python bench/postmortem.py
+
+# SCALE_ARGS, e.g. SCALE_ARGS="--files 100000" or "--load random --window 10"
+bench-scale: $(VENV)/.installed-test
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) shipper-data dist

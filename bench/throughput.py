@@ -162,15 +162,15 @@ upload_interval = "2s"
 
 
 def checkpoint_offset(path: str, input_path: str = INPUT) -> int:
-    """The checkpointed offset of ``input_path`` in a checkpoint file; -1 while there is none."""
-    try:
-        with open(path, "rb") as handle:
-            data = orjson.loads(handle.read())
-    except (OSError, ValueError):
-        return -1
-    for entry in data.get("files", []):
-        if entry.get("path") == input_path:
-            return entry["offset"]
+    """The checkpointed offset of ``input_path`` in a file input's checkpoints (``path`` names its base
+    file, data_dir/checkpoints/file-ID.json; its journal is read too); -1 while there is none."""
+    from shipper.inputs.checkpoints import CheckpointStore
+
+    data_dir = os.path.dirname(os.path.dirname(path))
+    input_id = os.path.basename(path)[len("file-"):-len(".json")]
+    for entry in CheckpointStore(data_dir, input_id).load().values():
+        if entry.path == input_path:
+            return entry.offset
     return -1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -47,6 +48,20 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (CI={os.environ['CI']}), where every test must run: {reason}"
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mountpoint: Path, size: str, why: str):
+    """A tmpfs of ``size`` at ``mountpoint`` (made here), unmounted after; skips (saying ``why``) unless
+    root may mount one."""
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip(f"needs root and a tmpfs mount ({why})")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, message: str = "condition"):

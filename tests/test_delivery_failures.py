@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import agent_config, read_archive, seq_lines, seqs, wait_for
+from conftest import agent_config, mounted_tmpfs, read_archive, seq_lines, seqs, wait_for
 from shipper.inputs.checkpoints import CheckpointStore
 
 # As root, drop the capabilities that bypass file permissions, so a read-only directory refuses writes.
@@ -98,16 +98,9 @@ def test_checkpoints_that_cannot_be_written_are_reported_once_and_delivery_goes_
 @pytest.fixture
 def tiny_filesystem(tmp_path):
     """A 256 KiB tmpfs (needs root and mount), filled to the last byte."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root and a tmpfs mount for a real ENOSPC")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "256k", "for a real ENOSPC") as mountpoint:
         subprocess.run(["dd", "if=/dev/zero", f"of={mountpoint}/filler", "bs=4k"], capture_output=True)
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 def test_disk_full_holds_the_checkpoint_and_recovers_when_space_returns(workdir, run_agent, tiny_filesystem):

@@ -8,14 +8,13 @@ import os
 import random
 import shutil
 import stat
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from aws import free_port
-from conftest import FAST_RETRIES, agent_config, http_get, read_archive, wait_for
+from conftest import FAST_RETRIES, agent_config, http_get, mounted_tmpfs, read_archive, wait_for
 from shipper.inputs.file import RESERVED_DESCRIPTORS, default_max_open_files
 
 
@@ -129,15 +128,8 @@ def test_a_quiet_file_is_read_on_its_inotify_event_not_by_polling(workdir, run_a
 @pytest.fixture
 def small_filesystem(tmp_path):
     """An 8 MiB tmpfs for the log directory (needs root and mount)."""
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root and a tmpfs mount (a small file system to fill)")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "8m", "a small file system to fill") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
 def free_bytes(path: Path) -> int:

@@ -146,6 +146,7 @@ class FileInput:
         self._touched_lock = threading.Lock()
         self._last_sweep = 0.0
         self._last_active_visit = 0.0
+        self._unfinished: list[TailedFile] = []  # had more than their fair share last pass: go on at once
         self._full_save = True  # the first save drops the loaded checkpoints no file took up
         self._dirty: set[TailedFile] = set()  # whose checkpoint changed since the last save
         self._dirty_lock = threading.Lock()
@@ -220,13 +221,15 @@ class FileInput:
             visit = list(self.files.values())
             sweep = self._events  # a look at every file, for events missed: a stat is enough for most
         else:
-            # Woken by an event: the files it names. Every poll_interval: the active ones too.
-            visit = [t for t in (self.by_path.get(p) for p in touched) if t is not None]
+            # The files with more to read than their last share, those an event names, and every
+            # poll_interval the active ones too.
+            visit = self._unfinished + [t for t in (self.by_path.get(p) for p in touched) if t is not None]
             if now - self._last_active_visit >= self.settings.poll_interval:
                 self._last_active_visit = now
-                named = {t.identity for t in visit}
-                visit += [t for t in self.active.values() if t.identity not in named]
+                visit += list(self.active.values())
+            visit = list({id(t): t for t in visit}.values())
         more = False
+        self._unfinished = []
         for tailed in visit:
             if tailed.closed:
                 continue
@@ -239,6 +242,8 @@ class FileInput:
                     continue
                 had_more = self._follow(tailed, emit, stop)
                 more |= had_more
+                if had_more:
+                    self._unfinished.append(tailed)
                 tailed.failing = False
                 self._after_visit(tailed, had_more, now)
             except OSError as exc:  # an I/O error on one file (EIO, a vanished mount): retried next pass

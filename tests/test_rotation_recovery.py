@@ -74,6 +74,18 @@ def write(path: Path, start: int, count: int) -> list[str]:
     return lines
 
 
+def every_line_once_after_a_restart(run_agent, config: str, workdir: Path, expected: list[str], said: str):
+    """Start the agent again on what happened while it was down: every line arrives, once, and it says
+    how it found them."""
+    agent = run_agent(config)
+    wait_for(lambda: len(messages(workdir)) >= len(expected), timeout=30, message="every line")
+    assert agent.stop() == 0
+    assert said in agent.log()
+    got = messages(workdir)
+    assert len(got) == len(expected) and sorted(got) == sorted(expected)
+    return agent
+
+
 def copytruncate(path: Path, copy: Path) -> None:
     shutil.copyfile(path, copy)  # logrotate's copytruncate: copy, then truncate the original in place
     os.truncate(path, 0)
@@ -115,12 +127,8 @@ def test_copytruncate_while_the_agent_is_down_reads_the_rest_of_the_copy(workdir
     expected += write(app, 100, 200)  # written while the agent is down, never read from app.log
     copytruncate(app, logs / "app.log.1")
     expected += write(app, 300, 20)
-    agent = run_agent(config)
-    wait_for(lambda: len(messages(workdir)) >= len(expected), timeout=30, message="every line")
-    assert agent.stop() == 0
-    assert "truncated while the agent was down: reading the rest of its copy" in agent.log()
-    got = messages(workdir)
-    assert len(got) == len(expected) and sorted(got) == sorted(expected)
+    every_line_once_after_a_restart(run_agent, config, workdir, expected,
+                                    "truncated while the agent was down: reading the rest of its copy")
 
 
 def test_a_file_rotated_and_compressed_while_the_agent_was_down_has_its_unread_rest_read(workdir, run_agent):
@@ -136,12 +144,8 @@ def test_a_file_rotated_and_compressed_while_the_agent_was_down_has_its_unread_r
         shutil.copyfileobj(source, target)
     app.unlink()
     expected += write(app, 600, 30)  # the new file
-    agent = run_agent(config)
-    wait_for(lambda: len(messages(workdir)) >= len(expected), timeout=30, message="every line")
-    assert agent.stop() == 0
-    assert "rotated and compressed unread: reading its rest from" in agent.log()
-    got = messages(workdir)
-    assert len(got) == len(expected) and sorted(got) == sorted(expected)
+    agent = every_line_once_after_a_restart(run_agent, config, workdir, expected,
+                                            "rotated and compressed unread: reading its rest from")
     # and once only: the next start reads nothing again
     starts = agent.log().count("starting")
     agent = run_agent(config)

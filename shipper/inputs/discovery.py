@@ -274,8 +274,10 @@ def watch_root(pattern: str) -> tuple[str, bool]:
 
 class DirectoryWatcher:
     """Watches the patterns' directories with inotify (watchdog): a file created, moved or deleted sets
-    ``changed`` (discovery runs again); every event also names its paths to ``touched`` (a file written,
-    truncated, renamed or deleted is visited at once), so that a quiet file costs nothing until then."""
+    ``changed`` (discovery runs again) and names its paths to ``touched``. After ``watch_content()``, a
+    file written or truncated (IN_MODIFY) is named to ``touched`` too, without waking anyone: the reader
+    visits it at its next poll, so that with many files a quiet one costs nothing until it changes.
+    (Only then: each such event costs watchdog's threads ~0.4 ms, more than a few files' polls.)"""
 
     def __init__(self, patterns: list[str], changed: threading.Event, wake: threading.Event,
                  touched: Callable[[str], None] | None = None):
@@ -283,8 +285,9 @@ class DirectoryWatcher:
         self.changed = changed
         self.wake = wake
         self.touched = touched
+        self.content = False
         self._observer = None
-        self._watched: set[tuple[str, bool]] = set()
+        self._watched: set[tuple[str, bool, bool]] = set()
 
     @property
     def watching(self) -> bool:
@@ -300,24 +303,25 @@ class DirectoryWatcher:
             log.warning("watchdog is not available; discovering new files by polling only")
             return
         changed, wake, touched = self.changed, self.wake, self.touched
-        # Written or truncated (IN_MODIFY). Not IN_CLOSE_WRITE: a write came with its IN_MODIFY already,
-        # and a writer that opens, writes and closes per line would double the events.
-        content_events = (FileModifiedEvent,)
 
-        class Handler(FileSystemEventHandler):
+        class Structure(FileSystemEventHandler):
             def on_any_event(self, event) -> None:
                 if touched is not None:
                     touched(os.fsdecode(event.src_path))
                     if getattr(event, "dest_path", ""):
                         touched(os.fsdecode(event.dest_path))
-                if not isinstance(event, content_events):
-                    changed.set()
+                changed.set()
                 wake.set()
 
-        self._handler = Handler()
-        self._filter = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent]
-        if touched is not None:
-            self._filter += list(content_events)
+        class Content(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:
+                touched(os.fsdecode(event.src_path))
+
+        # Written or truncated: IN_MODIFY. Not IN_CLOSE_WRITE: a write came with its IN_MODIFY already,
+        # and a writer that opens, writes and closes per line would double the events.
+        self._handlers = {False: (Structure(), [FileCreatedEvent, FileMovedEvent, FileDeletedEvent,
+                                                DirCreatedEvent]),
+                          True: (Content(), [FileModifiedEvent])}
         self._observer = Observer()
         self._observer.daemon = True
         self.refresh()
@@ -327,20 +331,28 @@ class DirectoryWatcher:
             log.warning("cannot watch directories (%s); discovering new files by polling only", exc)
             self._observer = None
 
+    def watch_content(self) -> None:
+        """From now on, files written or truncated are named to ``touched`` too."""
+        if self.touched is not None and not self.content:
+            self.content = True
+            self.refresh()
+
     def refresh(self) -> None:
         """Watch roots that exist now (a directory created later is picked up on the next call)."""
         if self._observer is None:
             return
         for pattern in self.patterns:
             root, recursive = watch_root(pattern)
-            if (root, recursive) in self._watched or not os.path.isdir(root):
-                continue
-            try:
-                self._observer.schedule(self._handler, root, recursive=recursive, event_filter=self._filter)
-            except OSError as exc:
-                log.warning("cannot watch %s (%s); relying on polling for it", root, exc)
-                continue
-            self._watched.add((root, recursive))
+            for content in (False, True) if self.content else (False,):
+                if (root, recursive, content) in self._watched or not os.path.isdir(root):
+                    continue
+                handler, event_filter = self._handlers[content]
+                try:
+                    self._observer.schedule(handler, root, recursive=recursive, event_filter=event_filter)
+                except OSError as exc:
+                    log.warning("cannot watch %s (%s); relying on polling for it", root, exc)
+                    continue
+                self._watched.add((root, recursive, content))
 
     def stop(self) -> None:
         if self._observer is not None:

@@ -18,10 +18,10 @@ from functools import partial
 from typing import Callable
 
 from shipper.config import Option, Settings, regex_check, validate_section
-from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, Every, fingerprint_matches
+from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, Every, fingerprint, fingerprint_matches
 from shipper.inputs.discovery import DirectoryWatcher, Skips, expand, fixed_root, is_excluded, path_matches
 from shipper.inputs.framing import RecordBuilder
-from shipper.inputs.rotation import compressed_chunks, find_compressed, find_copy, rotation_names
+from shipper.inputs.rotation import compressed_chunks, find_compressed, find_copy, find_renamed, rotation_names
 from shipper.inputs.tail import GONE, REPLACED, SAME, TRUNCATED, NotTailable, Read, TailedFile, classify, open_regular
 from shipper.multiline import PRESETS, Joiner, make_rule
 from shipper.parsers import PARSERS, LineParser
@@ -252,15 +252,14 @@ class FileInput:
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
         self._serve_waiting(emit)
-        if now - self._deleted_checked >= 1.0:
-            self._deleted_checked = now
-            self._release_deleted(now)
+        self.while_waiting()
         self._checkpoint_when_due()
         return more or bool(self.waiting)  # files waiting for a descriptor: their turn comes at once
 
     def while_waiting(self) -> None:
-        """Called by the pipeline while emit waits for room in the outputs (an outage): the reading is
-        held up, but a deleted file must not hold the host's disk meanwhile."""
+        """At most once a second, let go of deleted files that hold a nearly full disk. After each pass,
+        and called by the pipeline while emit waits for room in the outputs (an outage): the reading
+        is held up then, but a deleted file must not hold the host's disk meanwhile."""
         now = time.monotonic()
         if now - self._deleted_checked >= 1.0:
             self._deleted_checked = now
@@ -318,8 +317,13 @@ class FileInput:
         except OSError:
             return False
         return ((st.st_dev, st.st_ino) == tailed.identity and st.st_size == tailed.read_offset
-                and not tailed.carry and not tailed.failing and tailed.released_since is None
-                and not tailed.builder.holds_event)
+                and not tailed.failing and not self._holds(tailed))
+
+    @staticmethod
+    def _holds(tailed: TailedFile) -> bool:
+        """It has something still to ship or to watch: a partial line, a multi-line event, or it is
+        being drained after its path stopped naming it."""
+        return bool(tailed.carry) or tailed.builder.holds_event or tailed.released_since is not None
 
     def _after_visit(self, tailed: TailedFile, had_more: bool, now: float) -> None:
         """Keep a file among the active ones while it may have more soon; close it when idle, or when
@@ -327,16 +331,15 @@ class FileInput:
         if tailed.closed:
             self.active.pop(tailed.identity, None)
             return
-        holds = bool(tailed.carry) or tailed.builder.holds_event or tailed.released_since is not None
+        holds = self._holds(tailed)
         idle = now - tailed.last_data
         if (not holds and tailed.closable and (self.waiting or idle >= self.settings.close_inactive)
                 and self._close_idle(tailed)):
-            pass
-        elif had_more or holds or idle < BUSY_FOR:
+            return
+        if had_more or holds or idle < BUSY_FOR:
             self._activate(tailed)
             return
-        else:
-            self.idle_open[tailed.identity] = tailed
+        self.idle_open[tailed.identity] = tailed
         self.active.pop(tailed.identity, None)
 
     def _activate(self, tailed: TailedFile) -> None:
@@ -368,36 +371,19 @@ class FileInput:
                 return  # unchanged
             self._take_up(tailed, tailed.path)
             return
-        moved_to = self._find_sibling(tailed)
-        if moved_to is not None:
-            self._take_up(tailed, moved_to)
+        moved = find_renamed(tailed.path, tailed.identity)
+        if moved is not None:
+            self._take_up(tailed, moved[0])
             if not tailed.dormant:
                 tailed.released_since = now  # drained, then released after rotate_wait
             self.changed.set()
             return
         # Deleted, compressed or moved out of sight while closed.
-        self.files.pop(tailed.identity, None)
-        self.active.pop(tailed.identity, None)
-        if self.by_path.get(tailed.path) is tailed:
-            del self.by_path[tailed.path]
-        tailed.close()
+        self._forget(tailed)
         unread = Checkpoint(tailed.path, *tailed.identity, tailed.read_offset, tailed.fp_len, tailed.fp)
-        if emit is None or not self._read_compressed_rest(unread, emit, tailed.tracker):
-            self.releasing.append(tailed)
-        self._full_save = True
+        if emit is not None and self._read_compressed_rest(unread, emit, tailed.tracker):
+            self.releasing.remove(tailed)  # its rest, which took its tracker over, stands in for it
         self.changed.set()
-
-    def _find_sibling(self, tailed: TailedFile) -> str | None:
-        """The path of the file's inode in its directory (renamed by a rotation), if any."""
-        try:
-            with os.scandir(os.path.dirname(tailed.path)) as entries:
-                for entry in entries:
-                    if entry.inode() == tailed.identity[1] and entry.is_file(follow_symlinks=False):
-                        if entry.stat(follow_symlinks=False).st_dev == tailed.identity[0]:
-                            return entry.path
-        except OSError:
-            return None
-        return None
 
     def _take_up(self, tailed: TailedFile, path: str) -> None:
         """Reopen a dormant file at ``path``; when no descriptor is free it waits its turn."""
@@ -408,8 +394,7 @@ class FileInput:
             return
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != tailed.identity:  # replaced between the stat and the open
-            os.close(fd)
-            self.open_count -= 1
+            self._give_back(fd)
             return
         tailed.reopen(fd)
         if path != tailed.path:
@@ -441,11 +426,15 @@ class FileInput:
         self.open_count += 1
         return fd
 
+    def _give_back(self, fd: int) -> None:
+        """Close a descriptor _open_descriptor gave and that no followed file keeps."""
+        os.close(fd)
+        self.open_count -= 1
+
     def _make_room(self) -> bool:
         """Close the open file idle the longest that holds nothing, to free a descriptor."""
         for tailed in list(self.idle_open.values()):
-            if (tailed.closable and not tailed.builder.holds_event and tailed.released_since is None
-                    and self._close_idle(tailed)):
+            if tailed.closable and not self._holds(tailed) and self._close_idle(tailed):
                 return True
             self._activate(tailed)  # it holds something (or grew): visited until it does not
         return False
@@ -567,8 +556,7 @@ class FileInput:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         if key in self.files:  # replaced between stat and open by a file we already follow
-            os.close(fd)
-            self.open_count -= 1
+            self._give_back(fd)
             return None
         for old in [t for t in self.releasing if t.identity == key]:
             self.releasing.remove(old)  # its inode was reused: the old file is gone for good
@@ -577,13 +565,11 @@ class FileInput:
         if saved is not None and not resumable:
             self._reused.append(saved)  # its inode holds another file now: the old one may be compressed
         if saved is None and not at_startup and not rotated_away and self._suspect_copy(path, fd, st.st_size):
-            os.close(fd)
-            self.open_count -= 1
+            self._give_back(fd)
             return None
         # An empty file's fingerprint matches anything: never take a file outside the globs on it alone.
         if rotated_away and not (resumable and saved.fp_len > 0):
-            os.close(fd)
-            self.open_count -= 1
+            self._give_back(fd)
             return None
         ignored = False
         if resumable:
@@ -616,25 +602,11 @@ class FileInput:
         """A file rotated while the agent was down: find its old inode next to its old path and drain it,
         or, when it was compressed, its decompressed rest."""
         for saved in list(self._saved.values()):
-            directory = os.path.dirname(saved.path)
-            try:
-                entries = list(os.scandir(directory))
-            except OSError:
-                continue
-            found = False
-            for entry in entries:
-                if entry.inode() != saved.key[1]:
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) == saved.key:
-                    found = True
-                    if st.st_size > saved.offset:
-                        self._open(entry.path, at_startup=True, rotated_away=True)
-                    break
-            if not found and saved.fp_len > 0:
+            moved = find_renamed(saved.path, saved.key)
+            if moved is not None:
+                if moved[1].st_size > saved.offset:
+                    self._open(moved[0], at_startup=True, rotated_away=True)
+            elif saved.fp_len > 0:
                 self._read_compressed_rest(saved, emit)
         for saved in self._reused:
             self._read_compressed_rest(saved, emit)
@@ -781,8 +753,16 @@ class FileInput:
         else:
             path = find_copy(tailed.path, tailed.identity, tailed.fp_len, tailed.fp, tailed.emit_offset,
                              set(self.files))
-        if path is None:
-            return None
+        copy = self._open_copy(path, tailed.emit_offset, tailed.builder) if path is not None else None
+        if copy is not None:
+            copy.tracker = tailed.tracker
+            copy.tracker.owner = copy
+        return copy
+
+    def _open_copy(self, path: str, offset: int, builder: RecordBuilder | None = None) -> TailedFile | None:
+        """Follow the copy of a truncated file from ``offset`` (where the file was), with ``builder`` (the
+        file's, holding its event) or a new one: drained and let go unless the globs take it too; None
+        when it cannot be opened, or is not that long."""
         try:
             fd = self._open_descriptor(path)
         except (OSError, NotTailable):
@@ -791,13 +771,11 @@ class FileInput:
             return None
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        if key in self.files or st.st_size < tailed.emit_offset:
-            os.close(fd)
-            self.open_count -= 1
+        if key in self.files or st.st_size < offset:
+            self._give_back(fd)
             return None
-        copy = TailedFile(path, fd, tailed.emit_offset, self.settings.max_line_bytes)
-        copy.tracker, copy.builder = tailed.tracker, tailed.builder
-        copy.tracker.owner = copy
+        copy = TailedFile(path, fd, offset, self.settings.max_line_bytes)
+        copy.builder = builder if builder is not None else self._builder(path, offset)
         copy.drain_only = not self._matches(path)
         self.files[key] = copy
         self.by_path[path] = copy
@@ -822,7 +800,7 @@ class FileInput:
             original = self.by_path.get(os.path.join(directory, candidate))
             if original is None or original.closed or original.fp_len <= 0 or size < original.fp_len:
                 continue
-            if fingerprint_matches(fd, Checkpoint(path, 0, 0, 0, original.fp_len, original.fp)):
+            if fingerprint(fd, original.fp_len) == (original.fp_len, original.fp):
                 self.suspects[path] = (original, time.monotonic())
                 return True
         return False
@@ -853,19 +831,7 @@ class FileInput:
             log.info("%s was truncated while the agent was down: reading the rest of its copy %s from offset %d",
                      saved.path, path, saved.offset)
             self._count("copies_followed")
-            try:
-                fd = self._open_descriptor(path)
-            except (OSError, NotTailable):
-                continue
-            if fd is None:
-                continue
-            st = os.fstat(fd)
-            copy = TailedFile(path, fd, saved.offset, self.settings.max_line_bytes)
-            copy.builder = self._builder(path, saved.offset)
-            copy.drain_only = not self._matches(path)
-            self.files[(st.st_dev, st.st_ino)] = copy
-            self.by_path[path] = copy
-            self._activate(copy)
+            self._open_copy(path, saved.offset)
 
     def _read_compressed_rest(self, saved: Checkpoint, emit: Callable[[Batch], None],
                               tracker: OffsetTracker | None = None) -> bool:
@@ -895,7 +861,6 @@ class FileInput:
         self.releasing.append(rest)
         self._full_save = True
         return True
-
 
     def _release(self, tailed: TailedFile, emit: Callable[[Batch], None]) -> None:
         """The file was rotated or deleted and is drained: close it, keep its checkpoint until confirmed."""

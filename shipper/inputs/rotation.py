@@ -14,6 +14,7 @@ import stat
 import zlib
 from typing import Iterator
 
+from shipper.inputs.checkpoints import fingerprint
 from shipper.nofollow import open_below
 
 # A directory with more entries than this is searched among the names that look like rotations only.
@@ -65,10 +66,6 @@ def _candidates(directory: str, name: str) -> list[os.DirEntry]:
     return sorted(named, key=lambda e: e.name) + others
 
 
-def head_crc(data: bytes) -> int:
-    return zlib.crc32(data)
-
-
 def find_copy(path: str, identity: tuple[int, int], fp_len: int, fp: int, min_size: int,
               exclude: set[tuple[int, int]] = frozenset()) -> str | None:
     """A regular file next to ``path`` (not ``identity``, nor one in ``exclude``) whose first ``fp_len``
@@ -88,12 +85,31 @@ def find_copy(path: str, identity: tuple[int, int], fp_len: int, fp: int, min_si
         if fd is None:
             continue
         try:
-            if head_crc(os.pread(fd, fp_len, 0)) == fp:
+            if fingerprint(fd, fp_len) == (fp_len, fp):
                 return entry.path
         except OSError:
             pass
         finally:
             os.close(fd)
+    return None
+
+
+def find_renamed(path: str, identity: tuple[int, int]) -> tuple[str, os.stat_result] | None:
+    """The file ``identity`` under another name next to ``path`` (renamed by a rotation), with its stat;
+    None when it is not there. Inode numbers come with the directory listing: one stat per match."""
+    try:
+        with os.scandir(os.path.dirname(path)) as entries:
+            for entry in entries:
+                if entry.inode() != identity[1] or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:  # gone since the listing
+                    continue
+                if (st.st_dev, st.st_ino) == identity:
+                    return entry.path, st
+    except OSError:
+        return None
     return None
 
 
@@ -111,7 +127,7 @@ def find_compressed(path: str, fp_len: int, fp: int) -> str | None:
             continue
         try:
             with os.fdopen(fd, "rb") as raw, gzip.GzipFile(fileobj=raw) as stream:
-                if head_crc(stream.read(fp_len)) == fp:
+                if zlib.crc32(stream.read(fp_len)) == fp:
                     return entry.path
         except (OSError, EOFError, zlib.error):
             continue

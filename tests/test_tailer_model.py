@@ -327,13 +327,18 @@ class TailerModel(RuleBasedStateMachine):
             return
         f.where = None
         f.compressed = compressed
-        if compressed is not None and (self.inp is None or self._dormant(f)):
+        if compressed is not None and (self.inp is None or self._dormant(f) and self._fingerprinted(f)):
             return  # read from the compressed file: at the next start (from the checkpoint), or when looked at
         if self.inp is None or f.known_run != self.run:
             self._excuse(f.lines)  # nobody holds it open: what was not delivered is gone
         elif self._dormant(f):
             self._excuse(f.lines[f.next_emit:])  # closed as idle: what came since it was closed is gone
         # else the tailer holds it open and must drain it
+
+    def _fingerprinted(self, f: MFile) -> bool:
+        """Closed as idle with some first bytes fingerprinted: only then can its compressed copy be told
+        apart (a file closed while empty and compressed later is lost, like one unlinked)."""
+        return self.inp.files[f.key].fp_len > 0
 
     def _dormant(self, f: MFile) -> bool:
         tailed = self.inp.files.get(f.key) if self.inp is not None else None

@@ -23,8 +23,8 @@ after waiting for a quiet machine:
    checkpoint_interval 1s, ...) except the directory output's upload_interval = "1s" (default 60s) so
    that the latency measures the agent, not a minute of batching.
 3. Start-up: from the fork (the monotonic clock just before Popen) until the agent has taken every
-   pre-existing file: its log named each one (`tailing PATH`) or the files under data_dir/checkpoints
-   name each one, whichever comes first (looked at every 0.1 s / 0.5 s). The run goes on when it
+   pre-existing file: its log named (`tailing PATH`) or counted (`tailing N more files`) each one, or
+   the files under data_dir/checkpoints name each one, whichever comes first (looked at every 0.1 s / 0.5 s). The run goes on when it
    never gets there (no progress for `--stall` s, or `--startup-timeout`): what was not taken shows
    as lines missing from the archive.
 4. Load, one write() per line, each carrying a unique id and its write time (time.time_ns() just
@@ -99,6 +99,7 @@ LAST_LOG_LINES = 15
 # agent started, w: written during the run).
 LINE = re.compile(rb"^id=([pw]\d{9}) t=(\d+) f=(\d+)$")
 TAILING = re.compile(rb"tailing (\S+) from offset")
+TAILING_MORE = re.compile(rb"tailing (\d+) more files")  # past the first files of a minute, a count
 UNREADABLE = re.compile(rb"cannot read \S+: ")  # one file it could not open (reported once per file)
 
 
@@ -223,6 +224,7 @@ class LogFollower:
         self.offset = 0
         self.rest = b""
         self.tailed: set[bytes] = set()
+        self.more = 0  # files the log counted without naming them
         self.last: collections.deque[bytes] = collections.deque(maxlen=LAST_LOG_LINES)
         self.errors = 0
         self.first_errors: list[str] = []
@@ -241,6 +243,9 @@ class LogFollower:
             match = TAILING.search(text)
             if match:
                 self.tailed.add(match.group(1))
+            more = TAILING_MORE.search(text)
+            if more:
+                self.more += int(more.group(1))
             if any(level in text for level in (b" WARNING ", b" ERROR ", b" CRITICAL ", b"Traceback")):
                 self.errors += 1
                 # The first few that are not one more file it cannot open (there may be thousands of those).
@@ -278,7 +283,7 @@ def wait_for_startup(proc: subprocess.Popen, follower: LogFollower, paths: set[b
     while True:
         now = time.monotonic()
         follower.update()
-        logged = len(follower.tailed & paths)
+        logged = min(len(paths), len(follower.tailed & paths) + follower.more)
         if now - last_checkpoint_look >= 0.5:
             last_checkpoint_look = now
             checkpointed = checkpointed_paths(data, prefix) & paths
@@ -628,7 +633,7 @@ def markdown(results: list[dict], info: dict, settings: dict) -> str:
         "",
         *md_table(HEADER, rows(results)),
         "",
-        "start-up: from the fork until the agent's log named every pre-existing file (`tailing PATH`) or its "
+        "start-up: from the fork until the agent's log named or counted every pre-existing file (`tailing PATH`, `tailing N more files`) or its "
         "checkpoint files did, whichever came first; never: it did not (the run went on). peak RSS: VmHWM over "
         "the whole life; max fds: /proc/PID/fd counted every second over the whole run; fds at limit: the soft/hard "
         "\"Max open files\" of /proc/PID/limits; latency: line write() (time.time_ns in the line) to the mtime of the "

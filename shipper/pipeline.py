@@ -176,11 +176,13 @@ class OutputRunner(threading.Thread):
         flushing = False  # the flush tick came: take what is queued, batch by batch, without waiting
         forced = False    # delivered with force since stopping: now wait for in-flight work to wake us
         while True:
+            due = self.output.next_due()
             with self.cond:
                 idle = not self.woken and (not self.queue or (not flushing and self.queued_bytes < self.wake_bytes))
                 if idle:
                     if not self.stopping:
-                        self.cond.wait(max(0.0, next_flush - time.monotonic()))
+                        wake_at = next_flush if due is None else min(next_flush, due)
+                        self.cond.wait(max(0.0, wake_at - time.monotonic()))
                     elif forced and not self.queue:
                         self.cond.wait(0.05)
                 batch, cost = self.queue.popleft() if self.queue else (None, 0)
@@ -200,7 +202,7 @@ class OutputRunner(threading.Thread):
             # One delivery per batch: an output that is full (BufferFull) holds the rest in the queue.
             if self.urgent and tick and not draining:
                 self.output.hurry()  # close objects, send partial requests: never wait or force here
-            if batch is not None or woken or tick or draining:
+            if batch is not None or woken or tick or draining or (due is not None and now >= due):
                 self._deliver(force=draining)
                 forced = draining
             if draining and (self.output.pending() == 0 or self._past_deadline()):

@@ -81,3 +81,30 @@ def test_size_limit_closes_an_object(tmp_path):
         output.accept(batch(b"x" * 600 + b"\n", 1764421200.0 + i, confirmed))
         output.deliver(0, force=False)
     assert len(list(tmp_path.rglob("*.ndjson"))) == 1 and len(confirmed) == 2
+
+
+def test_an_object_is_due_upload_interval_after_its_oldest_record_was_read(tmp_path):
+    """Not after the record reached the output: the wait for the flush tick is part of the interval."""
+    import time
+
+    output = make_output(tmp_path, upload_interval="10s")
+    confirmed = []
+    assert output.next_due() is None
+    before = time.monotonic()
+    output.accept(batch(b"waited\n", time.time() - 4, confirmed))  # read 4 s ago
+    due = output.next_due()
+    assert before + 5.5 < due < time.monotonic() + 6.5
+    output.accept(batch(b"newer\n", time.time(), confirmed))  # a later record does not postpone it
+    assert output.next_due() == due
+    output.deliver(0, force=False)
+    assert confirmed == []
+
+
+def test_a_clock_that_jumped_credits_a_record_a_few_seconds_at_most(tmp_path):
+    import time
+
+    from shipper.outputs.objects import WAIT_CREDIT
+
+    output = make_output(tmp_path, upload_interval="1h")
+    output.accept(batch(b"old\n", time.time() - 86400, []))  # a day ago by the wall clock
+    assert output.next_due() > time.monotonic() + 3600 - WAIT_CREDIT - 1

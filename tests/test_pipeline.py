@@ -240,3 +240,26 @@ def test_finish_delivers_what_is_held_for_the_tick():
     runner.finish()
     runner.join(5)
     assert done == [b"held\n"] and not runner.is_alive()
+
+
+def test_the_runner_delivers_when_the_output_says_something_is_due_not_only_at_flush_ticks(tmp_path):
+    from shipper.config import COMMON_OUTPUT_OPTIONS, validate_section
+    from shipper.outputs import directory
+
+    problems = []
+    settings = validate_section("outputs[0]", {"type": "directory", "path": str(tmp_path), "upload_interval": "300ms"},
+                                {**COMMON_OUTPUT_OPTIONS, **directory.OPTIONS}, problems)
+    output = directory.DirectoryOutput(settings, OutputContext("directory.0", str(tmp_path), Envelope(), Stats()))
+    # flush: 1 min; the first batch wakes the runner at once, the object is due 300 ms later
+    runner = OutputRunner(output, ["*"], 1 << 20, 60.0, output.context.stats, threading.Event(), wake_bytes=1)
+    runner.start()
+    done = []
+    started = time.monotonic()
+    batch = Batch("app", "/f", time.time(), blob=b"a\n")  # read now: due in 300 ms
+    batch.ack = Acknowledgement(1, lambda: done.append(b"a\n"))
+    runner.put(batch)
+    while not done and time.monotonic() - started < 20:
+        time.sleep(0.01)
+    assert done == [b"a\n"] and len(list(tmp_path.rglob("*.gz"))) == 1  # written at its due time, not at 60 s
+    runner.finish()
+    runner.join(5)

@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 from fnmatch import fnmatchcase
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +274,10 @@ def watch_root(pattern: str) -> tuple[str, bool]:
 
 class DirectoryWatcher:
     """Watches the patterns' directories with inotify (watchdog): a file created, moved or deleted sets
-    ``changed`` (discovery runs again) and names its paths to ``touched``. After ``watch_content()``, a
-    file written or truncated (IN_MODIFY) is named to ``touched`` too, without waking anyone: the reader
-    visits it at its next poll, so that with many files a quiet one costs nothing until it changes.
-    (Only then: each such event costs watchdog's threads ~0.4 ms, more than a few files' polls.)"""
+    ``changed`` (discovery runs again) and names its paths to ``touched``. After ``watch_content()``,
+    the files written or truncated are named by ``written()``, which the reader asks at each poll
+    (content_events.py: no thread, no wake-up), so that with many files a quiet one costs nothing
+    until it changes."""
 
     def __init__(self, patterns: list[str], changed: threading.Event, wake: threading.Event,
                  touched: Callable[[str], None] | None = None):
@@ -285,19 +285,24 @@ class DirectoryWatcher:
         self.changed = changed
         self.wake = wake
         self.touched = touched
-        self.content = False
+        self.modified = None  # content_events.ModifiedFiles, once watch_content() was called
         self._observer = None
-        self._watched: set[tuple[str, bool, bool]] = set()
+        self._watched: set[tuple[str, bool]] = set()
 
     @property
     def watching(self) -> bool:
         """Whether events arrive (watchdog started); False: everything is found by polling."""
         return self._observer is not None
 
+    @property
+    def content(self) -> bool:
+        """Whether writes to files are reported (``written()``)."""
+        return self.modified is not None
+
     def start(self) -> None:
         try:
             from watchdog.events import (DirCreatedEvent, FileCreatedEvent, FileDeletedEvent,
-                                         FileModifiedEvent, FileMovedEvent, FileSystemEventHandler)
+                                         FileMovedEvent, FileSystemEventHandler)
             from watchdog.observers import Observer
         except ImportError:  # pragma: no cover - watchdog is a dependency; polling still works
             log.warning("watchdog is not available; discovering new files by polling only")
@@ -313,15 +318,8 @@ class DirectoryWatcher:
                 changed.set()
                 wake.set()
 
-        class Content(FileSystemEventHandler):
-            def on_any_event(self, event) -> None:
-                touched(os.fsdecode(event.src_path))
-
-        # Written or truncated: IN_MODIFY. Not IN_CLOSE_WRITE: a write came with its IN_MODIFY already,
-        # and a writer that opens, writes and closes per line would double the events.
-        self._handlers = {False: (Structure(), [FileCreatedEvent, FileMovedEvent, FileDeletedEvent,
-                                                DirCreatedEvent]),
-                          True: (Content(), [FileModifiedEvent])}
+        self._handler = Structure()
+        self._event_filter = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, DirCreatedEvent]
         self._observer = Observer()
         self._observer.daemon = True
         self.refresh()
@@ -331,31 +329,54 @@ class DirectoryWatcher:
             log.warning("cannot watch directories (%s); discovering new files by polling only", exc)
             self._observer = None
 
-    def watch_content(self) -> None:
-        """From now on, files written or truncated are named to ``touched`` too."""
-        if self.touched is not None and not self.content:
-            self.content = True
-            self.refresh()
+    def watch_content(self, paths: Iterable[str]) -> None:
+        """From now on, report writes to ``paths`` and to the files ``watch_file`` names."""
+        if self._observer is None or self.modified is not None:
+            return
+        from .content_events import ModifiedFiles
+
+        try:
+            self.modified = ModifiedFiles()
+        except (OSError, ImportError) as exc:
+            log.warning("cannot watch files for writes (%s); every file is visited every poll", exc)
+            return
+        for path in paths:
+            self.modified.watch(os.path.dirname(path))
+
+    def watch_file(self, path: str) -> None:
+        if self.modified is not None:
+            self.modified.watch(os.path.dirname(path))
+
+    def unwatched(self) -> set[str]:
+        """Directories whose writes are not reported (their files must be polled)."""
+        return set() if self.modified is None else self.modified.unwatched
+
+    def written(self) -> set[str] | None:
+        """The files written since the last call (None: events were lost, look at every file)."""
+        return set() if self.modified is None else self.modified.drain()
 
     def refresh(self) -> None:
         """Watch roots that exist now (a directory created later is picked up on the next call)."""
         if self._observer is None:
             return
+        if self.modified is not None:
+            self.modified.retry_unwatched()
         for pattern in self.patterns:
             root, recursive = watch_root(pattern)
-            for content in (False, True) if self.content else (False,):
-                if (root, recursive, content) in self._watched or not os.path.isdir(root):
-                    continue
-                handler, event_filter = self._handlers[content]
-                try:
-                    self._observer.schedule(handler, root, recursive=recursive, event_filter=event_filter)
-                except OSError as exc:
-                    log.warning("cannot watch %s (%s); relying on polling for it", root, exc)
-                    continue
-                self._watched.add((root, recursive, content))
+            if (root, recursive) in self._watched or not os.path.isdir(root):
+                continue
+            try:
+                self._observer.schedule(self._handler, root, recursive=recursive, event_filter=self._event_filter)
+            except OSError as exc:
+                log.warning("cannot watch %s (%s); relying on polling for it", root, exc)
+                continue
+            self._watched.add((root, recursive))
 
     def stop(self) -> None:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=2)
             self._observer = None
+        if self.modified is not None:
+            self.modified.close()
+            self.modified = None

@@ -8,6 +8,7 @@ the poll interval passes or a directory event wakes it. Checkpoints are written 
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -81,8 +82,27 @@ RESCAN_FACTOR = 6
 # Up to this many files every file is visited every poll_interval (as cheap as inotify's events for
 # them); with more, a file is read when inotify says it was written (at the next poll), or when active.
 EVENTS_FROM_FILES = 64
+# Files named one by one in the log when they are taken up, a minute (the rest are counted).
+NAMED_FILES_A_MINUTE = 100
 # Descriptors left to the rest of the agent (objects, checkpoints, sockets, inotify, journalctl).
 RESERVED_DESCRIPTORS = 256
+
+class Allowance:
+    """At most ``count`` times per ``period`` seconds (a fixed window)."""
+
+    def __init__(self, count: int, period: float):
+        self.count, self.period = count, period
+        self.window_start, self.used = -period, 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.window_start >= self.period:
+            self.window_start, self.used = now, 0
+        if self.used >= self.count:
+            return False
+        self.used += 1
+        return True
+
 
 def default_max_open_files(soft_limit: int, file_inputs: int = 1) -> int:
     """The open files one input may hold: the soft RLIMIT_NOFILE less what the rest of the agent
@@ -138,7 +158,8 @@ class FileInput:
         self.by_path: dict[str, TailedFile] = {}
         self.active: dict[tuple[int, int], TailedFile] = {}  # visited every poll (see BUSY_FOR)
         self.idle_open: dict[tuple[int, int], TailedFile] = {}  # open, not active: closed first for room
-        self.waiting: dict[str, tuple[TailedFile | None, bool]] = {}  # path -> (dormant file or None, at_startup)
+        # path -> (dormant file or None, at_startup), first come first served (popped from the front: O(1))
+        self.waiting: collections.OrderedDict[str, tuple[TailedFile | None, bool]] = collections.OrderedDict()
         self.open_count = 0
         self.max_open = settings.max_open_files or default_max_open_files(
             _soft_nofile(), getattr(context, "file_inputs", 1))
@@ -148,6 +169,12 @@ class FileInput:
         self._last_sweep = 0.0
         self._last_active_visit = 0.0
         self._unfinished: list[TailedFile] = []  # had more than their fair share last pass: go on at once
+        self._fresh: list[TailedFile] = []  # opened or taken up again: read at the next pass, event or not
+        self._last_settle = 0.0
+        # "tailing PATH" for the first files of each minute; past that, how many more (100,000 files
+        # must not make 100,000 log lines).
+        self._named = Allowance(NAMED_FILES_A_MINUTE, 60.0)
+        self._unnamed = 0
         self._full_save = True  # the first save drops the loaded checkpoints no file took up
         self._dirty: set[TailedFile] = set()  # whose checkpoint changed since the last save
         self._dirty_lock = threading.Lock()
@@ -192,10 +219,14 @@ class FileInput:
         with self._touched_lock:
             self._touched.add(path)
 
+    def _watch_writes(self, path: str) -> None:
+        if self.watcher is not None:
+            self.watcher.watch_file(path)
+
     @property
     def _events(self) -> bool:
         """Whether reads follow inotify: only with more than EVENTS_FROM_FILES files (fewer are polled,
-        which costs less than the events: watchdog spends ~0.4 ms on each)."""
+        which is as cheap and needs no inotify watch)."""
         return self.watcher is not None and self.watcher.watching and self.watcher.content
 
     def poll(self, emit: Callable[[Batch], None], stop: threading.Event) -> bool:
@@ -214,18 +245,30 @@ class FileInput:
             self.discover(at_startup=False)
         with self._touched_lock:
             touched, self._touched = self._touched, set()
+        written = self.watcher.written() if self._events else set()
+        if written is None:  # the kernel's event queue overflowed: look at every file now
+            log.warning("%s: inotify lost events (queue overflow); looking at every file", self.tag)
+            self._last_sweep = now - rescan_every
+        else:
+            touched |= written
         sweep = False
+        fresh, self._fresh = self._fresh, []
         if not self._events or now - self._last_sweep >= rescan_every:
             self._last_sweep = self._last_active_visit = now
             visit = list(self.files.values())
             sweep = self._events  # a look at every file, for events missed: a stat is enough for most
         else:
             # The files with more to read than their last share, those an event named, and every
-            # poll_interval the active ones too.
-            visit = self._unfinished + [t for t in (self.by_path.get(p) for p in touched) if t is not None]
+            # poll_interval those holding something (a partial line, an event, a rotated file's rest:
+            # their timeouts run without events). A write is always an event: quiet files cost nothing.
+            visit = self._unfinished + fresh + [t for t in (self.by_path.get(p) for p in touched) if t is not None]
             if now - self._last_active_visit >= self.settings.poll_interval:
                 self._last_active_visit = now
-                visit += list(self.active.values())
+                visit += [t for t in self.active.values() if self._holds(t)]
+                self._settle(now)
+                unwatched = self.watcher.unwatched()
+                if unwatched:  # no events from these directories (the inotify watch limit): polled
+                    visit += [t for t in self.files.values() if os.path.dirname(t.path) in unwatched]
             visit = list({id(t): t for t in visit}.values())
         more = False
         self._unfinished = []
@@ -252,9 +295,13 @@ class FileInput:
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
         self._serve_waiting(emit)
+        if self._unnamed and (not self.waiting or self._named.allow()):
+            log.info("tailing %d more files (not each named in the log; `shipper status` counts them)", self._unnamed)
+            self._unnamed = 0
         self.while_waiting()
         self._checkpoint_when_due()
-        return more or bool(self.waiting)  # files waiting for a descriptor: their turn comes at once
+        # Files waiting for a descriptor, or just opened: their turn comes at once.
+        return more or bool(self.waiting) or bool(self._fresh)
 
     def while_waiting(self) -> None:
         """At most once a second, let go of deleted files that hold a nearly full disk. After each pass,
@@ -342,6 +389,22 @@ class FileInput:
         self.idle_open[tailed.identity] = tailed
         self.active.pop(tailed.identity, None)
 
+    def _settle(self, now: float) -> None:
+        """With events, a quiet file is not visited: decide here what its visit would have (no I/O but
+        for the files closed): active files quiet for BUSY_FOR become idle (the first closed for room),
+        idle ones quiet for close_inactive are closed."""
+        for tailed in [t for t in self.active.values() if now - t.last_data >= BUSY_FOR]:
+            if not self._holds(tailed):
+                self.idle_open[tailed.identity] = tailed
+                del self.active[tailed.identity]
+        if now - self._last_settle < 1.0:
+            return
+        self._last_settle = now
+        for tailed in [t for t in self.idle_open.values() if now - t.last_data >= self.settings.close_inactive]:
+            if tailed.closable and not self._holds(tailed) and not self._close_idle(tailed):
+                self._activate(tailed)  # it grew (its event is on its way): visited until read
+                self._fresh.append(tailed)
+
     def _activate(self, tailed: TailedFile) -> None:
         self.active[tailed.identity] = tailed
         self.idle_open.pop(tailed.identity, None)
@@ -403,6 +466,7 @@ class FileInput:
             tailed.path = path
             self.by_path.setdefault(path, tailed)
         self._activate(tailed)
+        self._fresh.append(tailed)
 
     def _open_descriptor(self, path: str) -> int | None:
         """open_regular within max_open_files (closing an idle file to make room); None: no descriptor
@@ -442,8 +506,7 @@ class FileInput:
     def _serve_waiting(self, emit: Callable[[Batch], None]) -> None:
         """Give freed descriptors to the files waiting for one, first come first served."""
         while self.waiting and self.open_count < self.max_open - 1:
-            path, (tailed, at_startup) = next(iter(self.waiting.items()))
-            del self.waiting[path]
+            path, (tailed, at_startup) = self.waiting.popitem(last=False)
             if tailed is None:
                 self._open(path, at_startup)
             elif tailed.dormant:
@@ -512,7 +575,7 @@ class FileInput:
             if path not in known:  # a followed path: what happens to it comes as events, or at the sweep
                 self._open(path, at_startup)
         if self.watcher is not None and len(self.files) + len(self.waiting) > EVENTS_FROM_FILES:
-            self.watcher.watch_content()
+            self.watcher.watch_content(list(self.by_path) + list(self.waiting))
 
     def _open(self, path: str, at_startup: bool, rotated_away: bool = False) -> TailedFile | None:
         """Start tailing ``path`` (unless already tailed). ``rotated_away``: only resume a checkpointed file."""
@@ -531,6 +594,7 @@ class FileInput:
                 known.path = path
                 known.released_since = None
                 self.by_path[path] = known
+                self._watch_writes(path)
                 self._full_save = True
             return None
         if path in self.waiting:
@@ -588,14 +652,19 @@ class FileInput:
             tailed.released_since = time.monotonic()
         self.files[key] = tailed
         self.by_path[path] = tailed
-        self._full_save = True
+        self._watch_writes(path)
+        self._mark(tailed)  # a journal entry: a new file is no reason to rewrite every checkpoint
         if ignored:  # its checkpoint stands at its end: what is written to it later is read
             if not self._close_idle(tailed):
                 self._activate(tailed)
             log.info("not reading %s: unmodified for longer than ignore_older; following it from its end", path)
             return tailed
         self._activate(tailed)
-        log.info("tailing %s from offset %d%s", path, offset, " (rotated away, draining)" if rotated_away else "")
+        self._fresh.append(tailed)
+        if self._named.allow():
+            log.info("tailing %s from offset %d%s", path, offset, " (rotated away, draining)" if rotated_away else "")
+        else:
+            self._unnamed += 1
         return tailed
 
     def _recover_rotated(self, emit: Callable[[Batch], None]) -> None:
@@ -779,7 +848,9 @@ class FileInput:
         copy.drain_only = not self._matches(path)
         self.files[key] = copy
         self.by_path[path] = copy
+        self._watch_writes(path)
         self._activate(copy)
+        self._fresh.append(copy)
         return copy
 
     def _matches(self, path: str) -> bool:

@@ -52,6 +52,11 @@ class Output:
     def pending(self) -> int:
         return 0
 
+    def next_due(self) -> float | None:
+        """When (monotonic) something held becomes due between flush ticks, e.g. an object whose
+        upload_interval ends: the runner delivers then. None: at the flush ticks."""
+        return None
+
     def hurry(self) -> None:
         """The instance is going away: make what is held due now (close objects, send partial
         requests), without waiting for it; the following deliver() does the rest."""

@@ -69,6 +69,9 @@ class DirectoryOutput(Output):
     def pending(self) -> int:
         return self.builder.pending()
 
+    def next_due(self) -> float | None:
+        return self.builder.next_due()
+
     def hurry(self) -> None:
         self.builder.finish_due(force=True)
 

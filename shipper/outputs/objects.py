@@ -46,6 +46,10 @@ TMP_NAME_TRIES = 100
 COPY_BLOCK = 1 << 20
 
 
+# The most time a record is credited for having waited before it reached the builder (see accept).
+WAIT_CREDIT = 5.0
+
+
 @dataclass
 class OpenObject:
     tag: str
@@ -54,7 +58,7 @@ class OpenObject:
     tmp_path: str  # named at the first write (a new name if the old one vanished)
     stream: GzipStream | ZstdStream | PlainStream
     fd: int | None = None  # opened at the first write, where a failure can be retried
-    opened: float = field(default_factory=time.monotonic)
+    due: float = float("inf")  # monotonic: when it is finished (see ObjectBuilder.accept)
     unwritten: bytearray = field(default_factory=bytearray)  # compressed, not yet in the file
     size: int = 0            # compressed bytes finished so far
     acks: list = field(default_factory=list)  # only the acknowledgements: the data is in the file
@@ -133,6 +137,11 @@ class ObjectBuilder:
         obj = self.objects.get(key)
         if obj is None:
             obj = self.objects[key] = self._open(batch.tag, key[1], batch.read_time)
+        # Due upload_interval after its oldest record was read, not after it reached this output: the
+        # wait for the runner's flush tick is part of the interval, not added to it. Credited up to
+        # WAIT_CREDIT s only: a record's read_time is a wall clock, and clocks jump.
+        waited = min(max(0.0, time.time() - batch.read_time), WAIT_CREDIT, self.layout.upload_interval)
+        obj.due = min(obj.due, time.monotonic() + self.layout.upload_interval - waited)
         obj.stream.add(data)
         self._collect(obj, keep=IN_FLIGHT_BLOCKS)
         obj.acks.append(batch.ack)
@@ -170,8 +179,7 @@ class ObjectBuilder:
         """Finish the objects that are due (``force``: all); write out the bytes of the others."""
         monotonic = time.monotonic()
         for key, obj in list(self.objects.items()):
-            if force or obj.size >= self.layout.max_object_bytes or \
-                    monotonic - obj.opened >= self.layout.upload_interval:
+            if force or obj.size >= self.layout.max_object_bytes or monotonic >= obj.due:
                 del self.objects[key]
                 obj.stream.finish()
                 self._collect(obj, keep=0)
@@ -182,6 +190,10 @@ class ObjectBuilder:
         while self.closing:
             self._finish(self.closing[0])
             self.closing.pop(0)
+
+    def next_due(self) -> float | None:
+        """When the first open object is due (monotonic), None when none is open."""
+        return min((obj.due for obj in self.objects.values()), default=None)
 
     def _write_out(self, obj: OpenObject) -> None:
         """Move compressed bytes to the file; on failure they stay in memory for the next try."""

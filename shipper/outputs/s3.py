@@ -250,6 +250,9 @@ class S3Output(Output):
     def pending(self) -> int:
         return self.builder.pending() + len(self.waiting) + len(self.in_flight)
 
+    def next_due(self) -> float | None:
+        return self.builder.next_due()
+
     def hurry(self) -> None:
         self.builder.finish_due(force=True)
         for obj in self.waiting:  # no backoff wait: the instance will not be there for it

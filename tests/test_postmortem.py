@@ -101,6 +101,8 @@ def fill_archive(workdir: Path, output: str | None = None, env: dict | None = No
                           pattern="app.log", input_extra=f'\n[[inputs]]\ntype = "file"\ntag = "web"\n'
                                                          f'paths = ["{workdir}/logs/web.log"]\npoll_interval = "50ms"\n'
                                                          f'{metrics_input}')
+    for name in ("app.log", "web.log"):  # followed from the start: no discovery race between the two
+        (workdir / "logs" / name).touch()
     agent = Agent(workdir, config, env=env).start()
     try:
         for n in range(lines):

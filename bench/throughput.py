@@ -45,7 +45,9 @@ ROOT = os.path.dirname(BENCH)
 WORK = os.path.join(BENCH, "work")
 RESULTS = os.path.join(BENCH, "results")
 INPUT = os.path.join(WORK, "throughput-input.log")
-SHIPPER = os.path.join(ROOT, ".venv", "bin", "shipper")
+# The agent of this tree (a worktree has no .venv of its own): python -m shipper with ROOT first on the path.
+SHIPPER_ARGV = [sys.executable, "-m", "shipper"]
+AGENT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 RSYSLOGD = "/usr/sbin/rsyslogd"
 POLL = 0.05  # seconds between completion checks
 TOOLS = ("cat", "gzip", "rsyslog", "shipper")
@@ -189,7 +191,7 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
     profiler = None
     with open(os.path.join(workdir, "shipper.stderr"), "wb") as errors:
         started = time.monotonic()
-        proc = subprocess.Popen([SHIPPER, "run", "-c", conf], stdout=errors, stderr=errors)
+        proc = subprocess.Popen([*SHIPPER_ARGV, "run", "-c", conf], stdout=errors, stderr=errors, env=AGENT_ENV)
         if py_spy:
             profiler = subprocess.Popen([py_spy[0], "record", "--pid", str(proc.pid), *py_spy[1:]],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -281,12 +283,12 @@ def machine() -> dict:
 
     def version(argv: list[str]) -> str:
         try:
-            first = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+            first = subprocess.run(argv, capture_output=True, text=True, env=AGENT_ENV).stdout.splitlines()[0]
             return " ".join(first.replace("compiled with:", "").split())
         except (OSError, IndexError):
             return "unknown"
 
-    shipper_version = version([SHIPPER, "version"])
+    shipper_version = version([*SHIPPER_ARGV, "version"])
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or "unknown"

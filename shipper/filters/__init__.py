@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from itertools import compress
+from typing import TYPE_CHECKING, Any, Sequence
 
 from shipper.record import PARSED, Batch, Envelope
 from shipper.stats import Stats
@@ -83,6 +84,21 @@ def derived(batch: Batch, *, blob: bytes | None = None, messages: list[str | Non
     new.on_done = batch.on_done
     new.origin = batch.origin
     return new
+
+
+def keep_records(batch: Batch, keep: Sequence) -> Batch:
+    """``batch`` with only the records whose flag in ``keep`` is true (one per record, in order): a blob
+    stays a blob (its fields, if any, cut along), in C loops (itertools.compress); ``batch`` itself when
+    every record is kept."""
+    if all(keep):
+        return batch
+    fields = None if batch.fields is None else list(compress(batch.fields, keep))
+    if batch.blob is not None:
+        lines = batch.blob.split(b"\n")
+        lines.pop()  # after the last newline
+        kept = list(compress(lines, keep))
+        return derived(batch, blob=b"\n".join(kept) + b"\n" if kept else b"", fields=fields)
+    return derived(batch, messages=list(compress(batch.messages, keep)), fields=fields)
 
 
 # ---------------------------------------------------------------- severity levels

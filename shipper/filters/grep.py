@@ -29,7 +29,8 @@ import re._parser as _parser
 from typing import Any
 
 from shipper.config import Option, Settings, did_you_mean
-from shipper.filters import Filter, FilterContext, derived, field_value, level_check, level_rank, record_level
+from shipper.filters import (Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank,
+                             record_level)
 from shipper.record import Batch
 
 
@@ -40,10 +41,11 @@ class LinePattern:
     a line ends before that line's newline: the leftmost match over the blob starts in the first line
     that has a match, because every match of a line alone is a match over the blob too (the text
     around it is the same up to the line's ends, where ``^``, ``$`` (re.M) and ``\\b`` see a newline,
-    exactly as they see the end of a lone line). A match that runs over the newline (``a\\s+b``) is not
-    trusted: that one line is searched again alone (``search(blob, start, end)``). What could see past
+    exactly as they see the end of a lone line; ``\\B`` does not, on an empty line). A match that runs
+    over the newline (``a\\s+b``) is not trusted: that one line is searched again alone
+    (``search(blob, start, end)``). What could see past
     the line's ends without consuming it cannot be cut this way, so patterns with lookarounds, ``\\A``,
-    ``\\Z`` or a scoped ``(?-m:^)`` are searched line by line (correct, slower).
+    ``\\Z``, ``\\B`` or a scoped ``(?-m:^)`` are searched line by line (correct, slower).
 
     Bytes or text: the blob is searched as bytes when the pattern means the same on UTF-8 bytes as on
     text (ASCII literals and classes, no ``.``, no negated class, no ``\\w\\d\\s\\b``, no IGNORECASE);
@@ -94,7 +96,9 @@ def analyse(pattern: str) -> tuple[bool, bool]:
                 if av in (_c.AT_BEGINNING_STRING, _c.AT_END_STRING) or \
                         (av in (_c.AT_BEGINNING, _c.AT_END) and not multiline):
                     verdict["chunk"] = False
-                elif av in (_c.AT_BOUNDARY, _c.AT_NON_BOUNDARY):
+                elif av is _c.AT_NON_BOUNDARY:  # \B never matches an empty string, but does before a newline
+                    verdict["chunk"] = verdict["bytes"] = False
+                elif av is _c.AT_BOUNDARY:
                     verdict["bytes"] = False
             elif op is _c.LITERAL:
                 if av >= 128 or icase:
@@ -158,6 +162,20 @@ def matching_runs(regex: re.Pattern, data, newline, chunked: bool) -> list[tuple
         _add(runs, line_start, line_end + 1)
         position = line_end + 1
     return runs
+
+
+def line_ranges(data, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The [first, last) line numbers of ``runs`` (offsets in ``data``, as matching_runs gives them)."""
+    newline = b"\n" if isinstance(data, bytes) else "\n"
+    ranges = []
+    line = position = 0
+    for start, end in runs:
+        line += data.count(newline, position, start)
+        lines = data.count(newline, start, end)
+        ranges.append((line, line + lines))
+        line += lines
+        position = end
+    return ranges
 
 
 def _add(runs: list[tuple[int, int]], start: int, end: int) -> None:
@@ -263,8 +281,12 @@ class GrepFilter(Filter):
 
     def apply(self, batch: Batch) -> list[Batch]:
         before = batch.count
-        kept = grep_blob(self.rules, batch) if batch.blob is not None else grep_records(self.rules, batch,
-                                                                                          self.keep_rank)
+        if batch.blob is None:
+            kept = grep_records(self.rules, batch, self.keep_rank)
+        elif batch.fields is None:
+            kept = grep_blob(self.rules, batch)
+        else:
+            kept = grep_lines(self.rules, batch, self.keep_rank)
         self.context.dropped("filtered", before - kept.count, batch.tag)
         return [kept]
 
@@ -281,6 +303,45 @@ def grep_blob(rules: list[Rule], batch: Batch) -> Batch:
         elif not rule.passes(field_value(rule.field, None, None, batch.tag, batch.source)):
             blob = b""
     return batch if blob is batch.blob else derived(batch, blob=blob)
+
+
+def grep_lines(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batch:
+    """Plain lines that carry fields (the level filter's, a few dicts shared by many lines): a flag per
+    line; rules on the message are still searched once over the blob, the others once per distinct dict."""
+    blob, fields, count, tag, source = batch.blob, batch.fields, batch.count, batch.tag, batch.source
+    keep = bytearray(b"\x01") * count
+    for rule in rules:
+        if rule.field == "message":
+            data, runs = rule.pattern.line_spans(blob)
+            ranges = line_ranges(data, runs)
+            if rule.include:
+                matched = bytearray(count)
+                for first, last in ranges:
+                    matched[first:last] = keep[first:last]
+                keep = matched
+            else:
+                for first, last in ranges:
+                    keep[first:last] = bytes(last - first)
+            continue
+        verdicts: dict[int, bool] = {}
+        for index, extra in enumerate(fields):
+            if keep[index]:
+                verdict = verdicts.get(id(extra))
+                if verdict is None:
+                    verdict = verdicts[id(extra)] = rule.passes(field_value(rule.field, None, extra, tag, source))
+                if not verdict:
+                    keep[index] = 0
+    if keep_rank is not None:
+        above: dict[int, bool] = {}
+        for index, extra in enumerate(fields):
+            if not keep[index]:
+                kept = above.get(id(extra))
+                if kept is None:
+                    rank = level_rank(record_level(extra))
+                    kept = above[id(extra)] = rank is not None and rank >= keep_rank
+                if kept:
+                    keep[index] = 1
+    return keep_records(batch, keep)
 
 
 def grep_records(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batch:

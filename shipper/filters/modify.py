@@ -22,9 +22,11 @@ that record alone for that operation (counted as ``filter_template_misses{filter
 
 Fields set here live among the parsed fields (record.PARSED): they can never pose as the agent's keys
 (a reserved name such as ``time`` or ``host`` lands under ``fields``, as a parser's would). Plain lines
-stay a blob when only the tag changes by a template the whole batch shares (lines cut by ``tag_regex``
-as grep cuts them); otherwise they become records with fields. Records split by tag go on as one batch
-per tag, in order. At most ``max_tags`` distinct tags are made (a regex group from the content must not
+stay a blob: changed fields ride along, one dict per line, shared by the lines whose result is the
+same (no template naming the message: one dict for a whole batch), so record.encode_plain_fields keeps
+the fast encoding; a tag that is the same for the whole batch cuts the lines ``tag_regex`` matches as
+grep does. Fields dicts are copied before they change (they may be shared). Records split by tag go on
+as one batch per tag, records in order. At most ``max_tags`` distinct tags are made (a regex group from the content must not
 make a tag per line): past that, records keep their tag.
 """
 
@@ -36,8 +38,8 @@ import threading
 from typing import Any
 
 from shipper.config import Option, Settings
-from shipper.filters import Filter, FilterContext, derived, field_value
-from shipper.filters.grep import LinePattern
+from shipper.filters import Filter, FilterContext, derived, field_value, keep_records
+from shipper.filters.grep import LinePattern, line_ranges
 from shipper.record import IDENTITY_KEYS, PARSED, Batch
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,7 @@ def modify_fields(extra: dict, ops: "Operations", lookup: Lookup) -> int:
 
 
 class Operations:
-    __slots__ = ("rename", "copy", "set", "add", "remove")
+    __slots__ = ("rename", "copy", "set", "add", "remove", "names_message")
 
     def __init__(self, settings: Settings):
         self.rename = list(settings.rename.items())
@@ -202,6 +204,10 @@ class Operations:
         self.set = [(name, _value(value)) for name, value in settings.set.items()]
         self.add = [(name, _value(value)) for name, value in settings.add.items()]
         self.remove = list(settings.remove)
+        # A template naming the message gives each record its own result; else records sharing one
+        # fields dict share the result too.
+        self.names_message = any(isinstance(value, Template) and "message" in value.names
+                                 for _, value in self.set + self.add)
 
     def __bool__(self) -> bool:
         return bool(self.rename or self.copy or self.set or self.add or self.remove)
@@ -308,9 +314,9 @@ class ModifyFilter(Filter):
         self._tags: set[str] = set()
         self._lock = threading.Lock()
         self._overflow_reported = False
-        # Plain lines stay a blob when nothing but a batch-wide tag changes (cut by a regex on the message).
-        self.blob_ok = (not self.ops and self.tag is not None and self.tag.constant
-                        and (self.regex is None or self.tag_field == "message"))
+        # Lines are cut by the tag alone (no per-record tag) when the tag is the same for the whole batch.
+        self.tag_by_lines = self.tag is not None and self.tag.constant and \
+            (self.regex is None or self.tag_field == "message")
 
     def _allowed(self, tag: str, old: str) -> str:
         """``tag`` if it may be made (bounded count and length), else ``old``."""
@@ -328,17 +334,55 @@ class ModifyFilter(Filter):
         self.context.stats.add("filter_tag_overflows", 1, filter=self.context.name)
         return old
 
+    def _missed(self, count: int) -> None:
+        if count:
+            self.context.stats.add("filter_template_misses", count, filter=self.context.name)
+
     def apply(self, batch: Batch) -> list[Batch]:
         if not batch.count:
             return [batch]
-        if batch.blob is not None and self.blob_ok:
-            return self._retag_blob(batch)
-        return self._modify_records(batch)
+        fields = self._new_fields(batch) if self.ops else batch.fields
+        if fields is not batch.fields:
+            batch = derived(batch, blob=batch.blob, messages=batch.messages, fields=fields)
+        if self.tag is None:
+            return [batch]
+        if self.tag_by_lines:
+            return self._retag_lines(batch)
+        return self._retag_records(batch)
 
-    def _retag_blob(self, batch: Batch) -> list[Batch]:
+    def _new_fields(self, batch: Batch) -> list[dict | None]:
+        """The records' fields after rename, copy, set, add and remove. Fields dicts may be shared between
+        records (the level filter's): each is copied before it changes, and while no template names the
+        message a shared dict gives one shared result, so plain lines keep their fast encoding."""
+        envelope, tag, source, ops = self.context.envelope, batch.tag, batch.source, self.ops
+        count = batch.count
+        old = batch.fields if batch.fields is not None else [None] * count
+        messages = batch.message_list() if ops.names_message else None
+        new: list[dict | None] = []
+        results: dict[int, tuple[dict, int]] = {}  # id of a shared dict -> (its result, template misses)
+        misses = 0
+        for index, extra in enumerate(old):
+            if messages is None:
+                done = results.get(id(extra))
+                if done is not None:
+                    new.append(done[0])
+                    misses += done[1]
+                    continue
+            changed = _copy(extra)
+            here = modify_fields(changed, ops, Lookup(envelope, tag, source,
+                                                      None if messages is None else messages[index], changed))
+            misses += here
+            new.append(changed)
+            if messages is None:
+                results[id(extra)] = (changed, here)
+        self._missed(misses)
+        return new
+
+    def _retag_lines(self, batch: Batch) -> list[Batch]:
+        """One tag for the whole batch, given to all its records or (tag_regex) to the lines that match."""
         tag = self.tag.render(Lookup(self.context.envelope, batch.tag, batch.source))
-        if tag is None or not tag:
-            self.context.stats.add("filter_template_misses", batch.count, filter=self.context.name)
+        if not tag:
+            self._missed(batch.count)
             return [batch]
         tag = self._allowed(tag, batch.tag)
         if tag == batch.tag:
@@ -346,68 +390,77 @@ class ModifyFilter(Filter):
         if self.regex is None:
             batch.tag = tag
             return [batch]
-        data, runs = self.regex.line_spans(batch.blob)
-        if not runs:
-            return [batch]
-        matched = data[:0].join([data[start:end] for start, end in runs])
-        rest, position = [], 0
-        for start, end in runs:
-            rest.append(data[position:start])
-            position = end
-        rest.append(data[position:])
-        rest_data = data[:0].join(rest)
-        if isinstance(data, str):
-            matched, rest_data = matched.encode("utf-8"), rest_data.encode("utf-8")
-        out = [derived(batch, blob=rest_data)] if rest_data else []
-        out.append(derived(batch, blob=matched, tag=tag))
-        return out
+        if batch.blob is not None:
+            data, runs = self.regex.line_spans(batch.blob)
+            matched = bytearray(batch.count)
+            for first, last in line_ranges(data, runs):
+                matched[first:last] = b"\x01" * (last - first)
+        else:
+            search = self.regex.text.search
+            matched = [m is not None and search(m) is not None for m in batch.messages]
+        return _split(batch, matched, tag)
 
-    def _modify_records(self, batch: Batch) -> list[Batch]:
+    def _retag_records(self, batch: Batch) -> list[Batch]:
+        """A tag per record (a template naming a field or a regex group)."""
         messages = batch.message_list()
         fields = batch.fields if batch.fields is not None else [None] * len(messages)
-        envelope, tag, source = self.context.envelope, batch.tag, batch.source
-        ops, tag_template, regex, tag_field = self.ops, self.tag, self.regex, self.tag_field
-        new_fields: list[dict | None] = []
+        envelope, tag, source, template, regex, tag_field = (self.context.envelope, batch.tag, batch.source,
+                                                             self.tag, self.regex, self.tag_field)
         tags: list[str] = []
         misses = 0
         for message, extra in zip(messages, fields):
-            if ops:
-                extra = {} if extra is None else extra  # in place: the batch is this filter's to change
-                misses += modify_fields(extra, ops, Lookup(envelope, tag, source, message, extra))
-            new_fields.append(extra)
             record_tag = tag
-            if tag_template is not None:
-                groups = None
-                matched = True
-                if regex is not None:
-                    value = message if tag_field == "message" else field_value(tag_field, message, extra, tag, source)
-                    found = regex.text.search(value if isinstance(value, str) else str(value)) \
-                        if value is not None else None
-                    matched = found is not None
-                    groups = found.groupdict() if found is not None else None
-                if matched:
-                    rendered = tag_template.render(Lookup(envelope, tag, source, message, extra, groups))
-                    if rendered:
-                        record_tag = self._allowed(rendered, tag)
-                    else:
-                        misses += 1
+            groups = None
+            found = True
+            if regex is not None:
+                value = message if tag_field == "message" else field_value(tag_field, message, extra, tag, source)
+                match = regex.text.search(value if isinstance(value, str) else str(value)) \
+                    if value is not None else None
+                found = match is not None
+                groups = match.groupdict() if match is not None else None
+            if found:
+                rendered = template.render(Lookup(envelope, tag, source, message, extra, groups))
+                if rendered:
+                    record_tag = self._allowed(rendered, tag)
+                else:
+                    misses += 1
             tags.append(record_tag)
-        if misses:
-            self.context.stats.add("filter_template_misses", misses, filter=self.context.name)
-        keep_fields = None if batch.fields is None and not ops else new_fields
+        self._missed(misses)
         if all(t == tag for t in tags):
-            if batch.blob is None and keep_fields is batch.fields:
-                return [batch]
-            return [derived(batch, messages=messages, fields=keep_fields)]
-        order: dict[str, tuple[list, list]] = {}
-        for message, extra, record_tag in zip(messages, new_fields, tags):
-            group = order.get(record_tag)
-            if group is None:
-                group = order[record_tag] = ([], [])
-            group[0].append(message)
-            group[1].append(extra)
-        return [derived(batch, messages=group_messages, fields=None if keep_fields is None else group_fields,
-                        tag=record_tag) for record_tag, (group_messages, group_fields) in order.items()]
+            return [batch]
+        return _by_tag(batch, tags)
+
+
+def _copy(extra: dict | None) -> dict:
+    """A record's fields to change: its own dict, and its own parsed values."""
+    if not extra:
+        return {}
+    changed = dict(extra)
+    if PARSED in changed:
+        changed[PARSED] = dict(changed[PARSED])
+    return changed
+
+
+def _split(batch: Batch, matched, tag: str) -> list[Batch]:
+    """The records flagged in ``matched`` as a batch of ``tag``, the others as they were (first)."""
+    if not any(matched):
+        return [batch]
+    rest = keep_records(batch, [not flag for flag in matched])
+    moved = keep_records(batch, matched)
+    moved.tag = tag
+    return [rest, moved] if rest.count else [moved]
+
+
+def _by_tag(batch: Batch, tags: list[str]) -> list[Batch]:
+    """One batch per distinct tag, in the order the tags first appear, records in order."""
+    out = []
+    for tag in dict.fromkeys(tags):
+        part = keep_records(batch, [t == tag for t in tags])
+        if part is batch:
+            part = derived(batch, blob=batch.blob, messages=batch.messages, fields=batch.fields)
+        part.tag = tag
+        out.append(part)
+    return out
 
 
 FILTER = ModifyFilter

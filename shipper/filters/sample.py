@@ -22,7 +22,8 @@ import zlib
 from typing import Any
 
 from shipper.config import Option, Settings
-from shipper.filters import Filter, FilterContext, derived, field_value, level_check, level_rank, record_level
+from shipper.filters import (Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank,
+                             record_level)
 from shipper.record import Batch
 
 
@@ -71,15 +72,16 @@ class SampleFilter(Filter):
         if self.rate == 1 or not batch.count:
             return [batch]
         before = batch.count
-        if batch.blob is not None and (self.key is None or self.key in ("tag", "source")):
+        if batch.blob is not None and batch.fields is None and (self.key is None or self.key in ("tag", "source")):
             kept = self._sample_blob(batch)
         else:
-            kept = self._sample_records(batch)
+            kept = keep_records(batch, self._decide(batch))
         self.context.dropped("sampled", before - kept.count, batch.tag)
         return [kept]
 
     def _sample_blob(self, batch: Batch) -> Batch:
-        if self.key is not None:  # one value for the whole batch
+        """Plain lines without fields: a slice with a step, or one decision for the batch (key tag/source)."""
+        if self.key is not None:
             keep = keyed_keep(field_value(self.key, None, None, batch.tag, batch.source), self.rate)
             return batch if keep else derived(batch, blob=b"")
         lines = batch.blob.split(b"\n")
@@ -88,9 +90,11 @@ class SampleFilter(Filter):
         kept = lines[(-phase) % self.rate::self.rate]
         return derived(batch, blob=b"\n".join(kept) + b"\n" if kept else b"")
 
-    def _sample_records(self, batch: Batch) -> Batch:
-        messages = batch.message_list()
-        fields = batch.fields or [None] * len(messages)
+    def _decide(self, batch: Batch) -> list[bool]:
+        """Keep or not, per record: above keep_level always, by the key's hash, else by the count."""
+        count = batch.count
+        fields = batch.fields or [None] * count
+        messages = batch.message_list() if self.key == "message" else [None] * count
         tag, source, rate, key, keep_rank = batch.tag, batch.source, self.rate, self.key, self.keep_rank
         decisions: list[bool | None] = []  # None: decided by the count
         unkeyed = 0
@@ -107,19 +111,12 @@ class SampleFilter(Filter):
             else:
                 decisions.append(keyed_keep(value, rate))
         phase = self._phase(unkeyed) if unkeyed else 0
-        kept_messages: list[str | None] = []
-        kept_fields: list[dict | None] = []
         counted = 0
-        for message, extra, decision in zip(messages, fields, decisions):
+        for index, decision in enumerate(decisions):
             if decision is None:
-                decision = (phase + counted) % rate == 0
+                decisions[index] = (phase + counted) % rate == 0
                 counted += 1
-            if decision:
-                kept_messages.append(message)
-                kept_fields.append(extra)
-        if len(kept_messages) == len(messages):
-            return batch
-        return derived(batch, messages=kept_messages, fields=None if batch.fields is None else kept_fields)
+        return decisions
 
 
 FILTER = SampleFilter

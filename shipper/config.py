@@ -416,6 +416,12 @@ class Config:
             chain = " -> ".join(filter_name(f) for f in self.filter_chain(settings.tag))
             lines.append(f"route: {settings.tag} -> {chain + ' -> ' if chain else ''}"
                          f"{', '.join(routed) or 'nothing (no output matches)'}")
+            for step in self.filter_chain(settings.tag):  # content-based routing: where the new tag goes
+                new_tag = step.get("tag") if step.type == "modify" else None
+                if new_tag and "{" not in new_tag:
+                    routed = [o.where for o in self.outputs if tag_matches(new_tag, o.match)]
+                    lines.append(f"route: {new_tag} (tag set by {filter_name(step)}) -> "
+                                 f"{', '.join(routed) or 'nothing (no output matches)'}")
         return "\n".join(lines)
 
     def warnings(self) -> list[str]:

@@ -334,6 +334,79 @@ class Tripwire(threading.Event):
             self.also.set()
 
 
+class FilterStage:
+    """The [[filters]] of a config, applied in order: each filter to the batches whose tag (maybe set
+    by an earlier one) its match takes. Shared by the pipeline and ``shipper check --sample``."""
+
+    def __init__(self, filters: list, stats: Stats, envelope: Envelope, stop: threading.Event):
+        self.stats = stats
+        self.filters: list[tuple[Filter, list[str]]] = []  # (filter, match), in [[filters]] order
+        for settings in filters:
+            kind = importlib.import_module(FILTER_MODULES[settings.type]).FILTER
+            context = FilterContext(filter_name(settings), stats, envelope, stop)
+            self.filters.append((kind(settings, context), settings.match))
+        # Per tag: the positions in self.filters of the filters whose match takes it ((): none).
+        self.chains: dict[str, tuple[int, ...]] = {}
+        self._failures: set[str] = set()  # filters whose exception was logged (once each)
+
+    def chain(self, tag: str) -> tuple[int, ...]:
+        positions = self.chains.get(tag)
+        if positions is None:
+            positions = self.chains[tag] = tuple(i for i, (_, match) in enumerate(self.filters)
+                                                 if tag_matches(tag, match))
+        return positions
+
+    def run(self, batch: Batch, first: int = 0) -> list[Batch]:
+        """The batches ``batch`` becomes through the filters from position ``first`` on."""
+        batches = [batch]
+        for position in range(first, len(self.filters)):
+            out: list[Batch] = []
+            for item in batches:
+                if position in self.chain(item.tag):
+                    out.extend(self.apply(position, item))
+                else:
+                    out.append(item)
+            batches = out
+        return batches
+
+    def apply(self, position: int, batch: Batch) -> list[Batch]:
+        """One filter on one batch. A filter that raises does not lose the batch, nor stop the agent:
+        a redact's records are dropped (never ship what it was to hide), any other's go on unfiltered."""
+        filt = self.filters[position][0]
+        try:
+            return filt.apply(batch)
+        except Exception:
+            name = filt.context.name
+            redact = name.startswith("redact.")
+            if name not in self._failures:
+                self._failures.add(name)
+                log.exception("%s: failed on a batch of %s at offset %d; %s (logged once: see filter_errors and "
+                              "records_dropped{reason=\"filter_error\"})", name, batch.source or batch.tag,
+                              batch.start, "its records are dropped" if redact else "it goes on unfiltered")
+            self.stats.add("filter_errors", 1, filter=name)
+            if redact:
+                self.stats.add("records_dropped", batch.count, input=batch.tag, reason="filter_error", filter=name)
+                return [derived(batch, blob=b"")]
+            return [batch]
+
+    def flush(self, final: bool) -> list[tuple[Batch, int]]:
+        """(batch, position of the next filter) of what the filters emit on their own (throttle summaries)."""
+        now = time.time()
+        out = []
+        for position, (filt, _) in enumerate(self.filters):
+            try:
+                out.extend((batch, position + 1) for batch in filt.flush(now, final))
+            except Exception:
+                log.exception("%s: flush failed", filt.context.name)
+                self.stats.add("filter_errors", 1, filter=filt.context.name)
+        return out
+
+    @property
+    def flushes(self) -> bool:
+        """Whether a filter emits on its own (its class overrides flush): only then a flush thread."""
+        return any(type(filt).flush is not Filter.flush for filt, _ in self.filters)
+
+
 class Pipeline:
     def __init__(self, config: Config, identity: dict[str, str] | None = None,
                  wakeup=None, stats: Stats | None = None):
@@ -364,14 +437,9 @@ class Pipeline:
         self.inputs = [importlib.import_module(INPUT_MODULES[s.type]).INPUT(s, input_context)
                        for s in config.inputs]
         self.stop_inputs = threading.Event()
-        self.filters: list[tuple[Filter, list[str]]] = []  # (filter, match), in [[filters]] order
-        for settings in config.filters:
-            kind = importlib.import_module(FILTER_MODULES[settings.type]).FILTER
-            context = FilterContext(filter_name(settings), self.stats, self.envelope, self.stop_inputs)
-            self.filters.append((kind(settings, context), settings.match))
-        # Per tag: the positions in self.filters of the filters whose match takes it ((): none).
-        self._chains: dict[str, tuple[int, ...]] = {}
-        self._filter_failures: set[str] = set()  # filters whose exception was logged (once each)
+        self.stage = FilterStage(config.filters, self.stats, self.envelope, self.stop_inputs)
+        self.filters = self.stage.filters
+        self._chains = self.stage.chains
         self._flusher: threading.Thread | None = None
         self._routes: dict[str, list[OutputRunner]] = {}
         self._unrouted_reported: set[str] = set()
@@ -399,26 +467,13 @@ class Pipeline:
     # ------------------------------------------------------------ filters
 
     def chain(self, tag: str) -> tuple[int, ...]:
-        positions = self._chains.get(tag)
-        if positions is None:
-            positions = self._chains[tag] = tuple(i for i, (_, match) in enumerate(self.filters)
-                                                  if tag_matches(tag, match))
-        return positions
+        return self.stage.chain(tag)
 
     def _filter(self, batch: Batch, first: int) -> None:
-        """Run ``batch`` through the filters from position ``first`` on (each applies to the batches
-        whose tag, maybe set by an earlier one, it matches), then route what comes out. The batch's
-        on_done fires once: after every batch made from it is done, at once if none is left."""
+        """Filter ``batch`` (from position ``first`` on), then route what comes out. The batch's on_done
+        fires once: after every batch made from it is done, at once if none is left."""
         original = batch.on_done
-        batches = [batch]
-        for position in range(first, len(self.filters)):
-            out: list[Batch] = []
-            for item in batches:
-                if position in self.chain(item.tag):
-                    out.extend(self._apply(position, item))
-                else:
-                    out.append(item)
-            batches = out
+        batches = self.stage.run(batch, first)
         if original is not None:
             carriers = [b for b in batches if b.on_done is original]
             if not carriers:  # everything dropped
@@ -433,38 +488,9 @@ class Pipeline:
             elif item.on_done is not None:  # nothing left to ship: done now, so the checkpoint moves past it
                 item.on_done()
 
-    def _apply(self, position: int, batch: Batch) -> list[Batch]:
-        """One filter on one batch. A filter that raises does not lose the batch, nor stop the agent:
-        a redact's records are dropped (never ship what it was to hide), any other's go on unfiltered."""
-        filt = self.filters[position][0]
-        try:
-            return filt.apply(batch)
-        except Exception:
-            name = filt.context.name
-            redact = name.startswith("redact.")
-            if name not in self._filter_failures:
-                self._filter_failures.add(name)
-                log.exception("%s: failed on a batch of %s at offset %d; %s (logged once: see filter_errors and "
-                              "records_dropped{reason=\"filter_error\"})", name, batch.source or batch.tag,
-                              batch.start, "its records are dropped" if redact else "it goes on unfiltered")
-            self.stats.add("filter_errors", 1, filter=name)
-            if redact:
-                self.stats.add("records_dropped", batch.count, input=batch.tag, reason="filter_error", filter=name)
-                return [derived(batch, blob=b"")]
-            return [batch]
-
     def _flush_filters(self, final: bool) -> None:
-        """Batches the filters emit on their own (throttle summaries) go through the filters after them."""
-        now = time.time()
-        for position, (filt, _) in enumerate(self.filters):
-            try:
-                batches = filt.flush(now, final)
-            except Exception:
-                log.exception("%s: flush failed", filt.context.name)
-                self.stats.add("filter_errors", 1, filter=filt.context.name)
-                continue
-            for batch in batches:
-                self._filter(batch, position + 1)
+        for batch, after in self.stage.flush(final):
+            self._filter(batch, after)
 
     def _run_flusher(self) -> None:
         while not self.stop_inputs.wait(1.0):
@@ -518,7 +544,7 @@ class Pipeline:
             thread.start()
             self._input_threads.append(thread)
         # Only filters that emit on their own (their class overrides flush) cost a thread waking every second.
-        if any(type(filt).flush is not Filter.flush for filt, _ in self.filters):
+        if self.stage.flushes:
             self._flusher = threading.Thread(target=self._run_flusher, name="filters-flush", daemon=True)
             self._flusher.start()
 

@@ -194,8 +194,11 @@ def _sample(config: Config, path: str, tag: str | None, limit: int) -> int:
         batches.extend(stage.run(batch, after))
     print(f"read: {_counted(read, 'record')}")
     print("filters:" if stage.filters else "filters: none")
-    for filt, _ in stage.filters:
+    for filt, match in stage.filters:
         name = filt.context.name
+        if not any(r[0] == name for r in report):
+            print(f"  {name}: not applied (its match {','.join(match)} took no record's tag)")
+            continue
         left = sum((r[1] for r in report if r[0] == name), Counter())
         came = sum((r[2] for r in report if r[0] == name), Counter())
         dropped = stats.snapshot()

@@ -224,6 +224,8 @@ class Redactor:
                 if 10 in value:  # a user regex crossed a line: apply it line by line instead
                     raise _Crossed
                 value = value.decode("utf-8", "replace")
+            if value.startswith(("[REDACTED:", "[HMAC:")):  # redacted already (a second redact filter)
+                return whole
             if rule.check is not None and not rule.check(value):
                 return whole
             if allow is not None and allow.fullmatch(value):

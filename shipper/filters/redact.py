@@ -322,32 +322,33 @@ class Redactor:
             counts[name] = counts.get(name, 0) + number
         return result
 
-    def pem_blocks(self, blob: bytes, open_lines: int, counts: dict[str, int]) -> tuple[bytes, int]:
-        """The base64 lines after a BEGIN ... PRIVATE KEY line (already redacted by the rule, or
-        still open from the previous batch: ``open_lines`` > 0) replaced up to the END line. Returns
-        the blob and the lines of a block still open at its end (0: none)."""
-        mask = self.replacement("private_key", "").encode() if self.mode == "mask" else None
+    def pem_blocks(self, original: bytes, blob: bytes, open_lines: int, counts: dict[str, int]) -> tuple[bytes, int]:
+        """The lines after a BEGIN ... PRIVATE KEY line of ``original`` (one without its END on the same
+        line), or still open from the previous batch (``open_lines`` > 0), replaced in ``blob`` (the
+        same lines, redacted) up to the END line, while they look like PEM. Returns the blob and the
+        lines of a block still open at its end (0: none)."""
         out: list[bytes] = []
         changed = False
-        lines = blob.split(b"\n")
+        lines = original.split(b"\n")
         lines.pop()
         inside = open_lines
-        for line in lines:
+        for line, redacted in zip(lines, blob.split(b"\n")):
             if inside:
-                if _PEM_END.search(line) or _PEM_BODY.fullmatch(line):
-                    text = mask if mask is not None else self.replacement("private_key", line.decode("utf-8", "replace")).encode()
+                ends = _PEM_END.search(line) is not None
+                if ends or _PEM_BODY.fullmatch(line):
+                    out.append(self.replacement("private_key", line.decode("utf-8", "replace")).encode())
                     counts["private_key"] = counts.get("private_key", 0) + 1
-                    out.append(text)
                     changed = True
-                    inside = 0 if _PEM_END.search(line) else inside + 1
-                    if inside > MAX_PEM_LINES:
-                        inside = 0
+                    inside = 0 if ends or inside >= MAX_PEM_LINES else inside + 1
                     continue
                 inside = 0
-            out.append(line)
-            if b"PRIVATE KEY-----" in line and (_PEM_BEGIN.search(line) or b"[REDACTED:private_key]" in line
-                                                or b"[HMAC:private_key:" in line) and not _PEM_END.search(line):
-                inside = 1
+            out.append(redacted)
+            if b"PRIVATE KEY-----" in line:
+                begin = None
+                for begin in _PEM_BEGIN.finditer(line):
+                    pass
+                if begin is not None and not _PEM_END.search(line, begin.end()):
+                    inside = 1
         if not changed:
             return blob, inside
         out.append(b"")
@@ -469,8 +470,8 @@ class RedactFilter(Filter):
             if redactor.pem and batch.source is not None:
                 with self._lock:
                     open_lines = self._pem_open.pop(batch.source, 0)
-                if open_lines or b"PRIVATE KEY-----" in blob:
-                    blob, open_lines = redactor.pem_blocks(blob, open_lines, counts)
+                if open_lines or b"PRIVATE KEY-----" in batch.blob:
+                    blob, open_lines = redactor.pem_blocks(batch.blob, blob, open_lines, counts)
                 if open_lines:
                     with self._lock:
                         self._pem_open[batch.source] = open_lines

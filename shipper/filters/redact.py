@@ -61,6 +61,7 @@ class Rule:
     opt_in: bool = False
     check: Callable[[str], bool] | None = None  # a match is a secret only if this says so (Luhn)
     text_pattern: str | None = None  # the form for messages, when it differs (spans lines)
+    field_name: str | None = None    # a field named so holds a secret whole (a parsed "password")
 
 
 def luhn(digits: str) -> bool:
@@ -87,7 +88,7 @@ BUILTIN: dict[str, Rule] = {rule.name: rule for rule in (
          (b"akia", b"asia")),
     Rule("aws_secret_key",
          r"(?i:(?:aws_?)?secret_?(?:access_?)?key)" + _KEY_END + r"""["']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])""",
-         (b"secret",)),
+         (b"secret",), field_name=r"(?i)(?:aws_?)?secret_?(?:access_?)?key"),
     Rule("bearer", r"(?<![A-Za-z0-9])(?i:bearer)[ \t]+(?P<v>[A-Za-z0-9\-._~+/]{12,}=*)", (b"bearer",)),
     Rule("jwt", r"(?P<v>e(?<![A-Za-z0-9_-]e)yJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*)",
          (b"eyj",)),
@@ -98,7 +99,8 @@ BUILTIN: dict[str, Rule] = {rule.name: rule for rule in (
          # The key from its keyword on ("access_token", "x-api-key" match at "token", "api"): no
          # quantifier before the keyword, which would cost a try at every word start.
          r"(?<![A-Za-z0-9])(?i:password|passwd|passphrase|pwd|secret|token|api[_-]?key)" + _KEY_END + _VALUE,
-         (b"pass", b"pwd", b"secret", b"token", b"api key", b"apikey")),
+         (b"pass", b"pwd", b"secret", b"token", b"api key", b"apikey"),
+         field_name=r"(?i)(?:[a-z0-9]+[_-])*(?:password|passwd|passphrase|pwd|secret|token|api[_-]?key)"),
     Rule("credit_card",
          # The first digit before the look-behind: the engine then skips to digits at C speed.
          r"(?P<v>[0-9](?<![0-9][0-9])(?:[0-9]{12,18}|[0-9]{3}(?:[ -][0-9]{4}){2}[ -][0-9]{1,4}(?:[ -][0-9]{3})?"
@@ -198,6 +200,16 @@ class Redactor:
         self.pem = "private_key" in {rule.name for rule in rules}
         self._masks = {rule.name: f"[REDACTED:{rule.name}]" for rule in rules}
         self._lock = threading.Lock()
+        self.field_names = [(re.compile(rule.field_name), rule.name) for rule in rules if rule.field_name]
+
+    def field(self, name, value: str, counts: dict[str, int]) -> str:
+        """A string field's value: whole when its name says it is a secret (``password``), else as text."""
+        if isinstance(name, str) and value and not value.startswith(("[REDACTED:", "[HMAC:")):
+            for pattern, rule in self.field_names:
+                if pattern.fullmatch(name) and (self.allow is None or not self.allow.fullmatch(value)):
+                    counts[rule] = counts.get(rule, 0) + 1
+                    return self.replacement(rule, value)
+        return self.text(value, counts) if value else value
 
     # ------------------------------------------------------------ one value
 
@@ -505,11 +517,12 @@ class RedactFilter(Filter):
         return out
 
 
-def _redact_value(value: Any, redactor: Redactor, counts: dict[str, int], depth: int, top: bool = False) -> Any:
+def _redact_value(value: Any, redactor: Redactor, counts: dict[str, int], depth: int, top: bool = False,
+                  name: Any = None) -> Any:
     """A fields value with every string redacted; the same object when nothing changed (copy on write).
     At the top, the agent's own keys (NUL-led: time, flags) are left alone."""
     if isinstance(value, str):
-        return redactor.text(value, counts) if value else value
+        return redactor.field(name, value, counts)
     if depth > 32:  # nested deeper than any parser makes: stringly redacted as a whole
         return value
     if isinstance(value, dict):
@@ -517,15 +530,15 @@ def _redact_value(value: Any, redactor: Redactor, counts: dict[str, int], depth:
         for key, item in value.items():
             if top and isinstance(key, str) and key[:1] == "\x00" and key != PARSED:
                 continue
-            new = _redact_value(item, redactor, counts, depth + 1)
-            if new is not item:
+            new = _redact_value(item, redactor, counts, depth + 1, name=key)
+            if new is not item and new != item:
                 if changed is None:
                     changed = dict(value)
                 changed[key] = new
         return value if changed is None else changed
     if isinstance(value, list):
-        items = [_redact_value(item, redactor, counts, depth + 1) for item in value]
-        return value if all(a is b for a, b in zip(items, value)) else items
+        items = [_redact_value(item, redactor, counts, depth + 1, name=name) for item in value]
+        return value if all(a is b or a == b for a, b in zip(items, value)) else items
     return value
 
 

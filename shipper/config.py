@@ -434,6 +434,13 @@ class Config:
                 found.append(f"{settings.where}: its records (tag {settings.tag!r}) reach no output: no "
                              f"output's match ({', '.join(patterns)}) takes that tag; set the input's tag "
                              f"or add it to an output's match")
+        tags = {settings.tag for settings in self.inputs}
+        made = {f.tag for f in self.filters if f.type == "modify" and f.get("tag")}  # set by a modify
+        for settings in self.filters:
+            if any(tag_matches(tag, settings.match) for tag in tags | made) or any("{" in tag for tag in made):
+                continue
+            found.append(f"{settings.where}: its match ({', '.join(settings.match)}) takes no input's tag "
+                         f"({', '.join(sorted(tags))}): this filter never applies")
         return found
 
 

@@ -141,3 +141,20 @@ def test_status_shows_drops_by_filter_and_reason():
         line for line in text.splitlines() if line.startswith("FILTER"))):]]
     assert rows == [["FILTER", "INPUT", "REASON", "DROPPED", "ERRORS"], ["grep.0", "app", "filtered", "100"],
                     ["sample.2", "app", "sampled", "9"], ["modify.1", "0", "2"]]
+
+
+def test_a_filter_whose_match_takes_no_tag_is_a_warning():
+    config = load_text(BASE + """
+[[filters]]
+type = "sample"
+match = ["ap"]
+rate = 2
+[[filters]]
+type = "modify"
+tag = "app.errors"
+[[filters]]
+type = "sample"
+match = ["app.errors"]
+rate = 2
+""", "test.toml")
+    assert config.warnings() == ["filters[0]: its match (ap) takes no input's tag (app): this filter never applies"]

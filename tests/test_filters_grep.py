@@ -176,3 +176,27 @@ def test_rule_problems(rules, message):
     settings = Settings("filters[0]", {"rules": rules, "keep_level": None})
     problems = GrepFilter.problems(settings, "filters[0]")
     assert any(p.startswith(message) for p in problems), problems
+
+
+LEVEL_FIELDS = [None, {PARSED: {"level": "info"}}, {PARSED: {"level": "error"}}, {PARSED: {"level": "debug"}}]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["GET /health", "ERROR x", "ok", "é a", ""]),
+                          st.integers(0, len(LEVEL_FIELDS) - 1)), max_size=12),
+       st.sampled_from([None, "error", "info"]))
+def test_plain_lines_with_shared_fields_filter_as_records_do(rows, keep_level):
+    # The level filter gives plain lines shared fields dicts: the blob path (a flag per line, message
+    # rules still cut over the blob) must keep exactly what the record path keeps, fields along.
+    rules = [{"exclude": "health"}, {"include": "^(info|error)$", "field": "level"}, {"exclude": "^$"}]
+    lines = [line for line, _ in rows]
+    fields = [LEVEL_FIELDS[index] for _, index in rows]
+    grep, _ = make(rules, keep_level=keep_level)
+    plain = Batch("app", None, 0.0, blob="".join(f"{line}\n" for line in lines).encode(), fields=fields)
+    general = Batch("app", None, 0.0, messages=list(lines), fields=list(fields))
+    [from_blob] = grep.apply(plain)
+    [from_records] = grep.apply(general)
+    assert from_blob.blob is not None
+    assert from_blob.message_list() == from_records.message_list()
+    assert from_blob.fields == from_records.fields
+    assert all(kept is shared for kept, shared in zip(from_blob.fields, from_records.fields))  # not copied

@@ -62,12 +62,16 @@ class LinePattern:
                 self.bytes = re.compile(pattern.encode("utf-8"), re.M)
             except re.error:  # \u escapes and the like exist for text patterns only
                 self.bytes = None
+        # A plain ASCII string (" /healthz"): bytes.find is about twice as fast as the regex engine.
+        self.literal = literal_of(pattern) if self.bytes is not None else None
 
     def search(self, text: str) -> bool:
         return self.text.search(text) is not None
 
     def cut(self, blob: bytes, keep_matching: bool) -> bytes:
         """The lines of ``blob`` that match (``keep_matching``) or that do not, in order."""
+        if self.literal is not None:
+            return _join_runs(blob, literal_runs(blob, self.literal), keep_matching)
         if self.bytes is not None:
             return _cut(self.bytes, blob, b"\n", keep_matching, self.chunked)
         text = blob.decode("utf-8")
@@ -76,6 +80,8 @@ class LinePattern:
     def line_spans(self, blob: bytes) -> tuple[Any, list[tuple[int, int]]]:
         """(data, spans): the matching lines of ``blob`` as [start, end) runs (ends after the newline)
         over ``data``, which is ``blob`` or its decoded text (see ``cut``)."""
+        if self.literal is not None:
+            return blob, literal_runs(blob, self.literal)
         if self.bytes is not None:
             return blob, matching_runs(self.bytes, blob, b"\n", self.chunked)
         text = blob.decode("utf-8")
@@ -132,6 +138,31 @@ def analyse(pattern: str) -> tuple[bool, bool]:
     return verdict["chunk"], verdict["bytes"]
 
 
+def literal_of(pattern: str) -> bytes | None:
+    """The bytes a pattern of only ASCII literal characters (no newline) matches; None for any other."""
+    parsed = _parser.parse(pattern, re.M)
+    if parsed.state.flags & re.IGNORECASE or not len(parsed):
+        return None
+    if not all(op is _c.LITERAL and 0 < av < 128 and av != 10 for op, av in parsed):
+        return None
+    return bytes(av for _, av in parsed)
+
+
+def literal_runs(blob: bytes, literal: bytes) -> list[tuple[int, int]]:
+    """matching_runs for a literal: found with bytes.find, which cannot run over a newline."""
+    runs: list[tuple[int, int]] = []
+    find, rfind = blob.find, blob.rfind
+    position = 0
+    while True:
+        at = find(literal, position)
+        if at < 0:
+            return runs
+        line_start = rfind(b"\n", position, at) + 1 or position
+        line_end = find(b"\n", at)
+        _add(runs, line_start, line_end + 1)
+        position = line_end + 1
+
+
 def matching_runs(regex: re.Pattern, data, newline, chunked: bool) -> list[tuple[int, int]]:
     """[start, end) runs of the lines of ``data`` (complete lines, each ending in ``newline``) in which
     ``regex`` finds a match; adjacent lines are merged into one run."""
@@ -186,7 +217,11 @@ def _add(runs: list[tuple[int, int]], start: int, end: int) -> None:
 
 
 def _cut(regex: re.Pattern, data, newline, keep_matching: bool, chunked: bool):
-    runs = matching_runs(regex, data, newline, chunked)
+    return _join_runs(data, matching_runs(regex, data, newline, chunked), keep_matching)
+
+
+def _join_runs(data, runs: list[tuple[int, int]], keep_matching: bool):
+    """The runs of ``data`` (keep_matching), or what lies between them."""
     if keep_matching:
         return data[:0].join([data[start:end] for start, end in runs])
     if not runs:

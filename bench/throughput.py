@@ -45,10 +45,26 @@ ROOT = os.path.dirname(BENCH)
 WORK = os.path.join(BENCH, "work")
 RESULTS = os.path.join(BENCH, "results")
 INPUT = os.path.join(WORK, "throughput-input.log")
-SHIPPER = os.path.join(ROOT, ".venv", "bin", "shipper")
+# The agent of this tree (a worktree has no .venv of its own): python -m shipper with ROOT first on the path.
+SHIPPER_ARGV = [sys.executable, "-m", "shipper"]
+AGENT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 RSYSLOGD = "/usr/sbin/rsyslogd"
 POLL = 0.05  # seconds between completion checks
-TOOLS = ("cat", "gzip", "rsyslog", "shipper")
+# The filter stage (issue 16), each alone on the same file and output as "shipper": (a) is "shipper".
+FILTERS = {
+    "shipper+grep": ('[[filters]]\ntype = "grep"\nrules = [{ exclude = \' /healthz\' }]\n', "health checks excluded"),
+    # Every built-in secret rule (the default set); "all" adds the opt-in email, ipv4 and ipv6 rules,
+    # which in an access log redact every client address: measured on its own, without a target.
+    "shipper+redact": ('[[filters]]\ntype = "redact"\n', "every built-in secret rule (the default set)"),
+    "shipper+throttle": ('[[filters]]\ntype = "throttle"\nlines_per_second = 100000000\n'
+                         'bytes_per_second = "100GiB"\n', "a rate far above the input's: no drops"),
+    "shipper+level": ('[[filters]]\ntype = "level"\n', "level detection on every line"),
+    "shipper+redact-all": ('[[filters]]\ntype = "redact"\npatterns = ["all"]\n',
+                           "every built-in rule, the opt-in email, ipv4 and ipv6 too"),
+}
+HEALTH_CHECK = " /healthz"  # what shipper+grep drops: the verification drops the same lines
+TOOLS = ("cat", "gzip", "rsyslog", "shipper", *FILTERS)
+OPTIONAL_TOOLS = ("shipper+redact-all",)  # minutes on this input: only with --only
 
 
 def log(message: str) -> None:
@@ -175,13 +191,14 @@ def checkpoint_offset(path: str, input_path: str = INPUT) -> int:
 
 
 def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | None,
-                  background: Background) -> Result:
+                  background: Background, name: str = "shipper") -> Result:
     data = os.path.join(workdir, "data")
     archive = os.path.join(workdir, "archive")
     conf = os.path.join(workdir, "shipper.toml")
+    filters = FILTERS[name][0] if name in FILTERS else ""
     with open(conf, "w") as handle:
         handle.write(AGENT_CONF.format(data=data, tag="bench", input=INPUT,
-                                        output=DIRECTORY_OUTPUT.format(archive=archive)))
+                                        output=DIRECTORY_OUTPUT.format(archive=archive)) + filters)
     checkpoint = os.path.join(data, "checkpoints", "file-bench.json")
     size = meta["bytes"]
     timeline = []
@@ -189,7 +206,7 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
     profiler = None
     with open(os.path.join(workdir, "shipper.stderr"), "wb") as errors:
         started = time.monotonic()
-        proc = subprocess.Popen([SHIPPER, "run", "-c", conf], stdout=errors, stderr=errors)
+        proc = subprocess.Popen([*SHIPPER_ARGV, "run", "-c", conf], stdout=errors, stderr=errors, env=AGENT_ENV)
         if py_spy:
             profiler = subprocess.Popen([py_spy[0], "record", "--pid", str(proc.pid), *py_spy[1:]],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -224,12 +241,30 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
              "reader_done_seconds": None if read_done is None else round(read_done, 2),
              "minor_faults": faults, "other_cpu_seconds": other, "steal_cpu_seconds": steal,
              "threads": threads, "timeline": timeline}
-    extra.update(verify_archive(archive, meta))
-    return Result("shipper", elapsed, size, meta["lines"], cpu, rss, extra)
+    if name == "shipper+grep":
+        extra.update(verify_archive(archive, meta, keep=lambda line: HEALTH_CHECK not in line))
+    else:  # redact changes messages: only their count is checked
+        extra.update(verify_archive(archive, meta, messages=not name.startswith("shipper+redact")))
+    return Result(name, elapsed, size, meta["lines"], cpu, rss, extra)
 
 
-def verify_archive(archive: str, meta: dict) -> dict:
-    """Count the archived records and check their messages against the input, in order."""
+def filter_available(name: str) -> str | None:
+    """Why a filter variant cannot run in this tree (its module missing, its config refused), or None."""
+    from shipper.config import load_text
+    from shipper.errors import ConfigError
+
+    text = AGENT_CONF.format(data="/nonexistent", tag="bench", input=INPUT, output=DIRECTORY_OUTPUT.format(
+        archive="/nonexistent")) + FILTERS[name][0]
+    try:
+        load_text(text, name)
+    except ConfigError as exc:
+        return "; ".join(exc.problems)
+    return None
+
+
+def verify_archive(archive: str, meta: dict, keep=None, messages: bool = True) -> dict:
+    """Count the archived records and check their messages against the input, in order: the input's lines
+    for which ``keep`` is true (all by default); ``messages`` False checks the count only."""
     objects = []
     for directory, subdirs, files in os.walk(archive):
         subdirs[:] = [d for d in subdirs if d != ".tmp"]
@@ -242,7 +277,19 @@ def verify_archive(archive: str, meta: dict) -> dict:
     objects.sort(key=seq)
     records = ndjson_bytes = compressed = 0
     mismatch = None
+    expected_records = meta["lines"]
+
+    def expected_lines(source):
+        for line in source:
+            text = line[:-1].decode("utf-8")
+            if keep is None or keep(text):
+                yield text
+
+    if keep is not None:
+        with open(INPUT, "rb") as source:
+            expected_records = sum(1 for _ in expected_lines(source))
     with open(INPUT, "rb") as source:
+        wanted = expected_lines(source)
         for path in objects:
             compressed += os.path.getsize(path)
             with gzip.open(path, "rb") as handle:
@@ -256,16 +303,17 @@ def verify_archive(archive: str, meta: dict) -> dict:
                     carry = lines.pop()
                     for line in lines:
                         records += 1
-                        expected = source.readline()[:-1].decode("utf-8")
-                        if mismatch is None and orjson.loads(line).get("message") != expected:
+                        expected = next(wanted, None)
+                        if messages and mismatch is None and orjson.loads(line).get("message") != expected:
                             mismatch = {"record": records, "object": path}
                 if carry:
                     mismatch = mismatch or {"record": records, "object": path, "error": "no final newline"}
-    ok = records == meta["lines"] and mismatch is None
-    log(f"  verify: {len(objects)} objects, {records:,} records (expected {meta['lines']:,}), "
+    ok = records == expected_records and mismatch is None
+    log(f"  verify: {len(objects)} objects, {records:,} records (expected {expected_records:,}), "
         f"{ndjson_bytes / 1e6:.1f} MB NDJSON -> {compressed / 1e6:.1f} MB gzip, "
-        f"messages {'match the input' if mismatch is None else f'DIFFER at {mismatch}'}")
-    return {"objects": len(objects), "records": records, "verified": ok, "mismatch": mismatch,
+        f"messages {('match the input' if messages else 'not compared') if mismatch is None else f'DIFFER at {mismatch}'}")
+    return {"objects": len(objects), "records": records, "expected_records": expected_records,
+            "verified": ok, "mismatch": mismatch,
             "ndjson_bytes": ndjson_bytes, "archive_bytes": compressed}
 
 
@@ -281,12 +329,12 @@ def machine() -> dict:
 
     def version(argv: list[str]) -> str:
         try:
-            first = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+            first = subprocess.run(argv, capture_output=True, text=True, env=AGENT_ENV).stdout.splitlines()[0]
             return " ".join(first.replace("compiled with:", "").split())
         except (OSError, IndexError):
             return "unknown"
 
-    shipper_version = version([SHIPPER, "version"])
+    shipper_version = version([*SHIPPER_ARGV, "version"])
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or "unknown"
@@ -339,6 +387,9 @@ def ratios(results: list[Result]) -> dict[str, float]:
         for other in ("rsyslog", "gzip -1", "cat"):
             if other in by_name:
                 out[f"shipper/{other}"] = round(by_name["shipper"].mb_per_s / by_name[other].mb_per_s, 3)
+        for variant in FILTERS:  # input MB/s with the filter over input MB/s without
+            if variant in by_name:
+                out[f"{variant}/shipper"] = round(by_name[variant].mb_per_s / by_name["shipper"].mb_per_s, 3)
     return out
 
 
@@ -386,12 +437,19 @@ def markdown(results: list[Result], meta: dict, info: dict) -> str:
                    f"verified: {extra['verified']}; {extra['ndjson_bytes'] / 1e6:.1f} MB NDJSON -> "
                    f"{extra['archive_bytes'] / 1e6:.1f} MB gzip; reader reached end of file at "
                    f"~{extra['reader_done_seconds']} s")
+    for variant, (_, what) in FILTERS.items():
+        if variant in by_name:
+            extra = by_name[variant].extra
+            out.append(f"- {variant} ({what}): {extra['records']:,} records (expected {extra['expected_records']:,}), "
+                       f"verified: {extra['verified']}; {by_name[variant].mb_per_s / by_name['shipper'].mb_per_s:.2f} "
+                       f"of shipper's MB/s" if "shipper" in by_name else "")
     out += [
         "",
         "rsyslog: imfile (inotify) -> omfile with template `%rawmsg%\\n`, defaults otherwise; timed from "
         "process start until the output file has N lines. shipper: file input (parser none) -> directory "
         "output (gzip level 1, upload_interval 2s); timed from process start until the checkpoint equals the "
-        "file size, i.e. the last object was fsynced and linked. cat and gzip write to /dev/null. CPU is "
+        "file size, i.e. the last object was fsynced and linked; shipper+NAME: the same with one [[filters]] entry of that "
+        "type (MB/s of the input read, so a filter that drops lines is not credited for writing less). cat and gzip write to /dev/null. CPU is "
         "user+sys of the process; peak RSS is VmHWM (ru_maxrss for cat and gzip).",
         "",
     ]
@@ -413,7 +471,7 @@ def measure(tool: str, meta: dict, run_dir: str, args: argparse.Namespace, py_sp
         if tool == "rsyslog":
             result = bench_rsyslog(meta, workdir, args.timeout, background)
         else:
-            result = bench_shipper(meta, workdir, args.timeout, py_spy, background)
+            result = bench_shipper(meta, workdir, args.timeout, py_spy, background, tool)
         if not args.keep:
             shutil.rmtree(workdir)
     if "other_cpu_seconds" not in result.extra:
@@ -446,7 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     add_common_arguments(parser, timeout=900, what="tool")
     add_py_spy_argument(parser, "shipper")
     args = parser.parse_args(argv)
-    tools = args.only or list(TOOLS)
+    tools = args.only or [t for t in TOOLS if t not in OPTIONAL_TOOLS]
+    for variant in FILTERS:
+        why = filter_available(variant) if variant in tools else None
+        if why:
+            log(f"skipping {variant}: {why}")
+            tools.remove(variant)
     results_name = args.results or (None if args.only else "throughput")
     py_spy = py_spy_command(args, os.path.join(ROOT, ".venv", "bin"))
 
@@ -470,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         document = {"machine": info, "input": meta, "results": [r.as_dict() for r in results],
                     "ratios": ratios(results)}
         write_results(RESULTS, results_name, document, markdown(results, meta, info), log)
-    shipper = next((r for r in results if r.name == "shipper"), None)
-    return 0 if shipper is None or shipper.extra["verified"] else 1
+    shippers = [r for r in results if r.name == "shipper" or r.name in FILTERS]
+    return 0 if all(r.extra["verified"] for r in shippers) else 1
 
 
 if __name__ == "__main__":

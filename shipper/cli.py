@@ -86,9 +86,159 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"configuration refused: {_counted(len(warnings), 'warning')} and --strict", file=sys.stderr)
         return EXIT_CONFIG
     print("configuration OK" + (f", with {_counted(len(warnings), 'warning')}" if warnings else ""))
+    if args.sample:
+        code = _sample(config, args.sample, args.tag, args.limit)
+        if code != EXIT_OK:
+            return code
     if args.probe:
         return _probe(config)
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- check --sample
+
+def _sample_input(config: Config, path: str):
+    """The file input whose paths take ``path`` (it reads the sample as it would read that file), or None."""
+    from fnmatch import fnmatchcase
+
+    from shipper.inputs.discovery import is_excluded
+
+    real = os.path.abspath(path)
+    for settings in config.inputs:
+        if settings.type == "file" and any(fnmatchcase(real, os.path.abspath(p)) for p in settings.paths) \
+                and not is_excluded(real, settings.get("exclude") or []):
+            return settings
+    return None
+
+
+def _sample_batches(settings, tag: str, path: str, data: bytes) -> list:
+    """The batches the file input would make of ``data`` (its parser, multiline, line limit); without an
+    input, plain lines."""
+    from shipper.inputs.framing import RecordBuilder
+    from shipper.inputs.tail import LINES, Read, split_long_lines
+    from shipper.multiline import Joiner, make_rule
+    from shipper.parsers import LineParser
+
+    if data and not data.endswith(b"\n"):
+        data += b"\n"  # the last line as if its newline had come
+    now = time.time()
+    if settings is None:
+        parser, joiner, limit = LineParser("none", None, None, None), None, None
+    else:
+        parser = LineParser(settings.parser, settings.pattern, settings.time_key, settings.time_format)
+        multiline = settings.multiline
+        joiner = Joiner(make_rule(multiline.start, multiline.preset), multiline.max_lines,
+                        settings.max_line_bytes) if multiline is not None else None
+        limit = settings.max_line_bytes
+    builder = RecordBuilder(tag, os.path.abspath(path), parser, joiner, 0)
+    blocks = split_long_lines(data, limit) if limit else [(LINES, data, len(data))]
+    batches = [builder.build(Read(0, len(data), blocks), now), builder.flush_pending(now)]
+    return [b for b in batches if b is not None and b.count]
+
+
+def _sample(config: Config, path: str, tag: str | None, limit: int) -> int:
+    """Run the config's filters over the lines of ``path``: what each route would ship, what each filter
+    dropped or changed. Nothing is sent and no state is written."""
+    import threading
+    from collections import Counter
+
+    import orjson
+
+    from shipper.config import tag_matches
+    from shipper.pipeline import FilterStage
+    from shipper.record import Envelope
+    from shipper.stats import Stats
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(64 * 1024**2 + 1)
+    except OSError as exc:
+        print(f"--sample {path}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    if len(data) > 64 * 1024**2:
+        print(f"--sample {path}: more than 64 MiB; a sample is a few lines", file=sys.stderr)
+        return EXIT_FAILED
+    settings = _sample_input(config, path)
+    file_inputs = [s for s in config.inputs if s.type == "file"]
+    if settings is not None and tag is None:
+        tag, how = settings.tag, f"as {settings.where} reads it (tag {settings.tag}, parser {settings.parser})"
+    else:
+        tag = tag or (file_inputs[0].tag if file_inputs else "sample")
+        how = f"as plain lines, tag {tag}" + ("" if settings is None else f" (read by {settings.where}'s parser)")
+    print(f"\nsample: {path}, {how}")
+    envelope = Envelope({}, dict(config.agent.labels))
+    stats = Stats()
+    stop = threading.Event()
+    stop.set()  # nothing waits here: a throttle that would hold does what it does at stop
+    stage = FilterStage(config.filters, stats, envelope, stop)
+    batches = _sample_batches(settings, tag, path, data)
+    read = sum(b.count for b in batches)
+
+    def keys(items) -> Counter:
+        return Counter(orjson.dumps(r, option=orjson.OPT_SORT_KEYS) for b in items for r in b.records(envelope))
+
+    report: list[tuple[str, Counter, Counter]] = []  # (filter, records that left, records that came)
+    for position, (filt, _) in enumerate(stage.filters):
+        out = []
+        for batch in batches:
+            if position in stage.chain(batch.tag):
+                before = keys([batch])
+                made = stage.apply(position, batch)
+                after = keys(made)
+                report.append((filt.context.name, before - after, after - before))
+                out.extend(made)
+            else:
+                out.append(batch)
+        batches = out
+    for batch, after in stage.flush(final=True):
+        batches.extend(stage.run(batch, after))
+    print(f"read: {_counted(read, 'record')}")
+    print("filters:" if stage.filters else "filters: none")
+    for filt, match in stage.filters:
+        name = filt.context.name
+        if not any(r[0] == name for r in report):
+            print(f"  {name}: not applied (its match {','.join(match)} took no record's tag)")
+            continue
+        left = sum((r[1] for r in report if r[0] == name), Counter())
+        came = sum((r[2] for r in report if r[0] == name), Counter())
+        dropped = stats.snapshot()
+        by_reason = {dict(labels).get("reason"): value for (counter, labels), value in dropped.items()
+                     if counter == "records_dropped" and dict(labels).get("filter") == name}
+        text = ", ".join(f"{value:.0f} {reason}" for reason, value in sorted(by_reason.items())) or "0 dropped"
+        changed = sum(came.values())
+        print(f"  {name}: {text}; {changed} changed or made"
+              + (f"; {stats.get('filter_errors', filter=name):.0f} errors" if stats.get("filter_errors", filter=name)
+                 else ""))
+        if by_reason:
+            for line in list((left - came).elements())[:3]:
+                print(f"    - {_shown_record(line)}")
+        for line in list(came.elements())[:3]:
+            print(f"    + {_shown_record(line)}")
+    for output in config.outputs:
+        mine = [b for b in batches if b.count and tag_matches(b.tag, output.match)]
+        lines = [line for b in mine for line in b.ndjson(envelope).splitlines()]
+        print(f"route {output.where} ({output.type} {target_of(output)}, match {','.join(output.match)}): "
+              f"{_counted(len(lines), 'record')}")
+        for line in lines[:limit]:
+            print(f"  {line.decode()}")
+        if len(lines) > limit:
+            print(f"  ... {len(lines) - limit} more (--limit)")
+    total_dropped = sum(value for (counter, labels), value in stats.snapshot().items() if counter == "records_dropped")
+    tags = Counter(b.tag for b in batches for _ in range(b.count))
+    print(f"totals: read {read}, dropped {total_dropped:.0f}, left {sum(tags.values())} "
+          f"({', '.join(f'tag {t}: {n}' for t, n in sorted(tags.items())) or 'none'})")
+    return EXIT_OK
+
+
+def _shown_record(line: bytes) -> str:
+    import orjson
+
+    record = orjson.loads(line)
+    text = f"[{record.get('tag')}] {record.get('message', '')}"
+    extra = {k: v for k, v in record.items() if k not in ("time", "tag", "source", "message", "labels")}
+    if extra:
+        text += " " + orjson.dumps(extra).decode()
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _probe(config: Config) -> int:
@@ -328,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit 2 on warnings too (an input whose records reach no output)")
     check.add_argument("--probe", action="store_true",
                        help="also try credentials and reach each destination (HeadBucket, DescribeLogGroups)")
+    check.add_argument("--sample", metavar="FILE",
+                       help="run the filters over the lines of FILE (read as the file input whose paths take it "
+                            "reads it, else as plain lines) and print what each route would ship")
+    check.add_argument("--tag", help="--sample: the tag of the lines (default: the input's, or the first file "
+                                     "input's)")
+    check.add_argument("--limit", type=_bounded_int(0, 1_000_000), default=20,
+                       help="--sample: records shown per route (default 20)")
     check.set_defaults(func=cmd_check)
     status = commands.add_parser("status", help="show the running agent's inputs, outputs, rates and health")
     status.add_argument("-c", "--config", help=config_help + "; its [server] listen is asked")

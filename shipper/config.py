@@ -372,6 +372,11 @@ COMMON_INPUT_OPTIONS = {
     "tag": Option("str", None),
 }
 
+COMMON_FILTER_OPTIONS = {
+    "type": Option("str"),
+    "match": Option("strlist", ["*"]),  # tag patterns, as outputs'
+}
+
 COMMON_OUTPUT_OPTIONS = {
     "type": Option("str"),
     "match": Option("strlist", ["*"]),
@@ -388,18 +393,35 @@ class Config:
     inputs: list[Settings] = field(default_factory=list)
     outputs: list[Settings] = field(default_factory=list)
     source: str = "<embedded default>"  # EMBEDDED_DEFAULT, or the path read
+    filters: list[Settings] = field(default_factory=list)  # [[filters]], in file order
+
+    def filter_chain(self, tag: str) -> list[Settings]:
+        """The [[filters]] entries the records of ``tag`` go through, in order (as long as no filter
+        sets another tag: later filters then match the new one)."""
+        return [f for f in self.filters if tag_matches(tag, f.match)]
 
     def describe(self) -> str:
         """The resolved pipeline, as `shipper check` prints it."""
         lines = [f"config: {self.source}", f"data_dir: {self.agent.data_dir}"]
         for settings in self.inputs:
             lines.append(f"{settings.where}: {settings.type} tag={settings.tag} {source_of(settings)}".rstrip())
+        for settings in self.filters:
+            lines.append(f"{settings.where}: {settings.type} match={','.join(settings.match)} "
+                         f"{filter_summary(settings)}".rstrip())
         for settings in self.outputs:
             target = target_of(settings)
             lines.append(f"{settings.where}: {settings.type} match={','.join(settings.match)} {target}".rstrip())
         for settings in self.inputs:
             routed = [o.where for o in self.outputs if tag_matches(settings.tag, o.match)]
-            lines.append(f"route: {settings.tag} -> {', '.join(routed) or 'nothing (no output matches)'}")
+            chain = " -> ".join(filter_name(f) for f in self.filter_chain(settings.tag))
+            lines.append(f"route: {settings.tag} -> {chain + ' -> ' if chain else ''}"
+                         f"{', '.join(routed) or 'nothing (no output matches)'}")
+            for step in self.filter_chain(settings.tag):  # content-based routing: where the new tag goes
+                new_tag = step.get("tag") if step.type == "modify" else None
+                if new_tag and "{" not in new_tag:
+                    routed = [o.where for o in self.outputs if tag_matches(new_tag, o.match)]
+                    lines.append(f"route: {new_tag} (tag set by {filter_name(step)}) -> "
+                                 f"{', '.join(routed) or 'nothing (no output matches)'}")
         return "\n".join(lines)
 
     def warnings(self) -> list[str]:
@@ -412,6 +434,13 @@ class Config:
                 found.append(f"{settings.where}: its records (tag {settings.tag!r}) reach no output: no "
                              f"output's match ({', '.join(patterns)}) takes that tag; set the input's tag "
                              f"or add it to an output's match")
+        tags = {settings.tag for settings in self.inputs}
+        made = {f.tag for f in self.filters if f.type == "modify" and f.get("tag")}  # set by a modify
+        for settings in self.filters:
+            if any(tag_matches(tag, settings.match) for tag in tags | made) or any("{" in tag for tag in made):
+                continue
+            found.append(f"{settings.where}: its match ({', '.join(settings.match)}) takes no input's tag "
+                         f"({', '.join(sorted(tags))}): this filter never applies")
         return found
 
 
@@ -442,6 +471,19 @@ def target_of(settings: Settings) -> str:
     return ""
 
 
+def filter_name(settings: Settings) -> str:
+    """"grep.0": a filter's type and index in [[filters]], as counters and logs name it."""
+    return f"{settings.type}.{settings.where[len('filters['):-1]}"
+
+
+def filter_summary(settings: Settings) -> str:
+    """What a filter does, in a few words, from its module's ``summary`` (if it has one)."""
+    from shipper.filters import FILTER_MODULES
+
+    summary = getattr(importlib.import_module(FILTER_MODULES[settings.type]).FILTER, "summary", None)
+    return summary(settings) if summary is not None else ""
+
+
 def tag_matches(tag: str, patterns: list[str]) -> bool:
     from fnmatch import fnmatchcase
 
@@ -459,6 +501,35 @@ def _plugin_schema(kind: str, where: str, raw: Any, modules: dict[str, str], com
         return None
     module = importlib.import_module(modules[type_name])
     return {**common, **module.OPTIONS}
+
+
+def _filter_settings(where: str, raw: Any, labels: dict[str, str], problems: list[str]) -> Settings | None:
+    """One [[filters]] table: ``type`` and ``match``, the type's own OPTIONS, then its cross-key checks."""
+    from shipper.filters import FILTER_MODULES
+
+    type_name = raw.get("type") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table, got {type(raw).__name__}")
+        return None
+    if type_name is None:
+        problems.append(f"{where}.type: required (one of {', '.join(sorted(FILTER_MODULES))})")
+        return None
+    if not isinstance(type_name, str) or type_name not in FILTER_MODULES:
+        problems.append(f"{where}.type: unknown filter type {type_name!r}{did_you_mean(type_name, FILTER_MODULES)}")
+        return None
+    try:
+        kind = importlib.import_module(FILTER_MODULES[type_name]).FILTER
+    except ImportError:  # a type listed but not built in this version
+        problems.append(f"{where}.type: filter type {type_name!r} is not available in this build")
+        return None
+    settings = validate_section(where, raw, {**COMMON_FILTER_OPTIONS, **kind.OPTIONS}, problems)
+    try:  # cross-key checks; a key they need that is invalid (already reported) is missing: AttributeError
+        problems.extend(kind.problems(settings, where))
+        if hasattr(kind, "agent_problems"):  # what needs the rest of the config: [agent.labels]
+            problems.extend(kind.agent_problems(settings, where, labels))
+    except AttributeError:
+        pass
+    return settings
 
 
 def _shared_checkpoints(inputs: list[Settings]) -> list[str]:
@@ -514,7 +585,7 @@ def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> 
     problems: list[str] = []
     unresolved: list[str] = []
     raw = _interpolate_tree(raw, "", dict(os.environ) if environ is None else environ, problems, unresolved)
-    known = {"agent", "cloud", "server", "inputs", "outputs"}
+    known = {"agent", "cloud", "server", "inputs", "outputs", "filters"}
     for key in raw:
         if key not in known:
             problems.append(f"{key}: unknown section{did_you_mean(key, known)}")
@@ -544,9 +615,18 @@ def load_text(text: str, source: str, environ: dict[str, str] | None = None) -> 
                 problems.extend(module.validate(settings))
             sections[name].append(settings)
     problems.extend(_shared_checkpoints(sections["inputs"]))
+    filters: list[Settings] = []
+    items = raw.get("filters", [])
+    if not isinstance(items, list):
+        problems.append("filters: expected an array of tables ([[filters]])")
+        items = []
+    for index, item in enumerate(items):
+        settings = _filter_settings(f"filters[{index}]", item, agent.get("labels") or {}, problems)
+        if settings is not None:
+            filters.append(settings)
     if problems:
         raise ConfigError(one_cause_each(problems, unresolved), source)
-    return Config(agent, cloud, server, sections["inputs"], sections["outputs"], source)
+    return Config(agent, cloud, server, sections["inputs"], sections["outputs"], source, filters)
 
 
 def embedded_default_text() -> str:

@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 from shipper.acks import Acknowledgement, OutputAck
-from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, tag_matches
+from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, filter_name, tag_matches
 from shipper.durable import make_dirs
 from shipper.errors import BufferFull, FatalError, RetryableError
+from shipper.filters import FILTER_MODULES, Filter, FilterContext, derived
 from shipper.heartbeat import late_inputs
 from shipper.identity import resolve_identity
 from shipper.outputs.base import Output, OutputContext
@@ -335,6 +336,79 @@ class Tripwire(threading.Event):
             self.also.set()
 
 
+class FilterStage:
+    """The [[filters]] of a config, applied in order: each filter to the batches whose tag (maybe set
+    by an earlier one) its match takes. Shared by the pipeline and ``shipper check --sample``."""
+
+    def __init__(self, filters: list, stats: Stats, envelope: Envelope, stop: threading.Event):
+        self.stats = stats
+        self.filters: list[tuple[Filter, list[str]]] = []  # (filter, match), in [[filters]] order
+        for settings in filters:
+            kind = importlib.import_module(FILTER_MODULES[settings.type]).FILTER
+            context = FilterContext(filter_name(settings), stats, envelope, stop)
+            self.filters.append((kind(settings, context), settings.match))
+        # Per tag: the positions in self.filters of the filters whose match takes it ((): none).
+        self.chains: dict[str, tuple[int, ...]] = {}
+        self._failures: set[str] = set()  # filters whose exception was logged (once each)
+
+    def chain(self, tag: str) -> tuple[int, ...]:
+        positions = self.chains.get(tag)
+        if positions is None:
+            positions = self.chains[tag] = tuple(i for i, (_, match) in enumerate(self.filters)
+                                                 if tag_matches(tag, match))
+        return positions
+
+    def run(self, batch: Batch, first: int = 0) -> list[Batch]:
+        """The batches ``batch`` becomes through the filters from position ``first`` on."""
+        batches = [batch]
+        for position in range(first, len(self.filters)):
+            out: list[Batch] = []
+            for item in batches:
+                if position in self.chain(item.tag):
+                    out.extend(self.apply(position, item))
+                else:
+                    out.append(item)
+            batches = out
+        return batches
+
+    def apply(self, position: int, batch: Batch) -> list[Batch]:
+        """One filter on one batch. A filter that raises does not lose the batch, nor stop the agent:
+        a redact's records are dropped (never ship what it was to hide), any other's go on unfiltered."""
+        filt = self.filters[position][0]
+        try:
+            return filt.apply(batch)
+        except Exception:
+            name = filt.context.name
+            redact = name.startswith("redact.")
+            if name not in self._failures:
+                self._failures.add(name)
+                log.exception("%s: failed on a batch of %s at offset %d; %s (logged once: see filter_errors and "
+                              "records_dropped{reason=\"filter_error\"})", name, batch.source or batch.tag,
+                              batch.start, "its records are dropped" if redact else "it goes on unfiltered")
+            self.stats.add("filter_errors", 1, filter=name)
+            if redact:
+                self.stats.add("records_dropped", batch.count, input=batch.tag, reason="filter_error", filter=name)
+                return [derived(batch, blob=b"")]
+            return [batch]
+
+    def flush(self, final: bool) -> list[tuple[Batch, int]]:
+        """(batch, position of the next filter) of what the filters emit on their own (throttle summaries)."""
+        now = time.time()
+        out = []
+        for position, (filt, _) in enumerate(self.filters):
+            try:
+                out.extend((batch, position + 1) for batch in filt.flush(now, final))
+            except Exception:
+                log.exception("%s: flush failed", filt.context.name)
+                self.stats.add("filter_errors", 1, filter=filt.context.name)
+        return out
+
+    @property
+    def flushes(self) -> bool:
+        """Whether a filter emits on its own (its class overrides flush): only then a flush thread."""
+        return any(type(filt).flush is not Filter.flush for filt, _ in self.filters)
+
+
 class Pipeline:
     def __init__(self, config: Config, identity: dict[str, str] | None = None,
                  wakeup=None, stats: Stats | None = None):
@@ -365,6 +439,10 @@ class Pipeline:
         self.inputs = [importlib.import_module(INPUT_MODULES[s.type]).INPUT(s, input_context)
                        for s in config.inputs]
         self.stop_inputs = threading.Event()
+        self.stage = FilterStage(config.filters, self.stats, self.envelope, self.stop_inputs)
+        self.filters = self.stage.filters
+        self._chains = self.stage.chains
+        self._flusher: threading.Thread | None = None
         self._routes: dict[str, list[OutputRunner]] = {}
         self._unrouted_reported: set[str] = set()
         self._input_threads: list[threading.Thread] = []
@@ -379,6 +457,50 @@ class Pipeline:
         return runners
 
     def emit(self, batch: Batch) -> None:
+        """Filter (if a filter matches the tag: without one this costs a dict lookup) and route."""
+        chain = self._chains.get(batch.tag)
+        if chain is None:
+            chain = self.chain(batch.tag)
+        if chain:
+            self._filter(batch, 0)
+        else:
+            self.route(batch)
+
+    # ------------------------------------------------------------ filters
+
+    def chain(self, tag: str) -> tuple[int, ...]:
+        return self.stage.chain(tag)
+
+    def _filter(self, batch: Batch, first: int) -> None:
+        """Filter ``batch`` (from position ``first`` on), then route what comes out. The batch's on_done
+        fires once: after every batch made from it is done, at once if none is left."""
+        original = batch.on_done
+        batches = self.stage.run(batch, first)
+        if original is not None:
+            carriers = [b for b in batches if b.on_done is original]
+            if not carriers:  # everything dropped
+                original()
+            elif len(carriers) > 1:  # split: done when every part is
+                countdown = Acknowledgement(len(carriers), original)
+                for part in carriers:
+                    part.on_done = countdown.confirm
+        for item in batches:
+            if item.count:
+                self.route(item)
+            elif item.on_done is not None:  # nothing left to ship: done now, so the checkpoint moves past it
+                item.on_done()
+
+    def _flush_filters(self, final: bool) -> None:
+        for batch, after in self.stage.flush(final):
+            self._filter(batch, after)
+
+    def _run_flusher(self) -> None:
+        while not self.stop_inputs.wait(1.0):
+            self._flush_filters(final=False)
+
+    # ------------------------------------------------------------ routing
+
+    def route(self, batch: Batch) -> None:
         runners = self.routes(batch.tag)
         batch.ack = Acknowledgement(len(runners), batch.on_done)
         if not runners:
@@ -423,6 +545,10 @@ class Pipeline:
             thread = threading.Thread(target=self._run_input, args=(source,), name=f"input-{index}", daemon=True)
             thread.start()
             self._input_threads.append(thread)
+        # Only filters that emit on their own (their class overrides flush) cost a thread waking every second.
+        if self.stage.flushes:
+            self._flusher = threading.Thread(target=self._run_flusher, name="filters-flush", daemon=True)
+            self._flusher.start()
 
     def _run_input(self, source) -> None:
         _reader.while_waiting = getattr(source, "while_waiting", None)
@@ -462,6 +588,10 @@ class Pipeline:
             source.wake.set()
         for thread in self._input_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._flusher is not None:
+            self._flusher.join(max(0.0, deadline - time.monotonic()))
+        if self.filters:
+            self._flush_filters(final=True)  # the last summaries, before the outputs drain
         for runner in self.runners:
             runner.finish()
         for runner in self.runners:

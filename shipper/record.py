@@ -3,6 +3,11 @@
 A batch is either *plain* (a blob of complete, valid UTF-8 lines from one file, no parser:
 the fast path, which never makes a Python object per line) or *general* (a list of
 messages with optional per-record fields: parsed values, flags, event time).
+
+A plain batch may carry ``fields`` too, one entry per line (the level filter's detected level):
+the entries are then usually a few shared constant dicts, so the blob is still escaped whole and
+each line only gets the suffix of its dict (``encode_plain_fields``). Fields dicts may be shared
+between records: whoever changes one copies it first.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ RESERVED_KEYS = frozenset({
     "instance_type", "source", "message", "labels", "fields", "encoding_errors",
     "truncated", "parse_error", "metrics", "time_error",
     "shipper_format",  # marks the records the CloudWatch Logs output writes as JSON (log_events)
+    "throttled",       # the throttle filter's summary of what it dropped (THROTTLED)
 })
 IDENTITY_KEYS = ("host", "instance_id", "image_id", "region", "availability_zone", "instance_type")
 
@@ -98,6 +104,8 @@ class Batch:
         if blob is not None:
             self.count = blob.count(b"\n")
             self.size = len(blob)
+            if fields is not None and len(fields) != self.count:  # a filter's bug: never zip them short
+                raise ValueError(f"a blob of {self.count} lines with {len(fields)} fields entries")
         else:
             self.count = len(messages or ())
             self.size = sum(len(m) for m in messages or () if m)  # None: a record without message
@@ -176,8 +184,9 @@ ENCODING_ERRORS = "\x00encoding_errors"
 PARSE_ERROR = "\x00parse_error"
 TIME_ERROR = "\x00time_error"
 METRICS = "\x00metrics"
+THROTTLED = "\x00throttled"  # the throttle filter's summary record: {"source": ..., "dropped": N, "since": ...}
 PARSED = "\x00parsed"
-_AGENT_KEYS = frozenset({TIME, TRUNCATED, ENCODING_ERRORS, PARSE_ERROR, TIME_ERROR, METRICS})
+_AGENT_KEYS = frozenset({TIME, TRUNCATED, ENCODING_ERRORS, PARSE_ERROR, TIME_ERROR, METRICS, THROTTLED})
 # Flags that say how a line was read; they survive when a record falls back to its raw line.
 _READ_FLAGS = (TRUNCATED, ENCODING_ERRORS)
 
@@ -225,7 +234,11 @@ def _prefix_suffix(batch: Batch, envelope: Envelope) -> tuple[bytes, bytes]:
 def encode_ndjson(batch: Batch, envelope: Envelope) -> bytes:
     if batch.blob is not None:
         prefix, suffix = _prefix_suffix(batch, envelope)
-        return encode_plain_lines(batch.blob, prefix, suffix)
+        if batch.fields is None:
+            return encode_plain_lines(batch.blob, prefix, suffix)
+        encoded = encode_plain_fields(batch, envelope, prefix, suffix)
+        if encoded is not None:
+            return encoded
     try:
         return _encode_records(batch, envelope)
     except Exception:  # one record cannot be encoded: find it, keep the rest (see repair)
@@ -299,3 +312,49 @@ def encode_plain_lines(blob: bytes, prefix: bytes, suffix: bytes) -> bytes:
     # The last newline becomes a boundary too; the join leaves out the prefix and quote it opens.
     joined = escaped.replace(b"\n", b'"' + suffix + prefix + b'"')
     return b"".join((prefix, b'"', memoryview(joined)[:-(len(prefix) + 1)]))
+
+
+def _tail(extra: dict | None, head: dict[str, Any]) -> bytes | None:
+    """What one record's fields add after its message (``,"level":"error"``), as ``records`` would
+    place them; None when they would rather change a key before the message (an event time)."""
+    if not extra:
+        return b""
+    merged: dict[str, Any] = {}
+    _merge_fields(merged, extra)
+    if not merged:
+        return b""
+    if any(key in head or key in ("message", "labels") for key in merged):
+        return None
+    return b"," + orjson.dumps(merged)[1:-1]
+
+
+def encode_plain_fields(batch: Batch, envelope: Envelope, prefix: bytes, suffix: bytes) -> bytes | None:
+    """NDJSON for a blob whose lines carry fields: the same bytes as the general path, at the cost of
+    the plain one plus one dict lookup per line. The fields are a few distinct dicts (shared between
+    lines), each encoded once into the suffix of its lines; the blob is escaped whole, then cut at its
+    newlines. None when a dict does not fit a suffix (or does not encode): the caller takes the general path."""
+    blob, fields = batch.blob, batch.fields
+    if not blob:
+        return b""
+    head = envelope.head("", batch.tag, batch.source)
+    distinct = dict(zip(map(id, fields), fields))
+    joins: dict[int, bytes] = {}
+    for key, extra in distinct.items():
+        try:
+            tail = _tail(extra, head)
+        except Exception:  # cannot be encoded: the general path repairs it
+            return None
+        if tail is None:
+            return None
+        joins[key] = b'"' + tail + suffix + prefix + b'"'
+    if blob.translate(None, _NOT_CONTROL):  # a control character: each line through orjson
+        lines = [orjson.dumps(line)[1:-1] for line in blob[:-1].decode("utf-8").split("\n")]
+    else:
+        lines = blob.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\t", b"\\t").replace(
+            b"\r", b"\\r").split(b"\n")
+        lines.pop()  # after the last newline
+    parts: list = [None] * (2 * len(lines))
+    parts[0::2] = lines
+    parts[1::2] = map(joins.__getitem__, map(id, fields))
+    # The last join opens a record that is not there: cut its prefix and quote.
+    return b"".join((prefix, b'"', memoryview(b"".join(parts))[:-(len(prefix) + 1)]))

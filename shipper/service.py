@@ -21,7 +21,8 @@ import time
 from dataclasses import replace
 
 from shipper import __version__
-from shipper.config import EMBEDDED_DEFAULT, Config, ConfigError, load, redact_urls, source_of, target_of
+from shipper.config import (EMBEDDED_DEFAULT, Config, ConfigError, filter_name, load, redact_urls, source_of,
+                            target_of)
 from shipper.envfile import environment_with
 from shipper.identity import ImdsClient, resolve_identity
 from shipper.lifecycle import TerminationWatcher, lifecycle_batch
@@ -208,6 +209,8 @@ class Service:
         log.info("shipper %s %s with %s", __version__, what, config.source)
         for settings in config.inputs:
             log.info("reading %s (%s, tag %s)", source_of(settings), settings.type, settings.tag)
+        for settings in config.filters:
+            log.info("filtering with %s (match %s)", filter_name(settings), ", ".join(settings.match))
         for settings in config.outputs:
             log.info("writing %s %s (match %s)", settings.type, target_of(settings), ", ".join(settings.match))
         log.info("state (checkpoints) in %s", os.path.abspath(config.agent.data_dir))
@@ -216,6 +219,13 @@ class Service:
         stats = self.stats
         text = (f"{int(stats.get('records_in'))} records in, {int(stats.get('records_out'))} out, "
                 f"{int(stats.get('records_dropped'))} dropped")
+        reasons: dict[str, float] = {}
+        for (name, labels), value in stats.snapshot().items():
+            if name == "records_dropped":
+                reason = dict(labels).get("reason", "?")
+                reasons[reason] = reasons.get(reason, 0) + value
+        if reasons:
+            text += " (" + ", ".join(f"{int(v)} {r}" for r, v in sorted(reasons.items())) + ")"
         unhealthy = [o.name for o in self.state().outputs if self._problem(o)]
         if unhealthy:
             text += f"; unhealthy: {', '.join(unhealthy)}"

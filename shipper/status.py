@@ -89,6 +89,26 @@ def rates_note(document: dict[str, Any], seconds: float | None) -> str:
     return f"rates over the {window} since the start" if rates["since_start"] else f"rates over the last {window}"
 
 
+def _filter_lines(document: dict[str, Any]) -> list[str]:
+    """Records the filters dropped, by filter, input and reason (filtered, sampled, throttled,
+    filter_error), and the filters' errors; nothing when no filter dropped or failed."""
+    totals: dict[tuple[str, str, str], float] = {}
+    for series in document["counters"].get("records_dropped", []):
+        labels = series["labels"]
+        if "filter" in labels:
+            key = (labels["filter"], labels.get("input", ""), labels.get("reason", ""))
+            totals[key] = totals.get(key, 0) + series["value"]
+    errors = {s["labels"].get("filter", ""): s["value"] for s in document["counters"].get("filter_errors", [])}
+    if not totals and not errors:
+        return []
+    rows = []
+    for (name, tag, reason), value in sorted(totals.items()):
+        failed = errors.pop(name, None)  # shown once, on the filter's first row
+        rows.append([name, tag, reason, f"{value:.0f}", "" if failed is None else f"{failed:.0f}"])
+    rows += [[name, "", "", "0", f"{value:.0f}"] for name, value in sorted(errors.items())]
+    return ["", *_table(["FILTER", "INPUT", "REASON", "DROPPED", "ERRORS"], rows)]
+
+
 def render_status(document: dict[str, Any], previous: dict[str, Any] | None = None,
                   seconds: float | None = None) -> str:
     """The /status document as the table. Rates are the agent's (over its last minute), or, given
@@ -126,6 +146,7 @@ def render_status(document: dict[str, Any], previous: dict[str, Any] | None = No
                      f"{counter(document, 'retries', output=name):.0f}", _size(item["buffered_bytes"]),
                      _age(item["oldest_unsent_age"])])
     lines += _table(["OUTPUT", "HEALTH", "RECORDS", "TOTAL", "DROPPED", "RETRIES", "BUFFER", "OLDEST UNSENT"], rows)
+    lines += _filter_lines(document)
     problems = [f"  {item['name']}: {item['problem']}" for item in document["outputs"] if item["problem"]]
     if problems:
         lines += ["", "problems:", *problems]

@@ -1,0 +1,545 @@
+"""The ``redact`` filter: secrets replaced before anything leaves the box.
+
+Rules are regexes (built-in ones by name, and the user's) combined into ONE regex, an alternation
+of named groups, applied with one ``re.sub`` per piece of text; the rule of a match is the group
+that closed last (``match.lastindex``). Only the value of a key/value pair is replaced (the key
+stays readable), by ``[REDACTED:rule]`` (mode "mask") or ``[HMAC:rule:<16 hex>]``, an HMAC-SHA256
+of the value with a key from the environment (mode "hash": the same value gives the same text, so
+records can still be joined on it).
+
+Plain blobs keep their fast path: each rule names literals one of which every match contains (a
+"trigger": ``AKIA``, ``eyJ``, ``password`` in the lower-cased blob, eight digits in a digits-only
+view), found at C speed with ``bytes.find``; the combined regex then runs only over the lines that
+hold one (one sub per run of such lines), or over the whole blob when a rule has no trigger (a user
+regex without ``contains``, ipv6). Rules apply per line: built-ins never match a newline; a user
+regex that does is applied line by line instead. Messages and string fields (parsed values, an
+input's fields) go through the str form of the same regex; there a private key block spans the
+lines of a multi-line message.
+
+In a plain blob each line is a record: a PEM private key logged line by line is redacted from its
+``-----BEGIN ... PRIVATE KEY-----`` line through the base64 lines after it, up to and including the
+END line (at most MAX_PEM_LINES lines, and only while the lines look like PEM), across batches of
+the same file too.
+
+A failure here never ships a secret: the batch is dropped and counted (reason "filter_error").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from shipper.config import Option
+from shipper.filters import Filter, FilterContext, derived
+from shipper.record import PARSED, Batch
+
+log = logging.getLogger(__name__)
+
+# Triggers are searched in one view of a blob, made by one bytes.translate (same length, same
+# offsets): letters lower-cased, digits as "0", space, "-" and "_" as " " (so "api key" stands for
+# api_key and api-key, "0000 0000" for card groups).
+_VIEW_TABLE = bytes(b + 32 if 65 <= b <= 90 else 48 if 48 <= b <= 57 else 32 if b in (32, 45, 95) else b
+                    for b in range(256))
+
+MAX_PEM_LINES = 200  # an RSA 16384-bit key is about 200 lines of base64
+_PEM_BODY = re.compile(rb"[A-Za-z0-9+/=]{1,100}|(?:Proc-Type|DEK-Info):[^\n]*|[ \t]*")
+_PEM_END = re.compile(rb"-----END[A-Z0-9 ]*PRIVATE KEY-----")
+_PEM_BEGIN = re.compile(rb"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pattern: str                 # one line's regex; groups named v, v2 hold the value to replace
+    triggers: tuple = ()         # literals of the view (_VIEW_TABLE): every match holds one; () = none known
+    opt_in: bool = False
+    check: Callable[[str], bool] | None = None  # a match is a secret only if this says so (Luhn)
+    text_pattern: str | None = None  # the form for messages, when it differs (spans lines)
+    field_name: str | None = None    # a field named so holds a secret whole (a parsed "password")
+
+
+def luhn(digits: str) -> bool:
+    """The Luhn checksum of a card number (separators ignored)."""
+    numbers = [ord(c) - 48 for c in digits if "0" <= c <= "9"]
+    if not 13 <= len(numbers) <= 19:
+        return False
+    total = 0
+    for index, number in enumerate(reversed(numbers)):
+        if index % 2:
+            number *= 2
+            if number > 9:
+                number -= 9
+        total += number
+    return total % 10 == 0
+
+
+_KEY_END = r"""["']?[ \t]*[=:][ \t]*"""
+# A value: a quoted string (its inside is replaced, the quotes stay) or a bare word up to a delimiter.
+_VALUE = r"""(?:"(?P<v>(?:[^"\\\n]|\\[^\n])+)"|'(?P<v2>[^'\n]+)'|(?P<v3>[^\s"',;&}{)\]<>]+))"""
+
+BUILTIN: dict[str, Rule] = {rule.name: rule for rule in (
+    Rule("aws_access_key_id", r"(?P<v>A(?<![A-Za-z0-9]A)(?:KIA|SIA)[A-Z2-7]{16})(?![A-Za-z0-9])",
+         (b"akia", b"asia")),
+    Rule("aws_secret_key",
+         r"(?i:(?:aws_?)?secret_?(?:access_?)?key)" + _KEY_END + r"""["']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])""",
+         (b"secret",), field_name=r"(?i)(?:aws_?)?secret_?(?:access_?)?key"),
+    Rule("bearer", r"(?<![A-Za-z0-9])(?i:bearer)[ \t]+(?P<v>[A-Za-z0-9\-._~+/]{12,}=*)", (b"bearer",)),
+    Rule("jwt", r"(?P<v>e(?<![A-Za-z0-9_-]e)yJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*)",
+         (b"eyj",)),
+    Rule("private_key", r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----[^\n]*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|$)",
+         (b"private key     ",),
+         text_pattern=r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\Z)"),
+    Rule("password",
+         # The key from its keyword on ("access_token", "x-api-key" match at "token", "api"): no
+         # quantifier before the keyword, which would cost a try at every word start.
+         r"(?<![A-Za-z0-9])(?i:password|passwd|passphrase|pwd|secret|token|api[_-]?key)" + _KEY_END + _VALUE,
+         (b"pass", b"pwd", b"secret", b"token", b"api key", b"apikey"),
+         field_name=r"(?i)(?:[a-z0-9]+[_-])*(?:password|passwd|passphrase|pwd|secret|token|api[_-]?key)"),
+    Rule("credit_card",
+         # The first digit before the look-behind: the engine then skips to digits at C speed.
+         r"(?P<v>[0-9](?<![0-9][0-9])(?:[0-9]{12,18}|[0-9]{3}(?:[ -][0-9]{4}){2}[ -][0-9]{1,4}(?:[ -][0-9]{3})?"
+         r"|[0-9]{3}[ -][0-9]{6}[ -][0-9]{4,5}))(?![0-9])",
+         (b"00000000", b"0000 0000"), check=luhn),
+    Rule("email", r"(?<![A-Za-z0-9._%+-])(?P<v>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})",
+         (b"@",), opt_in=True),
+    Rule("ipv4", r"(?<![0-9.])(?P<v>(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                 r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(?![0-9]|\.[0-9])",
+         (b"0.0",), opt_in=True),
+    Rule("ipv6", r"(?<![0-9A-Fa-f:])(?P<v>(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
+                 r"|(?:[0-9A-Fa-f]{1,4}:){1,7}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?"
+                 r"|::(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6})?)(?![0-9A-Fa-f:])",
+         (), opt_in=True),
+)}
+DEFAULT_PATTERNS = tuple(name for name, rule in BUILTIN.items() if not rule.opt_in)
+_VALUE_GROUPS = ("v", "v2", "v3")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_GROUP = re.compile(r"\(\?P<([A-Za-z_][A-Za-z0-9_]*)>")
+_GROUP_REF = re.compile(r"\(\?P=([A-Za-z_][A-Za-z0-9_]*)\)")
+_NUMBERED_REF = re.compile(r"(?<!\\)(?:\\\\)*\\(?:[1-9]|g<[0-9]+>)")
+
+
+def user_rule(name: str, pattern: str, contains: list[str]) -> Rule:
+    """A user's rule: named groups renamed into the rule's own space; a group named ``value`` is what
+    gets replaced (else the whole match)."""
+    def rename(match: re.Match) -> str:
+        group = match.group(1)
+        return f"(?P<v>" if group == "value" else f"(?P<u_{group}>"
+
+    renamed = _GROUP.sub(rename, pattern)
+    renamed = _GROUP_REF.sub(lambda m: "(?P=v)" if m.group(1) == "value" else f"(?P=u_{m.group(1)})", renamed)
+    return Rule(name, renamed, tuple(literal.encode().translate(_VIEW_TABLE) for literal in contains))
+
+
+def rule_problems(name: Any, pattern: Any, contains: Any, where: str) -> list[str]:
+    """What is wrong with one user rule, each naming its key."""
+    problems = []
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        problems.append(f"{where}.name: expected a lower-case name like \"order_token\" (letters, digits, _)")
+    elif name in BUILTIN:
+        problems.append(f"{where}.name: {name!r} is a built-in pattern: list it in patterns instead, or pick another name")
+    if not isinstance(pattern, str) or not pattern:
+        problems.append(f"{where}.pattern: required, a regular expression")
+        return problems
+    if _NUMBERED_REF.search(pattern):
+        problems.append(f"{where}.pattern: numbered back-references (\\1) cannot be combined with other rules; "
+                        f"use a named group (?P<x>...) and (?P=x)")
+        return problems
+    try:
+        compiled = re.compile(pattern.encode(), re.MULTILINE)
+        re.compile(pattern, re.MULTILINE | re.ASCII)
+    except (re.error, UnicodeEncodeError, OverflowError, RecursionError) as exc:
+        problems.append(f"{where}.pattern: invalid regular expression: {exc}")
+        return problems
+    if compiled.fullmatch(b"") is not None or compiled.search(b"x") is not None and compiled.search(b"x").end() == 0:
+        problems.append(f"{where}.pattern: matches the empty string (it would redact between every character)")
+    if not isinstance(contains, list) or not all(isinstance(c, str) and c for c in contains):
+        problems.append(f"{where}.contains: expected a list of non-empty strings")
+    return problems
+
+
+class _Combined:
+    """Some rules as one regex (bytes, for blobs) and its str twin (for messages and fields)."""
+
+    def __init__(self, rules: list[Rule], text: bool):
+        parts = [_scoped(rule.text_pattern if text and rule.text_pattern else rule.pattern, index)
+                 for index, rule in enumerate(rules)]
+        joined = "|".join(parts)
+        self.regex = re.compile(joined, re.MULTILINE | re.ASCII) if text else re.compile(joined.encode(), re.MULTILINE)
+        groups = self.regex.groupindex
+        # The group that closes last in a match is its rule's outer group: match.lastindex.
+        self.rule_of = {groups[f"r{index}"]: (rule, tuple(groups[f"r{index}_{v}"] for v in _VALUE_GROUPS
+                                                          if f"r{index}_{v}" in groups))
+                        for index, rule in enumerate(rules)}
+
+
+class Redactor:
+    """The compiled rules: pure functions of text, no I/O (the filter counts and keeps state)."""
+
+    def __init__(self, rules: list[Rule], allow: list[str] = (), mode: str = "mask", key: bytes | None = None):
+        self.rules = rules
+        self.mode = mode
+        self.key = key
+        self.combined = _Combined(rules, False)
+        self.text_combined = _Combined(rules, True)
+        self._subsets: dict[int, _Combined] = {}  # bit mask of rules -> their regex (the rules a span triggers)
+        self.allow = re.compile("|".join(f"(?:{a})" for a in allow), re.ASCII) if allow else None
+        # Each distinct (view, literal) once, with the rules it stands for.
+        triggers: dict[bytes, int] = {}
+        for index, rule in enumerate(rules):
+            for trigger in rule.triggers:
+                triggers[trigger] = triggers.get(trigger, 0) | 1 << index
+        self.triggers = list(triggers.items())
+        self.whole = any(not rule.triggers for rule in rules)  # a rule without trigger: search everything
+        self.user_rules = any(rule.name not in BUILTIN for rule in rules)
+        self.pem = "private_key" in {rule.name for rule in rules}
+        self._masks = {rule.name: f"[REDACTED:{rule.name}]" for rule in rules}
+        self._lock = threading.Lock()
+        self.field_names = [(re.compile(rule.field_name), rule.name) for rule in rules if rule.field_name]
+
+    def field(self, name, value: str, counts: dict[str, int]) -> str:
+        """A string field's value: whole when its name says it is a secret (``password``), else as text."""
+        if isinstance(name, str) and value and not value.startswith(("[REDACTED:", "[HMAC:")):
+            for pattern, rule in self.field_names:
+                if pattern.fullmatch(name) and (self.allow is None or not self.allow.fullmatch(value)):
+                    counts[rule] = counts.get(rule, 0) + 1
+                    return self.replacement(rule, value)
+        return self.text(value, counts) if value else value
+
+    # ------------------------------------------------------------ one value
+
+    def replacement(self, rule: str, value: str) -> str:
+        if self.mode == "hash":
+            digest = hmac.new(self.key or b"", value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+            return f"[HMAC:{rule}:{digest[:16]}]"
+        return self._masks[rule]
+
+    def _replacer(self, combined: _Combined, counts: dict[str, int], as_bytes: bool):
+        rule_of, allow = combined.rule_of, self.allow
+
+        def replace(match: re.Match):
+            rule, values = rule_of[match.lastindex]
+            whole = match[0]
+            start, end = match.span()
+            for group in values:
+                if match.start(group) != -1:
+                    start, end = match.span(group)
+                    break
+            offset = match.start()
+            value = whole[start - offset:end - offset]
+            if as_bytes:
+                if 10 in value:  # a user regex crossed a line: apply it line by line instead
+                    raise _Crossed
+                value = value.decode("utf-8", "replace")
+            if value.startswith(("[REDACTED:", "[HMAC:")):  # redacted already (a second redact filter)
+                return whole
+            if rule.check is not None and not rule.check(value):
+                return whole
+            if allow is not None and allow.fullmatch(value):
+                return whole
+            counts[rule.name] = counts.get(rule.name, 0) + 1
+            text = self.replacement(rule.name, value)
+            return whole[:start - offset] + (text.encode() if as_bytes else text) + whole[end - offset:]
+
+        return replace
+
+    # ------------------------------------------------------------ text (messages, fields)
+
+    def text(self, value: str, counts: dict[str, int]) -> str:
+        return self.text_combined.regex.sub(self._replacer(self.text_combined, counts, False), value)
+
+    # ------------------------------------------------------------ blobs
+
+    def blob(self, blob: bytes, counts: dict[str, int]) -> bytes:
+        """A blob of complete lines with every rule applied to each line (same number of lines)."""
+        spans = None if self.whole else self.candidate_lines(blob)
+        if spans is None:
+            return self._lines(self.combined, blob, counts)
+        if not spans:
+            return blob
+        pieces, last = [], 0
+        for start, end, mask in spans:
+            pieces.append(blob[last:start])
+            pieces.append(self._lines(self._subset(mask), blob[start:end], counts))
+            last = end
+        pieces.append(blob[last:])
+        return b"".join(pieces)
+
+    def _subset(self, mask: int) -> _Combined:
+        """The regex of the rules in ``mask``: on a line holding only a card-like number, the card rule
+        alone runs (the others cannot match there: none of their triggers is on the line)."""
+        combined = self._subsets.get(mask)
+        if combined is None:
+            combined = _Combined([rule for index, rule in enumerate(self.rules) if mask >> index & 1], False)
+            with self._lock:
+                if len(self._subsets) < 256:
+                    self._subsets[mask] = combined
+        return combined
+
+    def candidate_lines(self, blob: bytes) -> list[tuple[int, int, int]] | None:
+        """The byte ranges of the runs of lines holding a trigger, with the rules they trigger (a bit
+        mask); None when most lines do (one sub over everything is then cheaper)."""
+        hay = blob.translate(_VIEW_TABLE)
+        found: list[tuple[int, int]] = []
+        limit = max(64, blob.count(b"\n") // 4)
+        for literal, mask in self.triggers:
+            at = hay.find(literal)
+            while at != -1:
+                found.append((at, mask))
+                if len(found) > limit:
+                    return None
+                at = hay.find(literal, at + 1)
+        if not found:
+            return []
+        found.sort()
+        spans: list[tuple[int, int, int]] = []
+        for at, mask in found:
+            if spans and at < spans[-1][1]:  # on a line already taken
+                start, end, masks = spans[-1]
+                spans[-1] = (start, end, masks | mask)
+                continue
+            start = blob.rfind(b"\n", 0, at) + 1
+            end = blob.index(b"\n", at) + 1
+            if spans and start == spans[-1][1]:  # the next line: one run
+                spans[-1] = (spans[-1][0], end, spans[-1][2] | mask)
+            else:
+                spans.append((start, end, mask))
+        return spans
+
+    def _lines(self, combined: _Combined, piece: bytes, counts: dict[str, int]) -> bytes:
+        """The regex over complete lines; a match across a newline (a user regex) means line by line."""
+        trial: dict[str, int] = {}
+        try:
+            result = combined.regex.sub(self._replacer(combined, trial, True), piece)
+        except _Crossed:
+            trial = {}
+            replace = self._replacer(combined, trial, True)
+            try:
+                result = b"\n".join([combined.regex.sub(replace, line) for line in piece.split(b"\n")])
+            except _Crossed:  # cannot happen: a line has no newline to cross
+                raise RuntimeError("a redact rule matched a newline inside one line") from None
+        if self.user_rules and not result.isascii():
+            try:
+                result.decode("utf-8")
+            except UnicodeDecodeError:  # a user regex cut a character: apply the text form instead
+                trial = {}
+                text = piece.decode("utf-8")
+                result = "\n".join(self.text(line, trial) for line in text.split("\n")).encode("utf-8")
+        for name, number in trial.items():
+            counts[name] = counts.get(name, 0) + number
+        return result
+
+    def pem_blocks(self, original: bytes, blob: bytes, open_lines: int, counts: dict[str, int]) -> tuple[bytes, int]:
+        """The lines after a BEGIN ... PRIVATE KEY line of ``original`` (one without its END on the same
+        line), or still open from the previous batch (``open_lines`` > 0), replaced in ``blob`` (the
+        same lines, redacted) up to the END line, while they look like PEM. Returns the blob and the
+        lines of a block still open at its end (0: none)."""
+        out: list[bytes] = []
+        changed = False
+        lines = original.split(b"\n")
+        lines.pop()
+        inside = open_lines
+        for line, redacted in zip(lines, blob.split(b"\n")):
+            if inside:
+                ends = _PEM_END.search(line) is not None
+                if ends or _PEM_BODY.fullmatch(line):
+                    out.append(self.replacement("private_key", line.decode("utf-8", "replace")).encode())
+                    counts["private_key"] = counts.get("private_key", 0) + 1
+                    changed = True
+                    inside = 0 if ends or inside >= MAX_PEM_LINES else inside + 1
+                    continue
+                inside = 0
+            out.append(redacted)
+            if b"PRIVATE KEY-----" in line:
+                begin = None
+                for begin in _PEM_BEGIN.finditer(line):
+                    pass
+                if begin is not None and not _PEM_END.search(line, begin.end()):
+                    inside = 1
+        if not changed:
+            return blob, inside
+        out.append(b"")
+        return b"\n".join(out), inside
+
+
+class _Crossed(Exception):
+    """A match of the blob regex holds a newline."""
+
+
+def _scoped(pattern: str, index: int) -> str:
+    """One rule's pattern as a group of the combined regex: (?P<r3>...) with its groups renamed r3_x."""
+    inner = _GROUP.sub(lambda m: f"(?P<r{index}_{m.group(1)}>", pattern)
+    inner = _GROUP_REF.sub(lambda m: f"(?P=r{index}_{m.group(1)})", inner)
+    return f"(?P<r{index}>{inner})"
+
+
+def rules_of(settings) -> list[Rule]:
+    names = settings.patterns if settings.patterns is not None else list(DEFAULT_PATTERNS)
+    if "all" in names:
+        names = list(BUILTIN)
+    rules = [BUILTIN[name] for name in dict.fromkeys(names) if name in BUILTIN]
+    for item in settings.custom:
+        rules.append(user_rule(item["name"], item["pattern"], list(item.get("contains", []))))
+    return rules
+
+
+def _patterns_check(value: Any) -> str | None:
+    unknown = [name for name in value if name not in BUILTIN and name != "all"]
+    if unknown:
+        return (f"unknown pattern {unknown[0]!r}; built-in: {', '.join(BUILTIN)} (\"all\": every one, "
+                f"opt-in ones too; default: {', '.join(DEFAULT_PATTERNS)})")
+    return None
+
+
+class RedactFilter(Filter):
+    """Replaces secrets in messages and string fields; counts redactions{filter=, rule=}."""
+
+    OPTIONS = {
+        "patterns": Option("strlist", None, check=_patterns_check),  # None: DEFAULT_PATTERNS; "all": every one
+        "custom": Option("list", []),     # [{ name = "...", pattern = '...', contains = ["..."] }]
+        "allow": Option("strlist", []),   # values never redacted (full-match regexes)
+        "mode": Option("choice", "mask", choices=("mask", "hash")),
+        "hash_key_env": Option("str", ""),
+        "fields": Option("bool", True),   # string fields too, not only the message
+    }
+
+    @staticmethod
+    def problems(settings, where: str) -> list[str]:
+        problems = []
+        names = set()
+        for index, item in enumerate(settings.custom):
+            at = f"{where}.custom[{index}]"
+            if not isinstance(item, dict):
+                problems.append(f"{at}: expected a table {{ name = \"...\", pattern = '...' }}")
+                continue
+            unknown = set(item) - {"name", "pattern", "contains"}
+            if unknown:
+                problems.append(f"{at}.{sorted(unknown)[0]}: unknown key (known: name, pattern, contains)")
+            problems.extend(rule_problems(item.get("name"), item.get("pattern"), item.get("contains", []), at))
+            if item.get("name") in names:
+                problems.append(f"{at}.name: {item.get('name')!r} is used twice")
+            names.add(item.get("name"))
+        for index, allowed in enumerate(settings.allow):
+            try:
+                re.compile(allowed)
+            except re.error as exc:
+                problems.append(f"{where}.allow[{index}]: invalid regular expression: {exc}")
+        if settings.mode == "hash":
+            variable = settings.hash_key_env
+            if not variable:
+                problems.append(f"{where}.hash_key_env: required with mode = \"hash\": the name of the environment "
+                                f"variable holding the HMAC key (e.g. \"SHIPPER_REDACT_KEY\")")
+            elif not os.environ.get(variable):
+                problems.append(f"{where}.hash_key_env: the environment variable {variable} is not set or empty "
+                                f"(mode = \"hash\" needs its secret key; set it in the service's environment)")
+        elif settings.hash_key_env:
+            problems.append(f"{where}.hash_key_env: only used with mode = \"hash\"")
+        if not problems:
+            rules = rules_of(settings)
+            if not rules:
+                problems.append(f"{where}.patterns: no rule at all (list built-in patterns or add custom ones)")
+            else:
+                try:
+                    Redactor(rules, settings.allow)
+                except (re.error, OverflowError, RecursionError, AssertionError) as exc:
+                    problems.append(f"{where}.custom: the rules cannot be combined into one regex: {exc}")
+        return problems
+
+    @staticmethod
+    def summary(settings) -> str:
+        return f"{', '.join(rule.name for rule in rules_of(settings))}; {settings.mode}"
+
+    def __init__(self, settings, context: FilterContext):
+        super().__init__(settings, context)
+        key = os.environ.get(settings.hash_key_env, "").encode() if settings.mode == "hash" else None
+        self.redactor = Redactor(rules_of(settings), settings.allow, settings.mode, key)
+        self.in_fields = settings.fields
+        self._pem_open: dict[str, int] = {}  # source -> lines into a private key block left open
+        self._lock = threading.Lock()
+
+    def apply(self, batch: Batch) -> list[Batch]:
+        try:
+            counts: dict[str, int] = {}
+            self._redact(batch, counts)
+        except Exception:  # never ship what may hold a secret: drop it, counted
+            log.exception("%s: cannot redact %d records of %s at offset %d; they are dropped", self.context.name,
+                          batch.count, batch.source or batch.tag, batch.start)
+            self.context.dropped("filter_error", batch.count, batch.tag)
+            return [derived(batch, messages=[])]
+        for rule, number in counts.items():
+            self.context.stats.add("redactions", number, filter=self.context.name, rule=rule)
+        return [batch]
+
+    def _redact(self, batch: Batch, counts: dict[str, int]) -> None:
+        redactor = self.redactor
+        if batch.blob is not None:
+            blob = redactor.blob(batch.blob, counts)
+            if redactor.pem and batch.source is not None:
+                with self._lock:
+                    open_lines = self._pem_open.pop(batch.source, 0)
+                if open_lines or b"PRIVATE KEY-----" in batch.blob:
+                    blob, open_lines = redactor.pem_blocks(batch.blob, blob, open_lines, counts)
+                if open_lines:
+                    with self._lock:
+                        self._pem_open[batch.source] = open_lines
+            if blob is not batch.blob:
+                batch.blob = blob
+                batch.size = len(blob)
+                batch._ndjson = None
+            if batch.fields is not None and self.in_fields:
+                batch.fields = self._fields(batch.fields, counts)
+            return
+        if batch.messages is not None:
+            text = redactor.text
+            batch.messages = [text(m, counts) if isinstance(m, str) else m for m in batch.messages]
+        if batch.fields is not None and self.in_fields:
+            batch.fields = self._fields(batch.fields, counts)
+        batch._ndjson = None
+
+    def _fields(self, fields: list[dict | None], counts: dict[str, int]) -> list[dict | None]:
+        done: dict[int, dict | None] = {}  # shared dicts (a blob's) are redacted once
+        keep = []
+        out = []
+        for extra in fields:
+            if not extra:
+                out.append(extra)
+                continue
+            new = done.get(id(extra))
+            if new is None:
+                new = done[id(extra)] = _redact_value(extra, self.redactor, counts, 0, True)
+                keep.append(extra)
+            out.append(new)
+        return out
+
+
+def _redact_value(value: Any, redactor: Redactor, counts: dict[str, int], depth: int, top: bool = False,
+                  name: Any = None) -> Any:
+    """A fields value with every string redacted; the same object when nothing changed (copy on write).
+    At the top, the agent's own keys (NUL-led: time, flags) are left alone."""
+    if isinstance(value, str):
+        return redactor.field(name, value, counts)
+    if depth > 32:  # nested deeper than any parser makes: stringly redacted as a whole
+        return value
+    if isinstance(value, dict):
+        changed = None
+        for key, item in value.items():
+            if top and isinstance(key, str) and key[:1] == "\x00" and key != PARSED:
+                continue
+            new = _redact_value(item, redactor, counts, depth + 1, name=key)
+            if new is not item and new != item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
+    if isinstance(value, list):
+        items = [_redact_value(item, redactor, counts, depth + 1, name=name) for item in value]
+        return value if all(a is b or a == b for a, b in zip(items, value)) else items
+    return value
+
+
+FILTER = RedactFilter

@@ -1,0 +1,223 @@
+"""The redact filter: each built-in rule, the blob path against the line-by-line rule (hypothesis),
+user rules, the allow list, hashing, fields, private key blocks across lines, failures, config errors."""
+
+import hashlib
+import hmac
+import threading
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shipper.config import load_text
+from shipper.errors import ConfigError
+from shipper.filters import FilterContext
+from shipper.filters.redact import BUILTIN, DEFAULT_PATTERNS, RedactFilter, Redactor, luhn, rules_of
+from shipper.record import PARSED, Batch, Envelope
+from shipper.stats import Stats
+
+SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+
+CASES = [  # (rule, line, redacted line)
+    ("aws_access_key_id", "key AKIAIOSFODNN7EXAMPLE used", "key [REDACTED:aws_access_key_id] used"),
+    ("aws_access_key_id", "sts ASIAY34FZKBOKMUTVV7A ok", "sts [REDACTED:aws_access_key_id] ok"),
+    ("aws_secret_key", f"aws_secret_access_key={SECRET_KEY}", "aws_secret_access_key=[REDACTED:aws_secret_key]"),
+    ("aws_secret_key", f"AWS_SECRET_ACCESS_KEY: {SECRET_KEY}", "AWS_SECRET_ACCESS_KEY: [REDACTED:aws_secret_key]"),
+    ("aws_secret_key", f'{{"SecretAccessKey":"{SECRET_KEY}"}}', '{"SecretAccessKey":"[REDACTED:aws_secret_key]"}'),
+    ("bearer", "Authorization: Bearer abcdef0123456789xyz", "Authorization: Bearer [REDACTED:bearer]"),
+    ("jwt", f"session {JWT} end", "session [REDACTED:jwt] end"),
+    ("password", "login user=bob password=hunter2 ok", "login user=bob password=[REDACTED:password] ok"),
+    ("password", '{"user":"bob","passwd":"two words"}', '{"user":"bob","passwd":"[REDACTED:password]"}'),
+    ("password", "pwd: 's3cr3t' then", "pwd: '[REDACTED:password]' then"),
+    ("password", "client_secret=abc&x=1", "client_secret=[REDACTED:password]&x=1"),
+    ("password", "x-api-key: k123 and api_key=k456", "x-api-key: [REDACTED:password] and api_key=[REDACTED:password]"),
+    ("password", "access_token=tok.en", "access_token=[REDACTED:password]"),
+    ("private_key", "-----BEGIN RSA PRIVATE KEY-----", "[REDACTED:private_key]"),
+    ("private_key", 'key="-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----" x',
+     'key="[REDACTED:private_key]" x'),
+    ("credit_card", "paid with 4111 1111 1111 1111 today", "paid with [REDACTED:credit_card] today"),
+    ("credit_card", "card=4111-1111-1111-1111", "card=[REDACTED:credit_card]"),
+    ("credit_card", "amex 378282246310005.", "amex [REDACTED:credit_card]."),
+    ("email", "mail bob@example.com now", "mail [REDACTED:email] now"),
+    ("ipv4", "from 10.1.2.3:80", "from [REDACTED:ipv4]:80"),
+    ("ipv6", "from 2001:db8::1 port", "from [REDACTED:ipv6] port"),
+]
+NOT_SECRETS = [
+    "GET /api/v1/users 200 tokens=5 password",
+    "card 4111 1111 1111 1112 fails luhn",
+    "id 12345678901234567890123 too long",
+    "AKIAIOSFODNN7EXAMPLEX too long",
+    "Bearer short",
+    "2026-11-18 11:06:40,007 INFO order 31386 shipped",
+    "version 2.14.1 at 12:34:56",
+]
+
+
+def redactor(*names, **kwargs):
+    return Redactor([BUILTIN[n] for n in names or DEFAULT_PATTERNS], **kwargs)
+
+
+@pytest.mark.parametrize(("rule", "line", "expected"), CASES)
+def test_each_built_in_rule(rule, line, expected):
+    counts = {}
+    one = redactor(*({rule} | set(DEFAULT_PATTERNS)))
+    assert one.text(line, counts) == expected
+    assert counts == {rule: 1 if rule != "password" or "api_key" not in line else 2}
+    assert one.blob(line.encode() + b"\n", {}) == expected.encode() + b"\n"
+
+
+@pytest.mark.parametrize("line", NOT_SECRETS)
+def test_what_is_no_secret_stays(line):
+    every = redactor(*(set(DEFAULT_PATTERNS) | {"email"}))
+    assert every.text(line, {}) == line and every.blob(line.encode() + b"\n", {}) == line.encode() + b"\n"
+
+
+def test_luhn():
+    assert luhn("4111 1111 1111 1111") and luhn("378282246310005") and not luhn("4111111111111112")
+    assert not luhn("1234") and not luhn("0" * 20)
+
+
+def test_json_stays_json_and_a_second_redact_leaves_masks_alone():
+    line = '{"password":"a \\"quoted\\" pw","n":1}'
+    once = redactor().text(line, {})
+    assert orjson.loads(once) == {"password": "[REDACTED:password]", "n": 1}
+    assert redactor().text(once, {}) == once
+
+
+TOKENS = st.sampled_from([
+    "password=", "pw", "AKIA", "IOSFODNN7EXAMPLE", "ASIA", "eyJ", JWT, "Bearer ", "abcdefghijklmnop", "4111",
+    " 1111", "-1111", "1111", "4111111111111111", "-----BEGIN RSA PRIVATE KEY-----", "-----END PRIVATE KEY-----",
+    "secret_key: ", SECRET_KEY, "api-key=", "token:", '"', "'", " ", "x", "é", "日", "=", ":", ",", "0", "9"])
+LINES = st.lists(st.lists(TOKENS, max_size=10).map("".join), max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(LINES)
+def test_the_blob_path_equals_the_rule_line_by_line(lines):
+    """Candidate lines, merged runs and per-span rule subsets give what the whole regex gives on each line."""
+    rules = redactor()
+    blob = "".join(line + "\n" for line in lines).encode()
+    by_line = b"".join(rules.combined.regex.sub(rules._replacer(rules.combined, {}, True), line.encode()) + b"\n"
+                       for line in lines)
+    assert rules.blob(blob, {}) == by_line
+    assert by_line.decode() == "".join(rules.text(line, {}) + "\n" for line in lines)
+
+
+def test_allow_list_and_hash_mode():
+    allowed = redactor(allow=["AKIAIOSFODNN7EXAMPLE", "4111 1111 1111 1111"])
+    line = "AKIAIOSFODNN7EXAMPLE AKIAI44QH7DHBEXAMPLE 4111 1111 1111 1111"
+    assert allowed.text(line, {}) == "AKIAIOSFODNN7EXAMPLE [REDACTED:aws_access_key_id] 4111 1111 1111 1111"
+    hashed = redactor(mode="hash", key=b"k1")
+    digest = hmac.new(b"k1", b"hunter2", hashlib.sha256).hexdigest()[:16]
+    assert hashed.text("password=hunter2 pwd=hunter2", {}) == f"password=[HMAC:password:{digest}] pwd=[HMAC:password:{digest}]"
+    assert redactor(mode="hash", key=b"k2").text("password=hunter2", {}) != f"password=[HMAC:password:{digest}]"
+
+
+def test_a_huge_line_is_redacted_to_its_end():
+    line = "x" * (1 << 20) + " password=hunter2\n"
+    assert redactor().blob(line.encode(), {}).endswith(b" password=[REDACTED:password]\n")
+
+
+# ---------------------------------------------------------------- the filter
+
+def make(extra: str = "", environ=None):
+    config = load_text(f"""
+[cloud]
+metadata = "off"
+[[inputs]]
+type = "file"
+paths = ["/tmp/x/*.log"]
+[[outputs]]
+type = "stdout"
+[[filters]]
+type = "redact"
+{extra}
+""", "test", environ or {})
+    settings_ = config.filters[0]
+    stats = Stats()
+    return RedactFilter(settings_, FilterContext("redact.0", stats, Envelope(), threading.Event())), stats
+
+
+def test_blob_fields_and_messages_are_redacted_and_counted_per_rule():
+    redact, stats = make()
+    blob = Batch("app", "/x", 0.0, blob=b"ok\npassword=a AKIAIOSFODNN7EXAMPLE\n")
+    [out] = redact.apply(blob)
+    assert out.blob == b"ok\npassword=[REDACTED:password] [REDACTED:aws_access_key_id]\n"
+    assert stats.get("redactions", filter="redact.0", rule="password") == 1
+    assert stats.get("redactions", rule="aws_access_key_id") == 1
+    shared = {PARSED: {"auth": {"token": "x", "header": f"Bearer {'a' * 20}"}, "n": 3}}
+    batch = Batch("app", None, 0.0, messages=["pwd=1", "fine"], fields=[shared, shared])
+    [out] = redact.apply(batch)
+    record = list(out.records(Envelope()))[0]
+    assert record["message"] == "pwd=[REDACTED:password]"
+    # a field named like a secret ("token") is one whole; others are searched like text
+    assert record["auth"] == {"token": "[REDACTED:password]", "header": "Bearer [REDACTED:bearer]"} and record["n"] == 3
+    assert shared[PARSED]["auth"]["header"] == f"Bearer {'a' * 20}"  # copied, not changed in place
+
+
+def test_a_private_key_block_is_redacted_line_by_line_across_batches():
+    redact, _ = make()
+    first = b"start\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAx\n"
+    second = b"Zm9vYmFyYmF6\n-----END RSA PRIVATE KEY-----\nafter\nMIIEnotakey\n"
+    [one] = redact.apply(Batch("app", "/k.log", 0.0, blob=first))
+    [two] = redact.apply(Batch("app", "/k.log", 0.0, blob=second))
+    assert one.blob == b"start\n[REDACTED:private_key]\n[REDACTED:private_key]\n"
+    assert two.blob == b"[REDACTED:private_key]\n[REDACTED:private_key]\nafter\nMIIEnotakey\n"
+    [other] = redact.apply(Batch("app", "/k.log", 0.0, blob=b"-----BEGIN PRIVATE KEY-----\nnot base64 here\n"))
+    assert other.blob == b"[REDACTED:private_key]\nnot base64 here\n"  # a non-PEM line ends the block
+    message = "x\n-----BEGIN PRIVATE KEY-----\nMIIE\nAAAA\n-----END PRIVATE KEY-----\ny"
+    [event] = redact.apply(Batch("app", None, 0.0, messages=[message]))
+    assert event.messages == ["x\n[REDACTED:private_key]\ny"]
+
+
+def test_a_failure_drops_the_batch_and_counts_it(monkeypatch):
+    redact, stats = make()
+
+    def broken(blob, counts):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(redact.redactor, "blob", broken)
+    [out] = redact.apply(Batch("app", "/x", 0.0, blob=b"password=a\nb\n"))
+    assert out.count == 0 and out.blob is None and out.messages == []
+    assert stats.get("records_dropped", reason="filter_error", filter="redact.0") == 2
+
+
+def test_user_rules_value_group_contains_and_line_by_line():
+    redact, stats = make("""patterns = []
+custom = [{ name = "order", pattern = 'ord_(?P<value>[a-z0-9]+)', contains = ["ord_"] },
+          { name = "spread", pattern = 'a\\s+b' }]""")
+    [out] = redact.apply(Batch("app", "/x", 0.0, blob=b"ord_abc12 x\na\nb a  b\n"))
+    assert out.blob == b"ord_[REDACTED:order] x\na\nb [REDACTED:spread]\n"  # "a\nb" is two records: no match
+    assert stats.get("redactions", rule="order") == 1
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("custom = [{ name = \"x\", pattern = '(' }]", "filters[0].custom[0].pattern: invalid regular expression"),
+    ("custom = [{ name = \"x\", pattern = '(a)\\1' }]", "filters[0].custom[0].pattern: numbered back-references"),
+    ("custom = [{ name = \"x\", pattern = 'a*' }]", "filters[0].custom[0].pattern: matches the empty string"),
+    ("custom = [{ name = \"jwt\", pattern = 'a' }]", "filters[0].custom[0].name: 'jwt' is a built-in"),
+    ("custom = [{ name = \"x\", pattern = 'a', other = 1 }]", "filters[0].custom[0].other: unknown key"),
+    ('patterns = ["jwt", "nope"]', "filters[0].patterns: unknown pattern 'nope'"),
+    ('allow = ["("]', "filters[0].allow[0]: invalid regular expression"),
+    ('mode = "hash"', "filters[0].hash_key_env: required with mode = \"hash\""),
+    ('mode = "hash"\nhash_key_env = "SHIPPER_TEST_REDACT_KEY"', "filters[0].hash_key_env: the environment variable "
+                                                               "SHIPPER_TEST_REDACT_KEY is not set"),
+])
+def test_config_errors_name_the_key(extra, message):
+    with pytest.raises(ConfigError) as caught:
+        make(extra)
+    assert any(problem.startswith(message) for problem in caught.value.problems), caught.value.problems
+
+
+def test_hash_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SHIPPER_TEST_REDACT_KEY", "k1")
+    redact, _ = make('mode = "hash"\nhash_key_env = "SHIPPER_TEST_REDACT_KEY"')
+    [out] = redact.apply(Batch("app", None, 0.0, messages=["password=hunter2"]))
+    assert out.messages == [f"password=[HMAC:password:{hmac.new(b'k1', b'hunter2', hashlib.sha256).hexdigest()[:16]}]"]
+
+
+def test_patterns_all_and_default():
+    assert [r.name for r in rules_of(make('patterns = ["all"]')[0].settings)] == list(BUILTIN)
+    assert [r.name for r in rules_of(make()[0].settings)] == list(DEFAULT_PATTERNS)

@@ -12,7 +12,7 @@ import pytest
 from shipper.outputs.forward_protocol import (
     HandshakeError, check_pong, encode_entries, event_time, forward_message, new_chunk_id, ping,
 )
-from shipper.record import TIME, TRUNCATED, Batch, Envelope
+from shipper.record import PARSED, TIME, TRUNCATED, Batch, Envelope
 
 ENVELOPE = Envelope({"host": "web-1", "instance_id": "i-0abc"}, {"app": "web"})
 
@@ -55,6 +55,17 @@ def test_parsed_records_carry_their_own_event_time_and_fields():
     assert seconds_nanos(time_b) == (1000, 1)  # no time of its own: the read time + its place in the batch (ns)
     assert record_a == {"message": '{"level":"error"}', "level": "error"}
     assert record_b == {"message": "raw", "truncated": True}
+
+
+def test_plain_lines_with_per_line_fields_keep_them():
+    """A filter (level, modify) may give a plain blob per-line fields: Fluentd gets them too."""
+    error, info = {PARSED: {"level": "error"}}, {PARSED: {"level": "info"}}
+    batch = Batch("app", "/var/log/app.log", 1000.0, blob=b"ERROR one\nINFO two\nERROR three\n",
+                  fields=[error, info, error])
+    _, entries, _ = decode(forward_message("app", encode_entries(batch, Envelope()), batch.count, None))
+    assert [(record["message"], record["level"]) for _, record in entries] == \
+        [("ERROR one", "error"), ("INFO two", "info"), ("ERROR three", "error")]
+    assert [seconds_nanos(when) for when, _ in entries] == [(1000, 0), (1000, 1), (1000, 2)]
 
 
 def test_event_time_keeps_nanoseconds_and_chunk_ids_are_unique():

@@ -123,7 +123,7 @@ def entry_runs(batch: Batch, envelope: Envelope, max_bytes: int | None = None,
     within a batch, in the order of the lines (with ``time_as_integer``: the read time's second).
     """
     packer = msgpack.Packer()
-    if batch.blob is not None:
+    if batch.blob is not None and batch.fields is None:  # per-line fields (a filter's) take the general path
         return _plain_runs(batch, envelope, packer, max_bytes, time_as_integer)
     pieces = []
     fields = batch.fields

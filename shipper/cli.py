@@ -217,7 +217,8 @@ def _sample(config: Config, path: str, tag: str | None, limit: int) -> int:
     for output in config.outputs:
         mine = [b for b in batches if b.count and tag_matches(b.tag, output.match)]
         lines = [line for b in mine for line in b.ndjson(envelope).splitlines()]
-        print(f"route {output.where} ({output.type} {target_of(output)}, match {','.join(output.match)}): "
+        print(f"route {output.where} ({' '.join(filter(None, (output.type, target_of(output))))}, "
+              f"match {','.join(output.match)}): "
               f"{_counted(len(lines), 'record')}")
         for line in lines[:limit]:
             print(f"  {line.decode()}")

@@ -6,7 +6,12 @@ legitimately waits for data, so it beats with how long it means to wait next ins
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from typing import Iterator
+
+_current = threading.local()  # the heartbeat of the input whose thread this is (see bind)
 
 
 class Heartbeat:
@@ -39,6 +44,23 @@ class Heartbeat:
 
     def __exit__(self, *exc) -> None:
         self._paused -= 1
+
+
+def bind(beat: "Heartbeat | None") -> None:
+    """This thread is an input's: ``waiting()`` in it pauses that input's heartbeat."""
+    _current.beat = beat
+
+
+@contextlib.contextmanager
+def waiting() -> Iterator[None]:
+    """A wait on purpose (room in the outputs, a throttle holding the reader): not being stuck.
+    Everything else the thread does, filters' regexes included, stays under its heartbeat."""
+    beat = getattr(_current, "beat", None)
+    if beat is None:
+        yield
+        return
+    with beat.paused():
+        yield
 
 
 def late_inputs(inputs: list, period: float) -> list[str]:

@@ -21,6 +21,7 @@ from shipper.config import INPUT_MODULES, OUTPUT_MODULES, Config, filter_name, t
 from shipper.durable import make_dirs
 from shipper.errors import BufferFull, FatalError, RetryableError
 from shipper.filters import FILTER_MODULES, Filter, FilterContext, derived
+from shipper import heartbeat
 from shipper.heartbeat import late_inputs
 from shipper.identity import resolve_identity
 from shipper.outputs.base import Output, OutputContext
@@ -519,8 +520,9 @@ class Pipeline:
                 self.stats.add("records_dropped", batch.dropped, input=batch.tag, reason="unencodable")
             if not wants_ndjson:
                 batch._ndjson = None
-        for runner in runners:
-            runner.put(batch.for_output(OutputAck(batch.ack, runner.confirmed)))
+        with heartbeat.waiting():
+            for runner in runners:
+                runner.put(batch.for_output(OutputAck(batch.ack, runner.confirmed)))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -552,14 +554,10 @@ class Pipeline:
 
     def _run_input(self, source) -> None:
         _reader.while_waiting = getattr(source, "while_waiting", None)
-        beat = getattr(source, "heartbeat", None)
-
-        def emit_paused(batch: Batch) -> None:  # waiting for room in the outputs is not being stuck
-            with beat.paused():
-                self.emit(batch)
-
+        # Waiting for room in the outputs is not being stuck (route); a filter's work is the input's.
+        heartbeat.bind(getattr(source, "heartbeat", None))
         try:
-            source.run(self.emit if beat is None else emit_paused, self.stop_inputs)
+            source.run(self.emit, self.stop_inputs)
         except Exception:  # a bug, not bad input: stop cleanly so systemd restarts us
             log.exception("input %s failed; stopping the agent", getattr(source, "tag", source))
             self.failed.set()

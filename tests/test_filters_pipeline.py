@@ -281,3 +281,41 @@ tag = "app.errors"
     everything = read_archive(data / "everything")
     assert sorted(seqs(everything)) == list(range(100)) and {r["tag"] for r in everything} == {"app", "app.errors"}
     assert len(everything) == 102
+
+
+def test_a_filter_runs_under_the_input_heartbeat_only_the_wait_for_the_outputs_is_paused(pipeline_for):
+    """A regex that hangs in a filter is the input being stuck (the watchdog and /healthz must see it);
+    waiting for room in the outputs is not."""
+    import time
+
+    from shipper import heartbeat
+
+    beat = heartbeat.Heartbeat()
+    beat.beat(0.0)
+    seen = []
+
+    class Probe(Filter):
+        def __init__(self):
+            self.context = FilterContext("probe.9", None, None, threading.Event())
+
+        def apply(self, batch):
+            seen.append(beat.late_by(time.monotonic() + 100))
+            return [batch]
+
+    class Source:  # an input as the pipeline runs it: run(emit, stop) in its own thread, with a heartbeat
+        heartbeat = beat
+        tag = "app"
+
+        def run(self, emit, stop):
+            emit(read(["one"], done=Done()))
+            with heartbeat.waiting():
+                seen.append(beat.late_by(time.monotonic() + 100))
+
+    pipeline = pipeline_for('[[filters]]\ntype = "grep"\nrules = [{ exclude = "never" }]', extra=[Probe()])
+    pipeline.start()
+    thread = threading.Thread(target=pipeline._run_input, args=(Source(),))
+    thread.start()
+    thread.join(10)
+    assert len(seen) == 2
+    assert seen[0] > 99  # not paused while the filter ran: a hanging regex makes the input late
+    assert seen[1] == 0.0  # a wait on purpose is not

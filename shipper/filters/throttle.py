@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from itertools import compress
 
+from shipper import heartbeat
 from shipper.config import Option
 from shipper.filters import Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank
 from shipper.filters import record_level
@@ -213,8 +214,9 @@ class ThrottleFilter(Filter):
                     if delay <= 0 or stop.is_set():
                         limit.take(lines, size)
                         break
-                delay = min(delay, 1.0)  # wake now and then: the input's heartbeat, a stop
-                stop.wait(delay)
+                delay = min(delay, 1.0)  # wake now and then: a stop
+                with heartbeat.waiting():  # holding on purpose: the input is not stuck
+                    stop.wait(delay)
                 waited += delay
         if waited:
             self.context.stats.add("throttle_held_seconds", waited, filter=self.context.name)

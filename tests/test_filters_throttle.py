@@ -225,3 +225,45 @@ when_exceeded = "hold"
     assert agent.stop() == 0
     records = read_archive(data / "archive")
     assert [r["message"] for r in records] == [f"seq={i:07d} held" for i in range(3000)]  # all, once, in order
+
+
+def general(messages, fields, source="/a.log"):
+    return Batch("app", source, 0.0, messages=list(messages), fields=list(fields))
+
+
+def test_a_summary_keyed_by_a_secret_named_field_shows_a_digest_not_the_value():
+    throttle, _ = make('key = "api_key"\nlines_per_second = 1\nburst = "1s"')
+    secret = "sk_live_0123456789abcdef"
+    throttle.apply(general(["a", "b", "c"], [{PARSED: {"api_key": secret}}] * 3))
+    (summary,) = throttle.flush(2000.0, final=True)
+    text = repr(summary.messages) + repr(summary.fields)
+    assert secret not in text and "sha256:" in text
+    assert summary.fields[0][THROTTLED]["dropped"] == 2
+
+
+def test_long_field_values_are_keyed_by_their_digest_bounded_memory():
+    throttle, _ = make('key = "request"\nlines_per_second = 1000')
+    values = ["x" * 10_000 + str(n) for n in range(50)]
+    throttle.apply(general(values, [{PARSED: {"request": v}} for v in values]))
+    assert len(throttle.limits) == 50
+    assert all(len(key) <= 64 for key in throttle.limits)
+
+
+def test_records_without_the_key_field_are_limited_per_file_not_in_one_bucket():
+    throttle, _ = make('key = "unit"\nlines_per_second = 2\nburst = "1s"')
+    noisy = throttle.apply(general(["n"] * 10, [None] * 10, source="/noisy.log"))[0]
+    quiet = throttle.apply(general(["q"], [None], source="/quiet.log"))[0]
+    assert noisy.count == 2 and quiet.count == 1  # the noisy file does not use up the quiet one's share
+    (summary,) = throttle.flush(2000.0, final=True)
+    assert summary.fields[0][THROTTLED]["source"] == "/noisy.log"
+
+
+def test_a_line_longer_than_the_byte_bucket_passes_when_the_bucket_is_full():
+    clock = Clock()
+    throttle, _ = make('bytes_per_second = 100\nburst = "1s"', clock)
+    huge = "y" * 500
+    assert throttle.apply(blob([huge, "after"]))[0].message_list() == [huge]  # in debt now
+    clock.now += 1.0
+    assert throttle.apply(blob(["z"]))[0].count == 0  # the debt is waited out
+    clock.now += 10.0
+    assert throttle.apply(general([huge], [None]))[0].count == 1  # full again: one more passes

@@ -15,8 +15,10 @@ whatever a field's values are.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -78,6 +80,11 @@ class Limit:
         lines = self.lines.refill(now) if self.lines is not None else math.inf
         size = self.bytes.refill(now) if self.bytes is not None else math.inf
         return lines, size
+
+    def bytes_full(self) -> bool:
+        """The byte bucket is full (after refill): one record passes whatever its size, in debt. Else a
+        line longer than the bucket could never pass."""
+        return self.bytes is not None and self.bytes.tokens >= self.bytes.capacity
 
     def take(self, lines: int, size: int) -> None:
         if self.lines is not None:
@@ -198,8 +205,10 @@ class ThrottleFilter(Filter):
             fields = batch.fields or [None] * batch.count
             for message, extra in zip(batch.message_list(), fields):
                 value = field_value(self.key, message, extra, batch.tag, batch.source)
-                lines, size = shares.get(_hashable(value), (0, 0))
-                shares[_hashable(value)] = (lines + 1, size + len(message or ""))
+                share = _hashable(value) if value is not None else (
+                    _NO_FIELD, batch.source if batch.source is not None else batch.tag)
+                lines, size = shares.get(share, (0, 0))
+                shares[share] = (lines + 1, size + len(message or ""))
         else:
             shares = {key: (batch.count, batch.size)}
         waited = 0.0
@@ -231,6 +240,8 @@ class ThrottleFilter(Filter):
                 limit.take(batch.count, batch.size)
                 return batch
             cut, kept = blob_cut(batch.blob, lines, size)
+            if kept == 0 and lines >= 1 and limit.bytes_full():  # a line longer than the whole bucket
+                cut, kept = batch.blob.find(b"\n") + 1, 1
             limit.take(kept, cut)
         blob = batch.blob
         over = batch.count - kept
@@ -271,12 +282,16 @@ class ThrottleFilter(Filter):
         with self.lock:
             now = self.clock()
             for message, extra in zip(messages, fields):
-                record_key = key if key is not None else _hashable(
-                    field_value(self.key, message, extra, batch.tag, batch.source))
+                if key is not None:
+                    record_key = key
+                else:  # a record without the field is limited with its file's (not one bucket for all)
+                    value = field_value(self.key, message, extra, batch.tag, batch.source)
+                    record_key = _hashable(value) if value is not None else (
+                        _NO_FIELD, batch.source if batch.source is not None else batch.tag)
                 limit = self._limit(record_key, now, batch.tag, batch.source)
                 lines, size = limit.allowed(now)
                 length = len(message) if message else 0
-                if lines >= 1 and size >= length:
+                if lines >= 1 and (size >= length or limit.bytes_full()):
                     limit.take(1, length)
                     keep.append(True)
                 elif self.keep_rank is not None and self._at_keep_level(message, extra):
@@ -312,7 +327,13 @@ class ThrottleFilter(Filter):
         for key, limit, dropped, since in due:
             messages, fields = by_tag.setdefault(limit.tag, ([], []))
             name = self.key
-            shown = key if name != "source" else (limit.source if limit.source is not None else key)
+            if name == "source":
+                shown = limit.source if limit.source is not None else key
+            elif name == "tag":
+                shown = key
+            else:
+                shown, name = shown_key(name, key), ("source" if isinstance(key, tuple) and key[:1] == (_NO_FIELD,)
+                                                     else name)
             summary = {name: shown, "dropped": dropped, "since": format_time(since), "filter": self.context.name}
             messages.append(f"{self.context.name}: dropped {dropped} records of {name} {shown} since "
                             f"{format_time(since)} (over the rate limit)")
@@ -327,11 +348,36 @@ class ThrottleFilter(Filter):
         return batches
 
 
+# Records without the key field are limited per file: their bucket key is (_NO_FIELD, source).
+_NO_FIELD = "\x00no-field"
+# A field value longer than this is kept (as a bucket key) and shown (in summaries) as a digest:
+# keys cost bounded memory whatever the records hold.
+MAX_KEY_CHARS = 64
+# A key field so named may hold a secret (an API key, a session): summaries show its digest only.
+_SECRET_NAME = re.compile(r"(?i)pass|secret|token|key|auth|cred|session|cookie|signature")
+
+
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def _hashable(value):
-    """A field's value as a bucket key (a list or dict from a parser is keyed by its text)."""
-    if value is None or isinstance(value, (str, int, float, bool)):
+    """A field's value as a bucket key (a list or dict from a parser is keyed by its text); a long one
+    by its digest."""
+    if value is None or isinstance(value, (int, float, bool)):
         return value
-    return repr(value)[:256]
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= MAX_KEY_CHARS else _digest(text)
+
+
+def shown_key(name: str, key) -> object:
+    """How a summary names a field key: its value, or its digest when the field's name says it may be
+    a secret (the summary must not carry what a redact filter after the throttle would have masked)."""
+    if isinstance(key, tuple) and key[:1] == (_NO_FIELD,):
+        return key[1]
+    if isinstance(key, str) and (_SECRET_NAME.search(name) and not key.startswith("sha256:")):
+        return _digest(key)
+    return key
 
 
 FILTER = ThrottleFilter

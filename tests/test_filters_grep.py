@@ -200,3 +200,16 @@ def test_plain_lines_with_shared_fields_filter_as_records_do(rows, keep_level):
     assert from_blob.message_list() == from_records.message_list()
     assert from_blob.fields == from_records.fields
     assert all(kept is shared for kept, shared in zip(from_blob.fields, from_records.fields))  # not copied
+
+
+def test_keep_level_keeps_plain_lines_whose_detected_level_is_high_enough():
+    """Plain lines have no parsed level: the level filter's rule decides, and adds nothing to them."""
+    grep, stats = make([{"exclude": "payment"}], keep_level="error")
+    lines = ["INFO payment ok", "ERROR payment failed", "INFO other", "CRITICAL payment service down"]
+    [out] = grep.apply(blob_batch(lines))
+    assert out.message_list() == ["ERROR payment failed", "INFO other", "CRITICAL payment service down"]
+    assert out.fields is None and out.blob is not None
+    assert stats.get("records_dropped", reason="filtered", filter="grep.0", input="app") == 1
+    multiline = Batch("app", None, 0.0, messages=["Traceback (most recent call last):\n  payment", "payment"])
+    [out] = grep.apply(multiline)
+    assert out.message_list() == ["Traceback (most recent call last):\n  payment"]

@@ -89,3 +89,12 @@ def test_keep_level_is_never_sampled_out():
 def test_problems():
     settings = Settings("filters[3]", {"rate": 2, "key": "", "keep_level": None})
     assert SampleFilter.problems(settings, "filters[3]")[0].startswith("filters[3].key:")
+
+
+def test_keep_level_keeps_plain_lines_whose_detected_level_is_high_enough():
+    sampler, stats = make(1000, keep_level="warn")
+    lines = ["INFO a", "WARN b", "INFO c", "ERROR d", "DEBUG e"]
+    [out] = sampler.apply(blob(lines))
+    assert out.message_list() == ["INFO a", "WARN b", "ERROR d"]  # the first by the count, the rest by level
+    assert out.fields is None
+    assert stats.get("records_dropped", reason="sampled", filter="sample.3", input="web") == 2

@@ -31,7 +31,8 @@ from typing import Any
 from shipper.config import Option, Settings, did_you_mean
 from shipper.filters import (Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank,
                              record_level)
-from shipper.record import Batch
+from shipper.filters.level import level_of, levels_of_blob
+from shipper.record import PARSED, Batch
 
 
 class LinePattern:
@@ -319,11 +320,25 @@ class GrepFilter(Filter):
         if batch.blob is None:
             kept = grep_records(self.rules, batch, self.keep_rank)
         elif batch.fields is None:
-            kept = grep_blob(self.rules, batch)
+            kept = self._grep_plain(batch)
         else:
             kept = grep_lines(self.rules, batch, self.keep_rank)
         self.context.dropped("filtered", before - kept.count, batch.tag)
         return [kept]
+
+    def _grep_plain(self, batch: Batch) -> Batch:
+        """Plain lines: the blob is cut; with keep_level, lines whose detected level is at or above it
+        stay whatever the rules say (the level is only looked at, not added to the records)."""
+        if self.keep_rank is None:
+            return grep_blob(self.rules, batch)
+        levels = levels_of_blob(batch.blob)
+        if not any(found is not None and level_rank(found) >= self.keep_rank for found in levels):
+            return grep_blob(self.rules, batch)
+        shared: dict[str, dict] = {}
+        fields = [None if found is None else shared.setdefault(found, {PARSED: {"level": found}})
+                  for found in levels]
+        kept = grep_lines(self.rules, derived(batch, blob=batch.blob, fields=fields), self.keep_rank)
+        return derived(kept, blob=kept.blob)  # without the fields that were there for the decision
 
 
 def grep_blob(rules: list[Rule], batch: Batch) -> Batch:
@@ -368,12 +383,20 @@ def grep_lines(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batch:
                     keep[index] = 0
     if keep_rank is not None:
         above: dict[int, bool] = {}
+        detected: list | None = None  # the rule's level of each line, for lines whose fields have none
         for index, extra in enumerate(fields):
             if not keep[index]:
                 kept = above.get(id(extra))
                 if kept is None:
-                    rank = level_rank(record_level(extra))
-                    kept = above[id(extra)] = rank is not None and rank >= keep_rank
+                    found = record_level(extra)
+                    if found is None:
+                        if detected is None:
+                            detected = levels_of_blob(blob)
+                        rank = level_rank(detected[index])
+                        kept = rank is not None and rank >= keep_rank  # per line: not cached by dict
+                    else:
+                        rank = level_rank(found)
+                        kept = above[id(extra)] = rank is not None and rank >= keep_rank
                 if kept:
                     keep[index] = 1
     return keep_records(batch, keep)
@@ -387,7 +410,7 @@ def grep_records(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batc
     kept_fields: list[dict | None] = []
     for message, extra in zip(messages, fields):
         if keep_rank is not None:
-            rank = level_rank(record_level(extra))
+            rank = level_rank(record_level(extra) or (level_of(message) if isinstance(message, str) else None))
             if rank is not None and rank >= keep_rank:
                 kept_messages.append(message)
                 kept_fields.append(extra)

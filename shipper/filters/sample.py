@@ -24,6 +24,7 @@ from typing import Any
 from shipper.config import Option, Settings
 from shipper.filters import (Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank,
                              record_level)
+from shipper.filters.level import level_of
 from shipper.record import Batch
 
 
@@ -72,7 +73,8 @@ class SampleFilter(Filter):
         if self.rate == 1 or not batch.count:
             return [batch]
         before = batch.count
-        if batch.blob is not None and batch.fields is None and (self.key is None or self.key in ("tag", "source")):
+        if (batch.blob is not None and batch.fields is None and self.keep_rank is None
+                and (self.key is None or self.key in ("tag", "source"))):
             kept = self._sample_blob(batch)
         else:
             kept = keep_records(batch, self._decide(batch))
@@ -94,13 +96,17 @@ class SampleFilter(Filter):
         """Keep or not, per record: above keep_level always, by the key's hash, else by the count."""
         count = batch.count
         fields = batch.fields or [None] * count
-        messages = batch.message_list() if self.key == "message" else [None] * count
+        wants_messages = self.key == "message" or self.keep_rank is not None
+        messages = batch.message_list() if wants_messages else [None] * count
         tag, source, rate, key, keep_rank = batch.tag, batch.source, self.rate, self.key, self.keep_rank
         decisions: list[bool | None] = []  # None: decided by the count
         unkeyed = 0
         for message, extra in zip(messages, fields):
             if keep_rank is not None:
-                rank = level_rank(record_level(extra))
+                found = record_level(extra)
+                if found is None and isinstance(message, str):  # no parsed level: the level filter's rule
+                    found = level_of(message)
+                rank = level_rank(found)
                 if rank is not None and rank >= keep_rank:
                     decisions.append(True)
                     continue

@@ -213,3 +213,11 @@ def test_keep_level_keeps_plain_lines_whose_detected_level_is_high_enough():
     multiline = Batch("app", None, 0.0, messages=["Traceback (most recent call last):\n  payment", "payment"])
     [out] = grep.apply(multiline)
     assert out.message_list() == ["Traceback (most recent call last):\n  payment"]
+
+
+def test_message_rules_leave_records_without_a_message_alone():
+    """A metrics sample has no message: an include on messages (with the default match "*") keeps it."""
+    grep, _ = make([{"include": "ERROR"}])
+    samples = Batch("metrics", None, 0.0, messages=[None, "ERROR x", "INFO y"], fields=[{"m": 1}, None, None])
+    [out] = grep.apply(samples)
+    assert out.message_list() == [None, "ERROR x"]

@@ -416,8 +416,12 @@ def grep_records(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batc
                 kept_fields.append(extra)
                 continue
         for rule in rules:
-            if not rule.passes(message if rule.field == "message" else
-                               field_value(rule.field, message, extra, tag, source)):
+            if rule.field == "message":
+                if message is None:  # a metrics sample has no message: message rules are not about it
+                    continue
+                if not rule.passes(message):
+                    break
+            elif not rule.passes(field_value(rule.field, message, extra, tag, source)):
                 break
         else:
             kept_messages.append(message)

@@ -165,6 +165,8 @@ def test_distinct_tags_are_bounded():
     ({"tag": " "}, "filters[1].tag: cannot be empty"),
     ({}, "filters[1]: nothing to do"),
     ({"rename": {"a": ""}}, "filters[1].rename: field names cannot be empty"),
+    ({"set": {"user.id": "x"}}, "filters[1].set: 'user.id': nested fields cannot be changed"),
+    ({"remove": ["user.id"]}, "filters[1].remove: 'user.id': nested fields cannot be changed"),
 ])
 def test_problems_name_the_key(options, message):
     found = problems(**options)

@@ -237,6 +237,15 @@ def _field_problems(settings: Settings, where: str) -> list[str]:
         for old, new in settings.get(key, {}).items():
             if not old or not new:
                 problems.append(f"{where}.{key}: field names cannot be empty")
+    # Fields are changed at the top level of what a parser found; a dotted name would silently make a
+    # key "user.id" (set) or do nothing (remove). Reading a nested field (copy's source) is fine.
+    changed = [("set", name) for name in settings.get("set", {})] + [("add", name) for name in settings.get("add", {})]
+    changed += [("remove", name) for name in settings.get("remove", [])]
+    changed += [("rename", name) for pair in settings.get("rename", {}).items() for name in pair]
+    changed += [("copy", new) for new in settings.get("copy", {}).values()]
+    for key, name in changed:
+        if "." in name:
+            problems.append(f"{where}.{key}: {name!r}: nested fields cannot be changed; name a top-level field")
     return problems
 
 

@@ -441,6 +441,20 @@ class Config:
                 continue
             found.append(f"{settings.where}: its match ({', '.join(settings.match)}) takes no input's tag "
                          f"({', '.join(sorted(tags))}): this filter never applies")
+        # A redact after a modify that retags: the retagged records skip it unless its match takes
+        # the new tag too (filters match the tag a record has when it reaches them).
+        for index, retag in enumerate(self.filters):
+            new_tag = retag.get("tag") if retag.type == "modify" else None
+            if not new_tag:
+                continue
+            for redact in self.filters[index + 1:]:
+                if redact.type != "redact":
+                    continue
+                before = [tag for tag in tags if tag_matches(tag, retag.match) and tag_matches(tag, redact.match)]
+                if before and ("{" in new_tag or not tag_matches(new_tag, redact.match)):
+                    found.append(f"{redact.where}: records that {retag.where} retags to {new_tag!r} skip this "
+                                 f"redact (its match {', '.join(redact.match)} does not take the new tag); put "
+                                 f"the redact first or add the tag to its match")
         return found
 
 

@@ -158,3 +158,26 @@ match = ["app.errors"]
 rate = 2
 """, "test.toml")
     assert config.warnings() == ["filters[0]: its match (ap) takes no input's tag (app): this filter never applies"]
+
+
+def test_a_redact_after_a_retagging_modify_that_misses_the_new_tag_is_a_warning():
+    config = load_text(BASE + """
+[[filters]]
+type = "modify"
+tag_regex = 'ERROR'
+tag = "app.errors"
+[[filters]]
+type = "redact"
+match = ["app"]
+""", "test.toml")
+    (warning,) = config.warnings()
+    assert warning.startswith("filters[1]: records that filters[0] retags to 'app.errors' skip this redact")
+    fine = load_text(BASE + """
+[[filters]]
+type = "redact"
+match = ["app"]
+[[filters]]
+type = "modify"
+tag = "app.errors"
+""", "test.toml")
+    assert fine.warnings() == []

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from shipper.config import load_text
 from shipper.errors import ConfigError
 from shipper.filters import FilterContext
-from shipper.filters.redact import BUILTIN, DEFAULT_PATTERNS, RedactFilter, Redactor, luhn, rules_of
+from shipper.filters.redact import (_VIEW_FREQUENCY, BUILTIN, DEFAULT_PATTERNS, RedactFilter, Redactor, _Finder,
+                                    luhn, rules_of)
 from shipper.record import PARSED, Batch, Envelope
 from shipper.stats import Stats
 
@@ -89,7 +90,10 @@ def test_json_stays_json_and_a_second_redact_leaves_masks_alone():
 TOKENS = st.sampled_from([
     "password=", "pw", "AKIA", "IOSFODNN7EXAMPLE", "ASIA", "eyJ", JWT, "Bearer ", "abcdefghijklmnop", "4111",
     " 1111", "-1111", "1111", "4111111111111111", "-----BEGIN RSA PRIVATE KEY-----", "-----END PRIVATE KEY-----",
-    "secret_key: ", SECRET_KEY, "api-key=", "token:", '"', "'", " ", "x", "é", "日", "=", ":", ",", "0", "9"])
+    "secret_key: ", SECRET_KEY, "api-key=", "token:", '"', "'", " ", "x", "é", "日", "=", ":", ",", "0", "9",
+    # each trigger literal of the password rule, in other cases and separators, and the card groups
+    "Passwd:", "PASSPHRASE=", "pwd=", "Api Key:", "APIKEY=", "api_key=", "Token=", "SECRET=", "bearer ",
+    "378282246310005", "3782 822463 10005", "4111 1111 1111 1111", "4111-1111"])
 LINES = st.lists(st.lists(TOKENS, max_size=10).map("".join), max_size=25)
 
 
@@ -103,6 +107,21 @@ def test_the_blob_path_equals_the_rule_line_by_line(lines):
                        for line in lines)
     assert rules.blob(blob, {}) == by_line
     assert by_line.decode() == "".join(rules.text(line, {}) + "\n" for line in lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("akptenwy0 -", min_size=1, max_size=6), min_size=1, max_size=6, unique=True),
+       st.text("akptenwy0 -\n", max_size=80))
+def test_the_trigger_finder_finds_every_occurrence_of_every_literal(literals, text):
+    """Literals grouped by their rarest byte into one scan each (or bytes.find) report exactly what a
+    search for each literal alone reports, also when one literal is inside another."""
+    literals = [literal.encode() for literal in literals]
+    finder = _Finder({literal: 1 << index for index, literal in enumerate(literals)}, _VIEW_FREQUENCY)
+    data = text.encode()
+    expected = sorted((at, 1 << index) for index, literal in enumerate(literals)
+                      for at in range(len(data)) if data.startswith(literal, at))
+    assert sorted(finder.hits(data, 10**6)) == expected
+    assert finder.hits(data, len(expected) - 1) is None if expected else finder.hits(data, 0) == []
 
 
 def test_allow_list_and_hash_mode():

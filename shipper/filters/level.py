@@ -36,11 +36,6 @@ _NAMES = (r"(?i:t(?:race|rc)|d(?:ebug|bg)|i(?:nfo(?:rmation(?:al)?)?|nf)|notice|
 _END = r"(?![A-Za-z0-9_])"
 
 
-def _word(first: str, rest: str) -> str:
-    """An upper-case word: its first letter, then (look-behind) no word character before it."""
-    return first + r"(?<![A-Za-z0-9_]" + first + r")" + rest + _END
-
-
 _GLOG = r"(?<![\s\S].)\d{4} \d\d:\d\d:\d\d"  # only as the first word of the line
 # Key forms start at the "v" of level/lvl/severity ("v" is rare in logs; the key's first letter, a
 # quote, "=" or ":" are not); look-behinds check the rest of the key before it.
@@ -49,31 +44,31 @@ _LOGFMT_KEY = (r"(?:(?<=lev)(?<![A-Za-z0-9]lev)el|(?<=loglev)(?<![A-Za-z0-9]logl
 _JSON_KEY = r'(?:(?<="lev)el(?:name)?|(?<="Lev)el(?:Name)?|(?<="loglev)el|(?<="log_lev)el|(?<="lv)l|(?<="[sS]ev)erity)"'
 # Every alternative begins with a literal character, so that the engine skips at C speed to the
 # positions where one could start (its "charset prefix"): a leading \b or look-behind loses that,
-# and a common first letter ("p", ":", a quote) costs a try at each of its places.
+# and a common first letter ("p", ":", a quote) costs a try at each of its places. The alternatives
+# are grouped by that character (a trie of one level): at a candidate the engine compares one
+# character per group instead of trying every alternative ("T" and "v" are everywhere in logs).
+_LB = r"(?<![A-Za-z0-9_]{0})"
 _PATTERN = "|".join((
-    _word("T", "(?:RACE|RC)"), r"Traceback \(most recent call last\)",
-    _word("D", "(?:EBUG|BG)"),
-    _word("I", "(?:NFO|NF)"), "I" + _GLOG,
-    _word("N", "OTICE"),
-    _word("W", "(?:ARN(?:ING)?|RN)"), "W" + _GLOG,
-    _word("E", "(?:RR(?:OR)?|MERG(?:ENCY)?)"), "E" + _GLOG, r'E(?<![A-Za-z0-9_]E)xception in thread "',
-    _word("C", "RIT(?:ICAL)?"),
-    _word("F", "(?:ATAL|TL)"), "F" + _GLOG,
-    _word("A", "LERT"), _word("S", "EVERE"), _word("P", "ANIC"),
+    r"T(?:" + _LB.format("T") + r"(?:RACE|RC)" + _END + r"|raceback \(most recent call last\))",
+    r"D" + _LB.format("D") + r"(?:EBUG|BG)" + _END,
+    r"I(?:" + _LB.format("I") + r"(?:NFO|NF)" + _END + "|" + _GLOG + ")",
+    r"N" + _LB.format("N") + "OTICE" + _END,
+    r"W(?:" + _LB.format("W") + r"(?:ARN(?:ING)?|RN)" + _END + "|" + _GLOG + ")",
+    r"E(?:" + _LB.format("E") + r"(?:(?:RR(?:OR)?|MERG(?:ENCY)?)" + _END + r'|xception in thread ")|' + _GLOG + ")",
+    r"C" + _LB.format("C") + "RIT(?:ICAL)?" + _END,
+    r"F(?:" + _LB.format("F") + r"(?:ATAL|TL)" + _END + "|" + _GLOG + ")",
+    r"A" + _LB.format("A") + "LERT" + _END, r"S" + _LB.format("S") + "EVERE" + _END,
+    r"P" + _LB.format("P") + "ANIC" + _END,
     r"\[" + _NAMES + r"\]",
-    "v" + _LOGFMT_KEY + r'[ \t]*=[ \t]*"?' + _NAMES + _END,                # logfmt: level=warn
-    "v" + _JSON_KEY + r'[ \t]*:[ \t]*"' + _NAMES + '"',                     # JSON: "level":"info"
-    r"V(?:(?<=LEV)(?<![A-Za-z0-9]LEV)EL|(?<=SEV)(?<![A-Za-z0-9]SEV)ERITY)[ \t]*=[ \t]*\"?" + _NAMES + _END,
-    r'V(?:(?<="LEV)EL|(?<="SEV)ERITY)"[ \t]*:[ \t]*"' + _NAMES + '"',
+    r"v(?:" + _LOGFMT_KEY + r'[ \t]*=[ \t]*"?' + _NAMES + _END                 # logfmt: level=warn
+    + "|" + _JSON_KEY + r'[ \t]*:[ \t]*"' + _NAMES + '")',                   # JSON: "level":"info"
+    r"V(?:(?:(?<=LEV)(?<![A-Za-z0-9]LEV)EL|(?<=SEV)(?<![A-Za-z0-9]SEV)ERITY)[ \t]*=[ \t]*\"?" + _NAMES + _END
+    + r'|(?:(?<="LEV)EL|(?<="SEV)ERITY)"[ \t]*:[ \t]*"' + _NAMES + '")',
 ))
 LEVEL_REGEX = re.compile(_PATTERN.encode())
 # Go's "panic: " is at the start of a line: checked there, as "p" is too common a first letter.
 _PANIC = b"panic: "
 _GLOG_LEVELS = {b"I"[0]: "info", b"W"[0]: "warn", b"E"[0]: "error", b"F"[0]: "fatal"}
-
-# What a matched text means, cached: the few distinct matches (b"INFO", b'vel":"info"') recur.
-_MEANING: dict[bytes, str] = {}
-
 
 def _meaning(text: bytes) -> str:
     """The level a match of LEVEL_REGEX says (every match says one)."""
@@ -97,6 +92,17 @@ def _meaning(text: bytes) -> str:
     return found
 
 
+class _Meanings(dict):
+    """What a matched text means, cached: the few distinct matches (b"INFO", b'vel":"info"') recur; a
+    new text is worked out once (``_MEANING[text]``)."""
+
+    def __missing__(self, text: bytes) -> str:
+        return _meaning(text)
+
+
+_MEANING = _Meanings()
+
+
 def level_of(line: str) -> str | None:
     """The level one plain line shows (one of LEVELS), or None. Looks at its first WINDOW bytes."""
     data = line.encode("utf-8", "surrogatepass")
@@ -111,9 +117,8 @@ def levels_of_blob(blob: bytes) -> list[str | None]:
     speed (map), then one cached lookup per line that has a level word."""
     lines = blob.split(b"\n")
     lines.pop()  # after the last newline
-    meaning, known, panic = _meaning, _MEANING.get, _PANIC
-    return [(known(match[0]) or meaning(match[0])) if match is not None else
-            ("fatal" if line.startswith(panic) else None)
+    known, panic = _MEANING.__getitem__, _PANIC
+    return [known(match[0]) if match is not None else ("fatal" if line.startswith(panic) else None)
             for line, match in zip(lines, map(LEVEL_REGEX.search, lines, repeat(0), repeat(WINDOW)))]
 
 

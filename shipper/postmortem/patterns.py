@@ -51,7 +51,7 @@ _MASKS = (
                 r"(?![0-9.])"), "<IP>"),
     (re.compile(r"(?<![0-9A-Za-z_])(?:0[xX][0-9A-Fa-f]+|(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{8,}"
                 r"|(?=[0-9A-F]*[A-F])(?=[0-9A-F]*\d)[0-9A-F]{8,})(?![0-9A-Za-z_])"), "<HEX>"),
-    (re.compile(r"(?<![A-Za-z0-9_])[-+]?\d+(?:[.,]\d+)*"), "<NUM>"),
+    (re.compile(r"(?<![A-Za-z0-9_.])[-+]?\d+(?:[.,]\d+)*"), "<NUM>")  # not libc.so.6, v2,
 )
 _DIGIT = re.compile(r"\d")
 _TRACEBACK = "Traceback (most recent call last)"
@@ -273,7 +273,7 @@ class PatternMiner:
             first = max(min(bucket[1] for bucket in buckets), since) if count else since
             found.append(Pattern(self._text(cluster), count, min(first, cluster.last), cluster.last,
                                  cluster.latest or cluster.example or {}, cluster.level, cluster.anchor))
-        found.sort(key=lambda p: (-p.count, p.first, p.anchor))
+        found.sort(key=lambda p: (-p.count, p.first, int(p.anchor[1:])))
         return found[:n]
 
     @staticmethod

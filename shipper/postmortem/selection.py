@@ -289,9 +289,27 @@ _ALWAYS = frozenset({"level"})   # computed for every record (level_of): never u
 _MISSING = object()
 
 
+def _lookup(value: Any, path: tuple[str, ...]) -> Any:
+    """The value at ``path`` in nested dicts; a key may hold dots itself (the metrics samples' keys are
+    "cpu.percent", "disk.used_percent"): at each level the longest key that is there is taken."""
+    start = 0
+    while start < len(path):
+        if not isinstance(value, dict):
+            return _MISSING
+        for end in range(len(path), start, -1):
+            key = path[start] if end == start + 1 else ".".join(path[start:end])
+            if key in value:
+                value, start = value[key], end
+                break
+        else:
+            return _MISSING
+    return value
+
+
 class Format:
     """A ``--format`` template: ``{name}`` is a record's field, dotted for nested ones
-    (``{metrics.cpu.percent}``, ``{fields.user}``, ``{labels.app}``); ``{level}`` is the record's level
+    (``{metrics.cpu.percent}`` (the key "cpu.percent" of ``metrics``), ``{fields.user}``, ``{labels.app}``,
+    ``{metrics.disk.used_percent./}``); ``{level}`` is the record's level
     as :func:`level_of` finds it (parsed, journald, or from the message); ``{{`` and ``}}`` are braces.
     Strings print as they are, dicts and lists as JSON, other values as JSON scalars (true, 3.5);
     a record without the field prints nothing there. A field that no record has is an error
@@ -343,11 +361,7 @@ class Format:
             if part == ("level",):
                 value: Any = level_of(record)
             else:
-                value = record
-                for name in part:
-                    value = value.get(name, _MISSING) if isinstance(value, dict) else _MISSING
-                    if value is _MISSING:
-                        break
+                value = _lookup(record, part)
                 if value is _MISSING:
                     continue
                 if len(self.found) < len(self.fields):  # (once all were found, nothing to note)

@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--quiet-wait", type=float, default=300)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    os.makedirs(os.path.join(ROOT, "bench", "work"), exist_ok=True)
     work = tempfile.mkdtemp(prefix="postmortem-", dir=os.path.join(ROOT, "bench", "work"))
     log = print
     try:

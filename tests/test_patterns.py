@@ -159,6 +159,11 @@ def test_masks_and_the_key_line():
         "GET /api/v2/items/<NUM>?x=<NUM> from <IP> took <NUM>ms"
     assert mask("id 3f2a9c1e-0b4d-4e5f-8a6b-7c8d9e0f1a2b deadbeef01 0xFF00") == "id <UUID> <HEX> <HEX>"
     assert mask("no digits here") == "no digits here"
+    for stamp in ("2026-11-29T13:02:00.123Z", "2026-11-29 13:02:00,123", "2026/11/29 13:02:00", "13:02:00",
+                  "2026-11-29T13:02:00+01:00", "13:02:00.123456"):
+        assert mask(f"{stamp} ERROR x") == "<TIME> ERROR x", stamp
+    assert mask("Mar  1 12:00:00 web1 kernel: oom") == "Mar  <NUM> <TIME> web1 kernel: oom"
+    assert mask("took 12:30 min") == "took <NUM>:<NUM> min"   # not a time of day with seconds
     assert mask("user42 v2 ipv6 libc.so.6") == "user42 v2 ipv6 libc.so.6"   # digits inside a word are the word's
     assert mask("999.1.1.1 is not an address") == "<NUM> is not an address"
     assert key_line("Traceback (most recent call last):\n  File \"x\", line 1\nKeyError: 'user'\n") == \

@@ -2,7 +2,7 @@
 (He et al., "Drain: An Online Log Parsing Approach with Fixed Depth Tree", ICWS 2017).
 
 A message's key line (its first line; for a Python traceback, its last line, the exception) is cut
-to MAX_LINE characters, its variable parts masked (<UUID>, <IP>, <HEX>, <NUM>) and split into
+to MAX_LINE characters, its variable parts masked (<TIME>, <UUID>, <IP>, <HEX>, <NUM>) and split into
 tokens. A fixed-depth tree routes it by token count, then by its first ``depth - 3`` tokens (depth
 counts the root, the token-count and the leaf levels too, as in the paper and drain3; a token
 holding a digit or a mask goes to the ``<*>`` branch, as does any token past MAX_CHILDREN branches
@@ -39,12 +39,15 @@ MAX_CHILDREN = 100    # branches of a tree node before further tokens share the 
 MAX_EXAMPLE = 16_384  # characters of an example's message kept
 CACHE = 8192          # masked lines remembered with their cluster
 WILDCARD = "<*>"
-MASK_TOKENS = frozenset(("<*>", "<UUID>", "<IP>", "<HEX>", "<NUM>", "<...>"))
+MASK_TOKENS = frozenset(("<*>", "<TIME>", "<UUID>", "<IP>", "<HEX>", "<NUM>", "<...>"))
 _NEVER = "\x00"  # no token of a split line is this
 
-# The masks, in this order (a UUID holds hex and numbers, an address holds numbers). Each is one
+# The masks, in this order (a time, a UUID and an address hold numbers). Each is one
 # re.sub with a constant replacement: C speed, no Python call per match.
 _MASKS = (
+    # a date and time of day, or a time of day, as one token: a line's own timestamp says nothing of it
+    (re.compile(r"(?<![0-9])(?:\d{4}[-/]\d\d[-/]\d\d(?:[T ]|(?![0-9])))?\d\d:\d\d:\d\d(?:[.,]\d+)?"
+                r"(?:Z|[+-]\d\d:?\d\d(?![0-9]))?(?![0-9])"), "<TIME>"),
     (re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
                 r"(?![0-9A-Fa-f])"), "<UUID>"),
     (re.compile(r"(?<![0-9.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?::\d{1,5})?"
@@ -68,7 +71,7 @@ def key_line(message: str) -> str:
 
 
 def mask(line: str) -> str:
-    """``line`` with its variable parts replaced by <UUID>, <IP>, <HEX>, <NUM>."""
+    """``line`` with its variable parts replaced by <TIME>, <UUID>, <IP>, <HEX>, <NUM>."""
     if _DIGIT.search(line) is None:  # every mask holds a digit: most words-only lines end here
         return line
     for regex, replacement in _MASKS:

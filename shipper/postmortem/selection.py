@@ -394,10 +394,13 @@ class Format:
 
 def render(record: dict[str, Any], template: str | Format | None) -> str:
     """``--format '{time} {host} {message}'`` (see :class:`Format`). Without a template: the raw line
-    (the message), like reading the original log."""
+    (the message), like reading the original log; a record without one (a metrics sample, shown
+    only when asked for) as its JSON."""
     if template is None:
         message = record.get("message")
-        return "" if message is None else str(message)
+        if message is None:
+            return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS).decode()
+        return str(message)
     if isinstance(template, str):
         template = Format(template)
     return template.render(record)

@@ -18,7 +18,7 @@ LEFT, RIGHT, TOP, BOTTOM = 76, 16, 24, 22   # the plot's margins (TOP grows with
 PLOT_W = WIDTH - LEFT - RIGHT
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 CHAR_PX = 6.6          # width of a character of the 11 px axis font, generously
-MARKER_ROWS = 4        # rows of marker labels at most (a label that fits in none is left to its tooltip)
+MARKER_ROWS = 5        # rows of marker labels at most: the five named markers always fit (others: tooltip)
 
 # Round time steps for axis ticks, seconds.
 TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600,
@@ -121,13 +121,14 @@ def value_ticks(high: float, unit: str = "", integer: bool = False) -> tuple[flo
         high = 1.0
     if unit == "%" and high <= 100:
         high = 100.0
+    high = max(high, 1e-3)  # below that, labels could not tell the ticks apart
     raw = high / 4
     magnitude = 10 ** math.floor(math.log10(raw))
     steps = [m * magnitude for m in (1, 2, 2.5, 5, 10)]
     if integer or unit == "B/s":  # counts and bytes are whole
         steps = [s for s in steps if s >= 1 and float(s).is_integer()] or [1.0]
     step = next((s for s in steps if s >= raw), steps[-1])
-    count = math.ceil(high / step - 1e-9)
+    count = max(1, math.ceil(high / step - 1e-9))
     top = step * count
     return top, [(step * i, format_value(step * i, unit, step)) for i in range(count + 1)]
 
@@ -139,7 +140,8 @@ def place_markers(markers: list[Marker], t0: float, t1: float, rows: int = MARKE
     row where they overlap no other label."""
     span = max(t1 - t0, 1e-9)
     placed, ends = [], [[] for _ in range(rows)]   # per row: the [start, end] pixel spans taken
-    for marker in sorted(markers, key=lambda m: m.moment):
+    # The named markers get their rows first, then the others (in time order within each).
+    for marker in sorted(markers, key=lambda m: (m.kind == "event", m.moment)):
         if not t0 <= marker.moment <= t1:
             continue
         x = LEFT + (marker.moment - t0) / span * PLOT_W
@@ -156,7 +158,7 @@ def place_markers(markers: list[Marker], t0: float, t1: float, rows: int = MARKE
                     row = index
                     break
         placed.append((marker, x, row, anchor))
-    return placed
+    return sorted(placed, key=lambda item: item[0].moment)
 
 
 def stacked(series: list[tuple[str, list[tuple[float, float]]]]) -> dict[float, list[tuple[int, float, float]]]:

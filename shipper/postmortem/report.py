@@ -215,7 +215,8 @@ class Summary:
             series = None
         self.totals[series] += 1
         self.volume[series][bucket] += 1
-        severity = SEVERITY.get(level_of(record))
+        level = level_of(record)
+        severity = SEVERITY.get(level)  # type: ignore[arg-type]
         anchor = None
         if severity is not None:
             self.severities[severity] += 1
@@ -223,7 +224,7 @@ class Summary:
             if severity in ERRORS and (self.first_error is None or moment < self.first_error[0]):
                 self.first_error = (moment, tag, clipped(text, MAX_TEXT))
             if text:
-                anchor = self.miner.add(record, text, severity, moment)
+                anchor = self.miner.add(record, text, level, moment)
         self.tail.append((moment, tag, clipped(text, MAX_TEXT), severity, anchor))
 
 
@@ -254,13 +255,12 @@ def top_series(counts: dict[str | None, collections.Counter], totals: collection
 
 def axis_range(summary: Summary, since: float, until: float, explicit: bool) -> tuple[float, float, float]:
     """(t0, t1, bar seconds): the range asked for when ``explicit``, else the span the records
-    cover widened to whole bars (at least a minute); the bars chosen from that span."""
+    cover widened to whole bars (at least 10 s); the bars chosen from that span."""
     if explicit or summary.first is None:
         t0, t1 = since, max(until, since + 1)
         return t0, t1, bucket_for(t1 - t0, summary.resolution)
     first, last = summary.first, summary.last
-    if last - first < 60:
-        first, last = first - (60 - (last - first)) / 2, last + (60 - (last - first)) / 2
+    last = max(last, first + 10)  # a life of a few seconds still gets a readable axis, from its start
     bar = bucket_for(last - first, summary.resolution)
     t0 = math.floor(first / bar) * bar
     t1 = math.floor(last / bar) * bar + bar

@@ -132,6 +132,7 @@ class Summary:
     things: dict[str, set[str]] = field(default_factory=lambda: collections.defaultdict(set))
     miner: PatternMiner = field(default_factory=PatternMiner)
     _labels: Any = None
+    _unknown: list[str] = field(default_factory=lambda: list(IDENTITY))
 
     def __post_init__(self) -> None:
         self.tail = collections.deque(self.tail, maxlen=self.last_lines)
@@ -169,10 +170,10 @@ class Summary:
             self.first, self.last = min(self.first, moment), max(self.last, moment)
             if self.last - self.first > STORE_BUCKETS * self.resolution:
                 self._coarsen()
-        for key in IDENTITY:
-            value = record.get(key)
-            if value is not None and key not in self.identity:
-                self.identity[key] = clipped(str(value), MAX_FIELD)
+        if self._unknown:  # identity fields not seen yet (usually none after the first record)
+            for key in [k for k in self._unknown if record.get(k) is not None]:
+                self.identity[key] = clipped(str(record[key]), MAX_FIELD)
+                self._unknown.remove(key)
         labels = record.get("labels")
         if isinstance(labels, dict) and labels != self._labels:
             self._labels = labels
@@ -373,7 +374,28 @@ def at_the_end(sample: dict[str, Any] | None, moment: float | None) -> str:
     return "".join(out)
 
 
-def _pattern_table(patterns: list[Pattern], suffix: str, lines_of: dict[str, list[int]], caption: str) -> str:
+def signs(sample: dict[str, Any] | None) -> list[str]:
+    """What stood out in the last metrics sample: a full memory, swap or disk, a saturated CPU or load."""
+    if not sample:
+        return []
+    found = []
+    for name, label, limit in (("memory.used_percent", "memory", 90), ("swap.used_percent", "swap", 80),
+                               ("cpu.percent", "CPU", 95), ("cpu.iowait_percent", "CPU iowait", 30)):
+        value = _number(sample.get(name))
+        if value is not None and value >= limit and (name != "swap.used_percent" or _number(sample.get("swap.total_bytes"))):
+            found.append(f"{label} {value:.1f}% {'busy' if 'cpu' in name else 'used'}")
+    disks = sample.get("disk.used_percent")
+    if isinstance(disks, dict):
+        full = sorted(((v, k) for k, v in disks.items() if (_number(v) or 0) >= 95), reverse=True)[:3]
+        found.extend(f"disk {clipped(str(k), 80)} {v:.1f}% used" for v, k in full)
+    cores, load = sample.get("cpu.core_percent"), _number(sample.get("load.1m"))
+    if isinstance(cores, dict) and cores and load is not None and load >= 2 * len(cores):
+        found.append(f"load {load:.2f} on {len(cores)} cores")
+    return found
+
+
+def _pattern_table(patterns: list[Pattern], suffix: str, lines_of: dict[str, list[int]], caption: str,
+                   clock=lambda t: _clock(t)) -> str:
     if not patterns:
         return f"<p>{caption}: none.</p>"
     out = [f'<table class="patterns"><caption>{caption}</caption><tr><th>count</th><th>level</th><th>first</th>'
@@ -387,8 +409,8 @@ def _pattern_table(patterns: list[Pattern], suffix: str, lines_of: dict[str, lis
         tag = pattern.example.get("tag", "") if isinstance(pattern.example, dict) else ""
         severity = SEVERITY.get(pattern.level or "", "")
         out.append(f'<tr id="{pattern.anchor}{suffix}" class="{severity}"><td>{pattern.count:,}</td>'
-                   f"<td>{html.escape(pattern.level or '-')}</td><td>{_clock(pattern.first)}</td>"
-                   f"<td>{_clock(pattern.last)}</td><td><code>{html.escape(clipped(pattern.template, 500))}</code>"
+                   f"<td>{html.escape(pattern.level or '-')}</td><td>{clock(pattern.first)}</td>"
+                   f"<td>{clock(pattern.last)}</td><td><code>{html.escape(clipped(pattern.template, 500))}</code>"
                    f'<pre class="example">[{html.escape(clipped(str(tag), MAX_FIELD))}] '
                    f'{html.escape(clipped(str(example or ""), MAX_TEXT))}</pre></td><td>{links or "none among the last lines"}</td></tr>')
     out.append("</table>")
@@ -473,6 +495,16 @@ def render_html(summary: Summary, source: str, since: float, until: float, expli
         gap = summary.last_metrics - summary.last_log
         out.append(f"<p>The logs went quiet <b>{abs(gap):.0f} s {'before' if gap >= 0 else 'after'}</b> the "
                    f"metrics. The last lines are <a href=\"#last-lines\">at the bottom</a>.</p>")
+    stood_out = signs(summary.last_sample)
+    if stood_out:
+        out.append(f'<p class="warn">At the last metrics sample: {html.escape(", ".join(stood_out))}.</p>')
+    if summary.tail:
+        count = len(summary.tail)
+        out.append('<p>Its last lines:</p><div class="lines">')
+        for number, (moment, tag, message, severity, _) in enumerate(list(summary.tail)[-3:], count - min(3, count) + 1):
+            out.append(f'<span{f" class={chr(34)}{severity}{chr(34)}" if severity else ""}><a href="#L{number}">'
+                       f"{_clock(moment)}</a> [{html.escape(tag)}] {html.escape(clipped(message, 500))}</span>")
+        out.append("</div>")
     errors = summary.severities["error"] + summary.severities["critical"]
     out.append(f"<p>{errors:,} errors (level error or worse) and {summary.severities['warning']:,} warnings.</p>")
 
@@ -487,8 +519,9 @@ def render_html(summary: Summary, source: str, since: float, until: float, expli
     overall = summary.miner.top(TOP_PATTERNS)
     recent = summary.miner.top(TOP_PATTERNS, since=summary.last - RECENT) if summary.last is not None else []
     out.append('<h2 id="patterns">Error and warning patterns</h2>')
-    out.append(_pattern_table(overall, "", lines_of, "The most frequent over the range"))
-    out.append(_pattern_table(recent, "-5m", lines_of, "The most frequent in the last 5 minutes before the end"))
+    clock = _clock if summary.span() < 86400 else (lambda t: time.strftime("%b %d %H:%M:%S", time.gmtime(t)))
+    out.append(_pattern_table(overall, "", lines_of, "The most frequent over the range", clock))
+    out.append(_pattern_table(recent, "-5m", lines_of, "The most frequent in the last 5 minutes before the end", clock))
     if summary.miner.dropped:
         out.append(f"<p>({summary.miner.dropped:,} records of rare patterns were let go to stay within "
                    f"{summary.miner.max_clusters:,} patterns.)</p>")

@@ -425,7 +425,7 @@ table{border-collapse:collapse}td,th{padding:2px 10px 2px 0;text-align:left;vert
 caption{text-align:left;font-weight:600;padding:6px 0}
 .chart{display:block;margin:6px 0}.plot{fill:#fafafa;stroke:#ccc}.grid{stroke:#e6e6e6}.tick{stroke:#999}
 .axis{font-size:11px;fill:#666}.title{font-size:13px;font-weight:600}.legend{font-size:11px}
-.marker{stroke-width:1.5;stroke-dasharray:4 3}.mlabel{font-size:11px;font-weight:600}
+.marker{stroke-width:1.5;stroke-dasharray:4 3}.mlabel{font-size:11px;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
 .lines{background:#f6f6f6;padding:8px;font:12px/1.45 ui-monospace,monospace;white-space:pre-wrap;
  overflow-wrap:anywhere;margin:0}
 .lines span{display:block}.lines .warning{background:#fff3cd}.lines .error{background:#fddede}

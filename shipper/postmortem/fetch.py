@@ -552,6 +552,33 @@ def plain_times(lines: list[bytes]) -> list[bytes] | None:
     return keys
 
 
+def not_in_piece(lines: list[bytes], wanted: Wanted, state: ObjectState | None = None) -> bool:
+    """True when no record of the piece can match the grep, judged on the bytes of the whole piece
+    (no line shows the needle, none has an escape that could hide it, every "message" key has a
+    string value); then, until a record matches, its records are counted as the funnel would:
+    by their time when outside the range, else as stopped by the grep."""
+    blob = b"\n".join(lines)
+    if (wanted.needle in blob or b"\\u" in blob or b"\\/" in blob
+            or blob.count(b'"message":') != blob.count(b'"message":"')):
+        return False
+    if state is None or state.funnel is None:
+        return True
+    keys = plain_times(lines)
+    if keys is None:  # times not sure: decoded, to count each record by the filter it fails
+        return False
+    funnel = state.funnel
+    low, high = bisect_left(keys, wanted.since_key), bisect_right(keys, wanted.until_key)
+    funnel.read += len(keys)
+    funnel.missed["time"] += low + len(keys) - high
+    funnel.missed["grep"] += high - low
+    for outside_ in (keys[:low], keys[high:]):
+        if outside_:
+            first, last = outside_[0].decode(), outside_[-1].decode()
+            funnel.first = first if funnel.first is None else min(funnel.first, first)
+            funnel.last = last if funnel.last is None else max(funnel.last, last)
+    return True
+
+
 def fast_part(lines: list[bytes], keys: list[bytes], wanted: Wanted) -> tuple[list[bytes], bytes, array] | None | bool:
     """A piece of plain lines (:func:`plain_times`) when only the time range is asked: cut on the
     times, decoded and rendered in bulk. False when some line is no JSON object (then line by line)."""
@@ -583,12 +610,14 @@ def fast_part(lines: list[bytes], keys: list[bytes], wanted: Wanted) -> tuple[li
 def render_part(lines: list[bytes], wanted: Wanted, state: ObjectState) -> tuple[list[bytes], bytes, array] | None:
     """One decompressed piece's lines -> (their times, the rendered lines, where each ends), in time
     order; lines that cannot match are left out on their raw bytes first (no decode)."""
-    if state.funnel is None and wanted.time_only:
+    if wanted.time_only and state.funnel is None:
         keys = plain_times(lines)
         if keys is not None:
             part = fast_part(lines, keys, wanted)
             if part is not False:
                 return part
+    elif wanted.needle is not None and (state.funnel is None or wanted.grep_only) and not_in_piece(lines, wanted, state):
+        return None
     pairs = keyed(lines)
     needle = wanted.needle
     if state.funnel is None:  # a record matched already: nothing is left to explain, skip on raw bytes

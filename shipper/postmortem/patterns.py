@@ -3,19 +3,21 @@
 
 A message's key line (its first line; for a Python traceback, its last line, the exception) is cut
 to MAX_LINE characters, its variable parts masked (<TIME>, <UUID>, <IP>, <HEX>, <NUM>) and split into
-tokens. A fixed-depth tree routes it by token count, then by its first ``depth - 3`` tokens (depth
-counts the root, the token-count and the leaf levels too, as in the paper and drain3; a token
-holding a digit or a mask goes to the ``<*>`` branch, as does any token past MAX_CHILDREN branches
-of a node), to a leaf holding a few clusters. The most similar cluster there (the share of
+tokens. A fixed-depth tree routes it by token count, then by its first ``depth - 3`` words that are
+neither masks (a line's timestamp) nor level words (depth counts the root, the token-count and the
+leaf levels too, as in the paper and drain3; past MAX_CHILDREN branches of a node, further words
+share its ``<*>`` branch), to a leaf holding a few clusters. The most similar cluster there (the share of
 positions where the template holds the same word, masks and ``<*>`` not counted) takes the
 message when its similarity reaches ``similarity``; the template's differing positions become
 ``<*>``. Else the message starts a new cluster.
 
 Bounded whatever the input: at most ``max_clusters`` clusters (when full, the half with the
-fewest records is dropped and its records counted in ``dropped``), one example record per
+fewest records is dropped and its records counted in ``dropped``), at most MAX_LEAF in a leaf (the
+rarest dropped: the clusters of a leaf are compared with each new line), one example record per
 cluster (its message cut at MAX_EXAMPLE characters), counts per second only for the last
 ``recent`` seconds (what ``top(since=...)`` needs for "the last 5 minutes before the end"), and a
-bounded cache of masked lines already placed (a repeated line costs a dict lookup, not a tree walk).
+bounded cache of lines already placed (a line that differs from one before only in its digits costs
+a dict lookup, not masking and a tree walk).
 
 Anchors ("p1", "p2", ...) are given in the order clusters are made and never change or get reused:
 a line can link to its pattern as soon as it is added.
@@ -31,32 +33,43 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from shipper.filters import level_rank
+from shipper.filters import LEVEL_ALIASES, LEVEL_RANKS, level_rank
 
 MAX_LINE = 1000       # characters of the key line mined (the cost and the tokens of one message are bounded)
 MAX_TOKENS = 64       # tokens of the key line compared; the rest are one "<...>" token
 MAX_CHILDREN = 100    # branches of a tree node before further tokens share the <*> branch
+MAX_LEAF = 24         # clusters in one leaf (each is compared with a new line)
 MAX_EXAMPLE = 16_384  # characters of an example's message kept
-CACHE = 8192          # masked lines remembered with their cluster
+CACHE = 8192          # zeroed key lines remembered with their cluster
 WILDCARD = "<*>"
 MASK_TOKENS = frozenset(("<*>", "<TIME>", "<UUID>", "<IP>", "<HEX>", "<NUM>", "<...>"))
 _NEVER = "\x00"  # no token of a split line is this
+_LEVEL_WORDS = frozenset(LEVEL_RANKS) | frozenset(LEVEL_ALIASES)
 
-# The masks, in this order (a time, a UUID and an address hold numbers). Each is one
-# re.sub with a constant replacement: C speed, no Python call per match.
-_MASKS = (
-    # a date and time of day, or a time of day, as one token: a line's own timestamp says nothing of it
-    (re.compile(r"(?<![0-9])(?:\d{4}[-/]\d\d[-/]\d\d(?:[T ]|(?![0-9])))?\d\d:\d\d:\d\d(?:[.,]\d+)?"
-                r"(?:Z|[+-]\d\d:?\d\d(?![0-9]))?(?![0-9])"), "<TIME>"),
-    (re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
-                r"(?![0-9A-Fa-f])"), "<UUID>"),
-    (re.compile(r"(?<![0-9.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?::\d{1,5})?"
-                r"(?![0-9.])"), "<IP>"),
-    (re.compile(r"(?<![0-9A-Za-z_])(?:0[xX][0-9A-Fa-f]+|(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{8,}"
-                r"|(?=[0-9A-F]*[A-F])(?=[0-9A-F]*\d)[0-9A-F]{8,})(?![0-9A-Za-z_])"), "<HEX>"),
-    (re.compile(r"(?<![A-Za-z0-9_.])[-+]?\d+(?:[.,]\d+)*"), "<NUM>")  # not libc.so.6, v2,
-)
-_DIGIT = re.compile(r"\d")
+# Masking works on the key line's UTF-8 bytes with every digit made "0" (one bytes.translate, at C
+# speed): lines that differ only in their digits (times, counts, addresses, ids) become the same
+# bytes, so the cache of placed lines takes them at the cost of a dict lookup; and the masks only
+# look at where the digits are, never at their values, so masking is a function of those bytes.
+# Each mask is one re.sub with a constant replacement (no Python call per match) whose pattern
+# starts, where it can, with the literal "0", which the regex engine finds at C speed; in this order
+# (a UUID, a time and an address hold numbers). A digit left inside a word after them is a number too
+# ("user42" -> "user<NUM>", "libc.so.6" -> "libc.so.<NUM>").
+_ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_H = b"[0a-fA-F]"
+_TIME = re.compile(rb"0(?<!00)(?:000[-/]00[-/]00(?:[T ]00:00:00)?|0:00:00)(?:[.,]0+)?(?:Z|[+-]00:?00(?!0))?(?!0)")
+_UUID = re.compile(_H + rb"(?<![0-9A-Za-z_]" + _H + rb")" + _H + rb"{7}-" + _H + rb"{4}-" + _H + rb"{4}-" + _H +
+                   rb"{4}-" + _H + rb"{12}(?![0-9A-Za-z_])")
+_IP = re.compile(rb"0(?<![0.]0)0{0,2}\.0{1,3}\.0{1,3}\.0{1,3}(?::0{1,5})?(?![0.])")
+# hex: 0x..., or 8 or more hex digits of one case holding a letter and a digit (not a word, not a number).
+# Those that start with a letter cost a try at every a-f: looked for only where a cheap search finds a run.
+_HEX_DIGIT_FIRST = re.compile(rb"0(?<![0-9A-Za-z_]0)(?:[xX]" + _H + rb"+|(?=0*[a-f])[0a-f]{7,}|(?=0*[A-F])[0A-F]{7,})"
+                              rb"(?![0-9A-Za-z_])")
+_HEX_RUN = re.compile(rb"[a-fA-F][0a-fA-F]{7}")
+_HEX_LETTER_FIRST = re.compile(rb"[a-f](?<![0-9A-Za-z_][a-f])(?=[a-f]*0)[0a-f]{7,}(?![0-9A-Za-z_])"
+                               rb"|[A-F](?<![0-9A-Za-z_][A-F])(?=[A-F]*0)[0A-F]{7,}(?![0-9A-Za-z_])")
+_NUM = re.compile(rb"0+(?:[.,]0+)*")
+
+
 _TRACEBACK = "Traceback (most recent call last)"
 
 
@@ -64,24 +77,35 @@ def key_line(message: str) -> str:
     """The line of ``message`` that names it: the first line, or for a Python traceback (which
     always starts alike) "Traceback ... " and its last line, the exception."""
     first, newline, rest = message.partition("\n")
-    if first.startswith(_TRACEBACK) and newline:
+    if newline and first.startswith(_TRACEBACK):
         last = rest.rstrip().rpartition("\n")[2].strip()
         first = f"Traceback ... {last}" if last else first
     return first[:MAX_LINE]
 
 
+def zeroed(line: str) -> bytes:
+    """``line`` as UTF-8 with its digits made "0": what the cache and the masks see."""
+    return line.encode("utf-8", "surrogatepass").translate(_ZEROS)
+
+
+def masked(key: bytes) -> str:
+    """The zeroed key line with its variable parts replaced by <TIME>, <UUID>, <IP>, <HEX>, <NUM>."""
+    if key.count(b"-") >= 4:   # a UUID holds 4 dashes
+        key = _UUID.sub(b"<UUID>", key)
+    if b"0" in key:            # every other mask holds a digit
+        key = _TIME.sub(b"<TIME>", key)
+        if b"." in key:
+            key = _IP.sub(b"<IP>", key)
+        key = _HEX_DIGIT_FIRST.sub(b"<HEX>", key)
+        if _HEX_RUN.search(key) is not None:
+            key = _HEX_LETTER_FIRST.sub(b"<HEX>", key)
+        key = _NUM.sub(b"<NUM>", key)
+    return key.decode("utf-8", "surrogatepass")
+
+
 def mask(line: str) -> str:
     """``line`` with its variable parts replaced by <TIME>, <UUID>, <IP>, <HEX>, <NUM>."""
-    if _DIGIT.search(line) is None:  # every mask holds a digit: most words-only lines end here
-        return line
-    for regex, replacement in _MASKS:
-        line = regex.sub(replacement, line)
-    return line
-
-
-def _variable(token: str) -> bool:
-    """A token that routes to the <*> branch: it holds a digit or a mask."""
-    return "<" in token or _DIGIT.search(token) is not None
+    return masked(zeroed(line))
 
 
 @dataclass
@@ -109,7 +133,7 @@ class _Cluster:
         self.level: str | None = None
         self.rank = -1
         self.anchor = anchor
-        self.leaf = leaf
+        self.leaf: list | None = leaf   # None once dropped
         self.seconds: dict[int, list] = {}   # second -> [count, earliest time], for the last ``recent`` seconds
         self.order = order
 
@@ -144,7 +168,7 @@ class PatternMiner:
         self.max_clusters = max_clusters
         self.recent = recent
         self.root: dict[int, dict] = {}
-        self.clusters: list[_Cluster] = []
+        self.clusters: dict[int, _Cluster] = {}   # by creation order
         self.cache: dict[str, _Cluster] = {}
         self.records = 0      # records added
         self.dropped = 0      # records of clusters dropped to stay within max_clusters
@@ -155,24 +179,27 @@ class PatternMiner:
 
     def add(self, record: dict, message: str, level: str | None, time: float) -> str:
         """Place one record (its ``message`` as mined, its ``level``, its epoch ``time``); the anchor of its pattern."""
-        masked = mask(key_line(message))
-        cluster = self.cache.get(masked)
-        if cluster is None:
-            cluster = self._place(masked)
+        key = zeroed(key_line(message))
+        cluster = self.cache.get(key)
+        if cluster is None or cluster.leaf is None:  # (None: dropped since)
+            cluster = self._place(masked(key))
             if len(self.cache) >= CACHE:
                 self.cache.clear()
-            self.cache[masked] = cluster
+            self.cache[key] = cluster
         self.records += 1
         cluster.count += 1
+        small = len(message) <= MAX_EXAMPLE   # (the record's message, as a rule)
         if cluster.example is None:
-            cluster.example = _kept(record)
+            cluster.example = record if small else _kept(record)
         if time < cluster.first:
             cluster.first = time
         if time >= cluster.last:
             cluster.last = time
-            cluster.latest = record if cluster.example is record else _kept(record)
+            cluster.latest = record if small else _kept(record)
         if level is not None:
-            rank = level_rank(level)
+            rank = LEVEL_RANKS.get(level)
+            if rank is None:
+                rank = level_rank(level)
             if rank is not None and rank > cluster.rank:
                 cluster.rank, cluster.level = rank, level
         if time > self.latest_time:
@@ -193,8 +220,8 @@ class PatternMiner:
                     bucket[1] = time
         return cluster.anchor
 
-    def _place(self, masked: str) -> _Cluster:
-        tokens = masked.split()
+    def _place(self, text: str) -> _Cluster:
+        tokens = text.split()
         if len(tokens) > MAX_TOKENS:
             tokens = tokens[:MAX_TOKENS - 1] + ["<...>"]
         leaf = self._leaf(tokens)
@@ -212,24 +239,26 @@ class PatternMiner:
                 if merged != best.tokens:
                     best.set_tokens(merged)
             return best
+        if len(leaf) >= MAX_LEAF:  # a leaf's clusters are compared one by one: bounded, the rarest goes
+            self._drop(min(leaf, key=lambda c: (c.count, c.last, c.order)))
         if len(self.clusters) >= self.max_clusters:
             self._shed()
-            leaf = self._leaf(tokens)
         self._made += 1
         cluster = _Cluster(tokens, f"p{self._made}", leaf, self._made)
         leaf.append(cluster)
-        self.clusters.append(cluster)
+        self.clusters[cluster.order] = cluster
         return cluster
 
     def _leaf(self, tokens: list[str]) -> list:
         if not self.prefix:
             return self.root.setdefault(len(tokens), [])  # type: ignore[arg-type]
         node: dict = self.root.setdefault(len(tokens), {})
-        route = tokens[:self.prefix]
+        # routed on the first words that say what the line is: not a mask (a line's timestamp),
+        # not a level word (ERROR, [warn]), which would put most lines of a log in one leaf
+        route = [token for token in tokens[:self.prefix + 4] if "<" not in token
+                 and token.strip("[]():").lower() not in _LEVEL_WORDS][:self.prefix]
         for index in range(self.prefix):
             token = route[index] if index < len(route) else ""
-            if _variable(token):
-                token = WILDCARD
             child = node.get(token)
             if child is None:
                 if len(node) >= MAX_CHILDREN and token != WILDCARD:
@@ -242,14 +271,16 @@ class PatternMiner:
 
     def _shed(self) -> None:
         """Drop the half of the clusters with the fewest records (the oldest first among equals), so
-        that making a cluster costs O(log n) amortised; the cache may point at them: cleared."""
-        ranked = sorted(self.clusters, key=lambda c: (c.count, c.last, c.order))
-        gone, kept = ranked[:len(ranked) // 2], ranked[len(ranked) // 2:]
-        for cluster in gone:
-            cluster.leaf.remove(cluster)
-            self.dropped += cluster.count
-        self.clusters = sorted(kept, key=lambda c: c.order)
-        self.cache.clear()
+        that making a cluster costs O(log n) amortised."""
+        ranked = sorted(self.clusters.values(), key=lambda c: (c.count, c.last, c.order))
+        for cluster in ranked[:len(ranked) // 2]:
+            self._drop(cluster)
+
+    def _drop(self, cluster: _Cluster) -> None:
+        cluster.leaf.remove(cluster)
+        cluster.leaf = None   # the cache may still point at it: a miss
+        del self.clusters[cluster.order]
+        self.dropped += cluster.count
 
     # ---------------------------------------------------------------- reading
 
@@ -259,11 +290,11 @@ class PatternMiner:
         ``since`` must be within ``recent`` seconds of the latest record added (or before every
         record): older counts are not kept per second."""
         found: list[Pattern] = []
-        if since is not None and since > min((c.first for c in self.clusters), default=since) \
+        if since is not None and since > min((c.first for c in self.clusters.values()), default=since) \
                 and since < self.latest_time - self.recent:
             raise ValueError(f"since {since}: counts per second are kept for the last {self.recent:g} s "
                              f"before the latest record ({self.latest_time}) only")
-        for cluster in self.clusters:
+        for cluster in self.clusters.values():
             if since is None or since <= cluster.first:
                 found.append(Pattern(self._text(cluster), cluster.count, cluster.first, cluster.last,
                                      cluster.example or {}, cluster.level, cluster.anchor))

@@ -475,7 +475,7 @@ def _print_patterns(records, count: int, as_json: bool, out, shown) -> None:
     out.write(f"{miner.records:,} errors and warnings among {total:,} records, {len(miner):,} patterns{dropped}\n")
     for window, patterns in windows:
         if window == "range":
-            out.write(f"\nTop patterns over the range:\n")
+            out.write("\nTop patterns over the range:\n")
         else:
             out.write(f"\nTop patterns in the last 5 minutes before the end ({format_time(end - PATTERNS_RECENT)} "
                       f"to {format_time(end)}):\n")
@@ -615,8 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--tag", action="append", help="only this tag (repeatable)")
     fetch.add_argument("--grep", help="only records whose message matches this regular expression")
     fetch.add_argument("--level", help="only records of this level or more severe (the parsed level, else the "
-                                       "journald priority, else the level the message shows: ERROR, [warn], level=error ...)")
-    fetch.add_argument("--json", action="store_true", help="whole records as JSON lines (all of them, metrics samples too)")
+                                       "journald priority, else the level the message shows: ERROR, [warn], "
+                                       "level=error ...)")
+    fetch.add_argument("--json", action="store_true",
+                       help="whole records as JSON lines (all of them, metrics samples too)")
     fetch.add_argument("--format", help="a line per record, e.g. '{time} {level} {host} {message}'; nested fields "
                                         "dotted ({metrics.cpu.percent}, {fields.user}), dicts and lists as JSON")
     fetch.add_argument("--all", action="store_true",

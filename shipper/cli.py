@@ -346,8 +346,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     import orjson
 
     from shipper.postmortem import fetch
-    from shipper.postmortem.selection import (Filter, Format, SelectionError, check_level, has_message, printable,
-                                              render, time_range)
+    from shipper.postmortem.selection import Filter, Format, SelectionError, check_level, printable, time_range
     from shipper.postmortem.sources import CloudWatchLogsSource, SourceError, open_source
 
     # On a terminal, what the archive holds (messages, instance names, keys) is shown with its
@@ -374,7 +373,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     # Plain lines and --format leave out the records without a message (metrics samples), unless
     # asked for (--all, or a template naming a metrics field); --json prints whole records, all.
     every = args.json or args.all or (template is not None and template.names_metrics())
-    seen: set[str] = set()   # the records' keys, to name them when a --format field is unknown
     try:
         if args.list_instances:
             if isinstance(source, CloudWatchLogsSource):
@@ -392,27 +390,22 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                     out.write(shown(line) + "\n")
             return EXIT_OK
         wanted = Filter(since, until, args.tag or None, grep, level)
-        records = fetch.records_of(source, since, until, args.instance, args.tag or None, warn)
-        if records is None:
-            return EXIT_FAILED
-        selected = fetch.filtered(records, wanted, args.host, warn)
         if args.patterns is not None:
-            _print_patterns(selected, args.patterns, args.json, out, shown)
+            records = fetch.records_of(source, since, until, args.instance, args.tag or None, warn)
+            if records is None:
+                return EXIT_FAILED
+            _print_patterns(fetch.filtered(records, wanted, args.host, warn), args.patterns, args.json, out, shown)
             out.flush()
             return EXIT_OK
-        for record in selected:
-            if args.json:
-                out.write(orjson.dumps(record).decode())
-            elif not every and not has_message(record):
-                continue
-            elif template is None:
-                out.write(shown(render(record, None)))
-            else:
-                if len(template.found) < len(template.fields) and len(seen) < 1000:
-                    seen.update(record)
-                out.write(shown(template.render(record)))
-            out.write("\n")
+        line_of = _LineOf(args.json, every, template, shown)
+        chunks = fetch.output_of(source, since, until, args.instance, args.tag or None, wanted, args.host, line_of,
+                                 warn)
+        if chunks is None:
+            return EXIT_FAILED
+        for chunk in chunks:
+            out.buffer.write(chunk)
         out.flush()
+        seen = line_of.seen
     except SourceError as exc:
         warn(str(exc))
         return EXIT_FAILED
@@ -424,6 +417,49 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         warn(str(problem))
         return EXIT_CONFIG
     return EXIT_OK
+
+
+class _LineOf:
+    """``fetch``'s rendering of one record (None: left out). It runs in the fetch's worker processes
+    (inherited through fork); what it learns there (the --format fields found, the keys seen, how many
+    records it rendered) comes back per object through worker_state/absorb (shipper.postmortem.fetch)."""
+
+    def __init__(self, as_json: bool, every: bool, template, shown):
+        import orjson
+
+        from shipper.postmortem.selection import render
+
+        self.dumps, self.render = orjson.dumps, render
+        self.as_json, self.every, self.template, self.shown = as_json, every, template, shown
+        self.seen: set[str] = set()   # the records' keys, to name them when a --format field is unknown
+        self.sent = 0                 # records rendered that worker_state has told of
+
+    def __call__(self, record: dict) -> str | None:
+        if self.as_json:
+            return self.dumps(record).decode()
+        if not self.every and record.get("message") is None:   # metrics samples, unless asked for
+            return None
+        template = self.template
+        if template is None:
+            return self.shown(self.render(record, None))
+        if len(template.found) < len(template.fields) and len(self.seen) < 1000:
+            self.seen.update(record)
+        return self.shown(template.render(record))
+
+    def worker_state(self) -> tuple:
+        template = self.template
+        if template is None:
+            return set(), set(), 0
+        rendered, self.sent = template.rendered - self.sent, template.rendered
+        return set(template.found), set(self.seen), rendered
+
+    def absorb(self, state: tuple) -> None:
+        found, seen, rendered = state
+        if self.template is not None:
+            self.template.found.update(found)
+            self.template.rendered += rendered
+        if len(self.seen) < 1000:
+            self.seen.update(seen)
 
 
 PATTERNS_RECENT = 300.0   # "the last 5 minutes before the end"

@@ -550,7 +550,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"shipper report: {shown_err(text)}", file=sys.stderr)
 
     try:
-        since, until = time_range(args.since, args.until)
+        since, until = time_range(args.since or "1d", args.until)
     except SelectionError as exc:
         warn(str(exc))
         return EXIT_CONFIG
@@ -573,12 +573,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         if records is None:
             return EXIT_FAILED
         wanted = Filter(since, until)
-        summary = report.summarize(fetch.filtered(records, wanted, args.host), args.lines,
-                                   report.bucket_for(until - since))
+        summary = report.summarize(fetch.filtered(records, wanted, args.host), args.lines)
     except (SelectionError, SourceError) as exc:
         warn(str(exc))
         return EXIT_FAILED
-    page = report.render_html(summary, source.name, since, until)
+    # the charts span what the records cover, unless a range was asked for
+    page = report.render_html(summary, source.name, since, until,
+                              explicit_range=args.since is not None or args.until is not None)
     with open(args.output, "w", encoding="utf-8") as handle:
         handle.write(page)
     print(f"wrote {args.output}: {summary.records:,} records, {len(summary.metrics)} metric series, "
@@ -671,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--instance", help="the instance id (or the host name off EC2); "
                                         "not needed when one instance has records in the range")
     rep.add_argument("--host", help="only records of this host name (alone: whichever instance had it)")
-    rep.add_argument("--since", default="1d", help="a time or a duration ago; default 1d")
+    rep.add_argument("--since", default=None, help="a time or a duration ago; default 1d (the charts then span "
+                                                   "what the records cover)")
     rep.add_argument("--until", help="a time or a duration ago; default now")
     rep.add_argument("--lines", type=_bounded_int(1, 10_000), default=50, help="the last lines shown (default 50)")
     rep.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")

@@ -25,6 +25,7 @@ MISS_SYSLOG_LOWER = "a lower-case 'error:' after the syslog program tag ']: ' is
 MISS_ECS = "the ECS key \"log.level\" is not among the JSON keys"
 MISS_PINO = "pino/bunyan numeric levels (\"level\":50) are not recognised"
 MISS_DBUG = "log15's 'dbug' is not an alias of debug (eror, crit are)"
+MISS_BARE_EXCEPTION = "a bare exception line (a traceback's last line read line by line) is not recognised"
 MISS_HEROKU = "Heroku router's at=error: 'at' is too common a key to search cheaply; not proposed"
 
 # (kind, line, the level it shows or None)
@@ -39,6 +40,8 @@ CORPUS = [
     ("python", "[2024-03-01 12:00:00 +0000] [42] [CRITICAL] WORKER TIMEOUT (pid:43)", "critical"),
     ("python", "[2024-03-01 12:00:00 +0000] [42] [INFO] Booting worker with pid: 43", "info"),
     ("python", "2024-03-01 12:00:00.123 | DEBUG    | app:main:12 - cache warm", "debug"),
+    miss(MISS_BARE_EXCEPTION, "python", "MemoryError", "error"),
+    miss(MISS_BARE_EXCEPTION, "python", "KeyError: 'user_id'", "error"),
     # Java
     ("java", "2024-03-01 12:00:00.123 ERROR 1234 --- [main] o.s.boot.SpringApplication : Application run failed", "error"),
     ("java", "2024-03-01 12:00:00,123 [http-nio-8080-exec-1] WARN  c.e.OrderService - slow query", "warn"),
@@ -92,6 +95,7 @@ CORPUS = [
     ("plain", "Starting nginx: the errorlog is at /var/log/errors.log", None),
     ("plain", "processed 120 records, 0 errors", None),
     ("plain", "GET /api/error-report 200 12ms", None),
+    ("plain", "ErrorHandler registered for /api", None),
 ]
 
 

@@ -57,14 +57,22 @@ def harness():
 # `shipper ARGS` that tells its own peak RSS at the end. A child's ru_maxrss counts the memory of the
 # process it was forked from (its copy, or the parent's own with vfork), which here is larger than
 # the fetch; VmHWM is that of the process after exec.
-MEASURED = ("import sys\nfrom shipper.cli import main\ncode = main(sys.argv[1:])\n"
-            "sys.stderr.write('\\n' + next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
+# Its worker processes (fetch decodes objects in forked workers) are told apart: the largest one's
+# peak (ru_maxrss of its children, after they ended) is written as "workers: KB".
+MEASURED = ("import resource, sys\nfrom shipper.cli import main\ncode = main(sys.argv[1:])\n"
+            "sys.stderr.write('\\nworkers: %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+            "sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
             "sys.exit(code)\n")
 
 
 def own_peak_mib(stderr: bytes) -> float:
     """The VmHWM line MEASURED writes last, in MiB."""
     return round(int(stderr.rsplit(b"VmHWM:", 1)[1].split()[0]) / 1024, 1)
+
+
+def workers_peak_mib(stderr: bytes) -> float:
+    """The largest worker's peak RSS MEASURED writes, in MiB (0: no worker)."""
+    return round(int(stderr.rsplit(b"workers:", 1)[1].split()[0]) / 1024, 1)
 
 
 def key_for(instance: str, tag: str, start: float, seq: int) -> str:
@@ -133,7 +141,8 @@ def bench_fetch(args, work: str, log) -> dict:
                 "gzip_mb": round(stored / 1e6, 1), "objects": objects, "lines": lines,
                 "mb_per_s": round(raw_total / 1e6 / seconds, 1),
                 "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
-                "peak_rss_mib": round(after.ru_maxrss / 1024, 1), "own_peak_mib": own_peak_mib(measured.stderr)}
+                "peak_rss_mib": round(after.ru_maxrss / 1024, 1), "own_peak_mib": own_peak_mib(measured.stderr),
+                "workers_peak_mib": workers_peak_mib(measured.stderr)}
     finally:
         moto.stop()
 
@@ -160,7 +169,7 @@ def bench_huge_object(args, work: str, log) -> dict:
         raise RuntimeError(f"huge fetch failed: {result.stderr.decode()[-2000:]}")
     return {"name": "huge", "seconds": round(seconds, 2), "records": count + 1,
             "raw_mib": round(count * len(record) / 2**20, 1), "gzip_kb": round(os.path.getsize(path) / 1024, 1),
-            "peak_rss_mib": own_peak_mib(result.stderr)}
+            "peak_rss_mib": own_peak_mib(result.stderr), "workers_peak_mib": workers_peak_mib(result.stderr)}
 
 
 def bench_report(args, work: str, log) -> dict:
@@ -213,6 +222,7 @@ def main() -> int:
     parser.add_argument("--quiet-wait", type=float, default=300)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    os.makedirs(os.path.join(ROOT, "bench", "work"), exist_ok=True)
     work = tempfile.mkdtemp(prefix="postmortem-", dir=os.path.join(ROOT, "bench", "work"))
     log = print
     try:
@@ -236,7 +246,7 @@ def main() -> int:
         [("fetch 1 instance-hour from S3 (moto)", f"{fetch['raw_mb']} MB raw, {fetch['gzip_mb']} MB gzip, "
           f"{fetch['objects']} objects", f"{fetch['seconds']}", f"{fetch['mb_per_s']} MB/s",
           f"{fetch['lines']:,} lines; CPU {fetch['cpu_s']} s; peak RSS {fetch['peak_rss_mib']} MiB "
-          f"(its own {fetch['own_peak_mib']} MiB)"),
+          f"(its own {fetch['own_peak_mib']} MiB, a worker {fetch['workers_peak_mib']} MiB)"),
          ("fetch 1 small object of huge content", f"{huge['raw_mib']} MiB of records in {huge['gzip_kb']} KiB gzip",
           f"{huge['seconds']}", "-", f"peak RSS {huge['peak_rss_mib']} MiB"),
          ("report of 24 h", f"{report['samples']:,} metrics samples (10 s) + as many log lines",

@@ -347,7 +347,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     import orjson
 
     from shipper.postmortem import fetch
-    from shipper.postmortem.selection import Filter, SelectionError, check_level, printable, render, time_range
+    from shipper.postmortem.selection import Filter, Format, SelectionError, check_level, printable, time_range
     from shipper.postmortem.sources import CloudWatchLogsSource, SourceError, open_source
 
     # On a terminal, what the archive holds (messages, instance names, keys) is shown with its
@@ -361,6 +361,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         since, until = time_range(args.since, args.until)
         level = check_level(args.level) if args.level else None
         grep = re.compile(args.grep) if args.grep else None
+        template = Format(args.format) if args.format is not None else None
         source = open_source(args.source, args.endpoint_url, args.region)
     except (SelectionError, SourceError) as exc:
         warn(str(exc))
@@ -370,6 +371,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     out = sys.stdout
     shown = printable if out.isatty() and not args.json else str
+    # Plain lines and --format leave out the records without a message (metrics samples), unless
+    # asked for (--all, or a template naming a metrics field); --json prints whole records, all.
+    every = args.json or args.all or (template is not None and template.names_metrics())
     try:
         if args.list_instances:
             if isinstance(source, CloudWatchLogsSource):
@@ -387,22 +391,153 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                     out.write(shown(line) + "\n")
             return EXIT_OK
         wanted = Filter(since, until, args.tag or None, grep, level)
-        records = fetch.records_of(source, since, until, args.instance, args.tag or None, warn)
-        if records is None:
+        if args.patterns is not None:
+            records = fetch.records_of(source, since, until, args.instance, args.tag or None, warn)
+            if records is None:
+                return EXIT_FAILED
+            _print_patterns(fetch.filtered(records, wanted, args.host, warn), args.patterns, args.json, out, shown)
+            out.flush()
+            return EXIT_OK
+        line_of = _LineOf(args.json, every, template, shown)
+        chunks = fetch.output_of(source, since, until, args.instance, args.tag or None, wanted, args.host, line_of,
+                                 warn)
+        if chunks is None:
             return EXIT_FAILED
-        for record in fetch.filtered(records, wanted, args.host, warn):
-            if args.json:
-                out.write(orjson.dumps(record).decode())
-            else:
-                out.write(shown(render(record, args.format)))
-            out.write("\n")
+        for chunk in chunks:
+            out.buffer.write(chunk)
         out.flush()
+        seen = line_of.seen
     except SourceError as exc:
         warn(str(exc))
         return EXIT_FAILED
     except BrokenPipeError:  # piped into head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    problem = template.unknown_error(seen) if template is not None else None
+    if problem is not None:
+        warn(str(problem))
+        return EXIT_CONFIG
     return EXIT_OK
+
+
+class _LineOf:
+    """``fetch``'s rendering of one record (None: left out). It runs in the fetch's worker processes
+    (inherited through fork); what it learns there (the --format fields found, the keys seen, how many
+    records it rendered) comes back per object through worker_state/absorb (shipper.postmortem.fetch)."""
+
+    def __init__(self, as_json: bool, every: bool, template, shown):
+        import orjson
+
+        from shipper.postmortem.selection import render
+
+        self.dumps, self.render = orjson.dumps, render
+        self.as_json, self.every, self.template, self.shown = as_json, every, template, shown
+        self.seen: set[str] = set()   # the records' keys, to name them when a --format field is unknown
+        self.sent = 0                 # records rendered that worker_state has told of
+
+    def __call__(self, record: dict) -> str | None:
+        if self.as_json:
+            return self.dumps(record).decode()
+        if not self.every and record.get("message") is None:   # metrics samples, unless asked for
+            return None
+        template = self.template
+        if template is None:
+            return self.shown(self.render(record, None))
+        if len(template.found) < len(template.fields) and len(self.seen) < 1000:
+            self.seen.update(record)
+        return self.shown(template.render(record))
+
+    def worker_state(self) -> tuple:
+        template = self.template
+        if template is None:
+            return set(), set(), 0
+        rendered, self.sent = template.rendered - self.sent, template.rendered
+        return set(template.found), set(self.seen), rendered
+
+    def absorb(self, state: tuple) -> None:
+        found, seen, rendered = state
+        if self.template is not None:
+            self.template.found.update(found)
+            self.template.rendered += rendered
+        if len(self.seen) < 1000:
+            self.seen.update(seen)
+
+
+PATTERNS_RECENT = 300.0   # "the last 5 minutes before the end"
+
+
+def _print_patterns(records, count: int, as_json: bool, out, shown) -> None:
+    """``fetch --patterns``: the top patterns of the errors and warnings among ``records`` over the
+    range and in the last 5 minutes before the last record, each with count, first, last, one example."""
+    import orjson
+
+    from shipper.filters import LEVEL_RANKS
+    from shipper.postmortem.patterns import PatternMiner
+    from shipper.postmortem.selection import level_of
+    from shipper.record import epoch_of, format_time
+
+    miner = PatternMiner()
+    warn_rank = LEVEL_RANKS["warn"]
+    end = None
+    total = 0
+    for record in records:
+        moment = epoch_of(record.get("time"))
+        if moment is None:
+            continue
+        total += 1
+        if end is None or moment > end:
+            end = moment
+        message = record.get("message")
+        if not isinstance(message, str):
+            continue
+        level = level_of(record)
+        if level is not None and LEVEL_RANKS[level] >= warn_rank:
+            miner.add(record, message, level, moment)
+    windows = [("range", miner.top(count))]
+    if end is not None:
+        windows.append(("last_5m", miner.top(count, since=end - PATTERNS_RECENT)))
+    if as_json:
+        for window, patterns in windows:
+            for pattern in patterns:
+                out.write(orjson.dumps({"window": window, "template": pattern.template, "count": pattern.count,
+                                        "first": format_time(pattern.first), "last": format_time(pattern.last),
+                                        "level": pattern.level, "anchor": pattern.anchor,
+                                        "example": pattern.example}).decode() + "\n")
+        return
+    if not miner.records:
+        out.write(f"no errors or warnings among the {total:,} records read\n")
+        return
+    dropped = f"; {miner.dropped:,} in rare patterns dropped to stay within {miner.max_clusters:,}" \
+        if miner.dropped else ""
+    out.write(f"{miner.records:,} errors and warnings among {total:,} records, {len(miner):,} patterns{dropped}\n")
+    for window, patterns in windows:
+        if window == "range":
+            out.write("\nTop patterns over the range:\n")
+        else:
+            out.write(f"\nTop patterns in the last 5 minutes before the end ({format_time(end - PATTERNS_RECENT)} "
+                      f"to {format_time(end)}):\n")
+            if not patterns:
+                out.write("  none\n")
+        for pattern in patterns:
+            out.write(shown(f"  {pattern.count:>9,}  {pattern.level or '-':<8} first {format_time(pattern.first)}  "
+                            f"last {format_time(pattern.last)}  [{pattern.anchor}]") + "\n")
+            out.write(shown(f"             {pattern.template}") + "\n")
+            example = pattern.example
+            head = " ".join(str(example[key]) for key in ("time", "host", "tag") if example.get(key))
+            text = str(example.get("message", ""))
+            out.write(shown(f"             e.g. {head}: " + text.replace("\n", "\n                  ")) + "\n")
+
+
+def _one_instance(source, since: float, until: float, warn) -> tuple[str | None, list[str]]:
+    """The instances with records in the range: (the only one, [it]) or (None, all of them)."""
+    from shipper.postmortem import fetch
+    from shipper.postmortem.sources import CloudWatchLogsSource
+
+    if isinstance(source, CloudWatchLogsSource):
+        seen = sorted({stream.split("/", 1)[0] for stream in source.streams(None)})
+    else:
+        seen = sorted(fetch.instances_seen(source, since, until, warn))
+    return (seen[0] if len(seen) == 1 else None), seen
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -416,22 +551,36 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"shipper report: {shown_err(text)}", file=sys.stderr)
 
     try:
-        since, until = time_range(args.since, args.until)
+        since, until = time_range(args.since or "1d", args.until)
     except SelectionError as exc:
         warn(str(exc))
         return EXIT_CONFIG
     try:
         source = open_source(args.source, args.endpoint_url, args.region)
-        records = fetch.records_of(source, since, until, args.instance, None, warn)
+        instance = args.instance
+        if instance is None and args.host is None:  # the same selection as fetch: none needed for one instance
+            instance, seen = _one_instance(source, since, until, warn)
+            if instance is None and seen:
+                shown = ", ".join(seen[:10]) + (f" and {len(seen) - 10} more" if len(seen) > 10 else "")
+                warn(f"{len(seen)} instances have records in the range: {shown}; "
+                     f"choose one with --instance (or --host; --list-instances on fetch lists them)")
+                return EXIT_CONFIG
+            if instance is None:
+                from shipper.record import format_time
+
+                warn(f"no records in {source.name} between {format_time(since)} and {format_time(until)}")
+                return EXIT_FAILED
+        records = fetch.records_of(source, since, until, instance, None, warn)
         if records is None:
             return EXIT_FAILED
         wanted = Filter(since, until)
-        summary = report.summarize(fetch.filtered(records, wanted, args.host), args.lines,
-                                   report.bucket_for(until - since))
+        summary = report.summarize(fetch.filtered(records, wanted, args.host), args.lines)
     except (SelectionError, SourceError) as exc:
         warn(str(exc))
         return EXIT_FAILED
-    page = report.render_html(summary, source.name, since, until)
+    # the charts span what the records cover, unless a range was asked for
+    page = report.render_html(summary, source.name, since, until,
+                              explicit_range=args.since is not None or args.until is not None)
     with open(args.output, "w", encoding="utf-8") as handle:
         handle.write(page)
     print(f"wrote {args.output}: {summary.records:,} records, {len(summary.metrics)} metric series, "
@@ -503,18 +652,29 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--until", help="a time or a duration ago; default now")
     fetch.add_argument("--tag", action="append", help="only this tag (repeatable)")
     fetch.add_argument("--grep", help="only records whose message matches this regular expression")
-    fetch.add_argument("--level", help="only records of this level or more severe (parsed level, or journald priority)")
-    fetch.add_argument("--json", action="store_true", help="whole records as JSON lines")
-    fetch.add_argument("--format", help="a line per record, e.g. '{time} {host} {tag} {message}'")
+    fetch.add_argument("--level", help="only records of this level or more severe (the parsed level, else the "
+                                       "journald priority, else the level the message shows: ERROR, [warn], "
+                                       "level=error ...)")
+    fetch.add_argument("--json", action="store_true",
+                       help="whole records as JSON lines (all of them, metrics samples too)")
+    fetch.add_argument("--format", help="a line per record, e.g. '{time} {level} {host} {message}'; nested fields "
+                                        "dotted ({metrics.cpu.percent}, {fields.user}), dicts and lists as JSON")
+    fetch.add_argument("--all", action="store_true",
+                       help="also print the records without a message (metrics samples); --json always does")
+    fetch.add_argument("--patterns", nargs="?", type=_bounded_int(1, 1000), const=10, default=None, metavar="N",
+                       help="instead of the records: the top N (default 10) patterns of the errors and warnings, over "
+                            "the range and in the last 5 minutes before the end, with count, first, last, an example")
     fetch.add_argument("--list-instances", action="store_true", help="list the instances seen in the range instead")
     fetch.add_argument("--endpoint-url", help="an S3/CloudWatch-compatible endpoint")
     fetch.add_argument("--region", help="the AWS region (default: boto3's)")
     fetch.set_defaults(func=cmd_fetch)
     rep = commands.add_parser("report", help="one self-contained HTML page about one (dead) instance")
     rep.add_argument("source", help="s3://BUCKET[/PREFIX], a directory archive, or cwl://LOG_GROUP")
-    rep.add_argument("--instance", required=True, help="the instance id (or the host name off EC2)")
-    rep.add_argument("--host", help="only records of this host name")
-    rep.add_argument("--since", default="1d", help="a time or a duration ago; default 1d")
+    rep.add_argument("--instance", help="the instance id (or the host name off EC2); "
+                                        "not needed when one instance has records in the range")
+    rep.add_argument("--host", help="only records of this host name (alone: whichever instance had it)")
+    rep.add_argument("--since", default=None, help="a time or a duration ago; default 1d (the charts then span "
+                                                   "what the records cover)")
     rep.add_argument("--until", help="a time or a duration ago; default now")
     rep.add_argument("--lines", type=_bounded_int(1, 10_000), default=50, help="the last lines shown (default 50)")
     rep.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")

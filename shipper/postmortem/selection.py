@@ -13,19 +13,23 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
+import orjson
+
+from shipper.filters import LEVELS as FILTER_LEVELS
+from shipper.filters import LEVEL_ALIASES, LEVEL_RANKS, normalize_level
+from shipper.filters.level import level_of as message_level
 from shipper.record import format_time
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 KEY = re.compile(r"(?:^|/)dt=(?P<date>\d{4}-\d{2}-\d{2})/hour=(?P<hour>\d{2})/instance=(?P<instance>[^/]+)/"
                  r"(?P<tag>[^/]+)/(?P<start>\d{8}T\d{6}Z)-(?P<seq>\d+)\.ndjson(?P<ext>\.gz|\.zst)?$")
-LEVELS = ("trace", "debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
-_LEVEL_ALIASES = {"warn": "warning", "err": "error", "crit": "critical", "fatal": "critical", "emerg": "emergency",
-                  "panic": "emergency", "severe": "error", "dbg": "debug", "information": "info"}
-# journald priorities (0 emerg .. 7 debug) as levels
-_PRIORITIES = ("emergency", "alert", "critical", "error", "warning", "notice", "info", "debug")
+# The levels of shipper.filters (trace debug info notice warn error critical fatal), lowest first.
+LEVELS = FILTER_LEVELS
+# Where a parsed level sits in a record (the parsers' names; under "fields" when it clashed).
+_LEVEL_KEYS = ("level", "severity", "lvl", "loglevel", "log_level", "levelname")
 
 
 class SelectionError(ValueError):
@@ -116,24 +120,36 @@ def may_hold(ref: ObjectRef, since: float, until: float, tags: list[str] | None,
 
 
 def level_of(record: dict[str, Any]) -> str | None:
-    """A record's severity, from a parsed field (level, severity, lvl) or a journald priority."""
-    fields = record.get("fields") if isinstance(record.get("fields"), dict) else {}
-    for source in (record, fields):
-        for key in ("level", "severity", "lvl", "loglevel", "log_level"):
+    """A record's severity (one of LEVELS): its parsed level (``level``, ``severity``, ``lvl`` ...,
+    at the top or under ``fields``), else its journald priority, else the level its message shows
+    (shipper.filters.level.level_of, the agent's level filter's rule: ``ERROR``, ``[warn]``,
+    ``level=error``, glog ``E1201``, ``Traceback``, ``panic:`` ...). A parsed value that names no level
+    ("ok?", 42) does not hide the others."""
+    fields = record.get("fields")
+    for source in (record, fields) if isinstance(fields, dict) else (record,):
+        for key in _LEVEL_KEYS:
             value = source.get(key)
             if isinstance(value, str) and value:
-                name = value.strip().lower()
-                return _LEVEL_ALIASES.get(name, name)
+                found = normalize_level(value)
+                if found is not None:
+                    return found
     priority = record.get("priority")
-    if isinstance(priority, (int, str)) and str(priority).isdigit() and int(priority) < len(_PRIORITIES):
-        return _PRIORITIES[int(priority)]
+    if isinstance(priority, (int, str)) and not isinstance(priority, bool):
+        found = normalize_level(priority)
+        if found is not None:
+            return found
+    message = record.get("message")
+    if isinstance(message, str) and message:
+        return message_level(message)
     return None
 
 
 def check_level(level: str) -> str:
-    name = _LEVEL_ALIASES.get(level.lower(), level.lower())
-    if name not in LEVELS:
-        raise SelectionError(f"--level {level!r}: one of {', '.join(LEVELS)}")
+    """A --level value -> one of LEVELS (aliases such as warning, err, crit accepted)."""
+    name = normalize_level(level)
+    if name is None:
+        raise SelectionError(f"--level {level!r}: one of {', '.join(LEVELS)} "
+                             f"(or an alias: {', '.join(sorted(LEVEL_ALIASES))})")
     return name
 
 
@@ -148,7 +164,9 @@ class Filter:
     def __post_init__(self) -> None:
         self._since = format_time(self.since)
         self._until = format_time(self.until)
-        self._min_rank = LEVELS.index(self.level) if self.level else None
+        if self.level is not None:   # any name of a level: "warning", "WARN", "err", 3
+            self.level = check_level(str(self.level))
+        self._min_rank = LEVEL_RANKS[self.level] if self.level else None
 
     def matches(self, record: dict[str, Any]) -> bool:
         stamp = record.get("time")
@@ -158,7 +176,7 @@ class Filter:
             return False
         if self._min_rank is not None:
             level = level_of(record)
-            if level not in LEVELS or LEVELS.index(level) < self._min_rank:
+            if level is None or LEVEL_RANKS[level] < self._min_rank:
                 return False
         if self.grep is not None and not self.grep.search(str(record.get("message") or "")):
             return False
@@ -176,7 +194,7 @@ class Filter:
             return "host"
         if self._min_rank is not None:
             level = level_of(record)
-            if level not in LEVELS or LEVELS.index(level) < self._min_rank:
+            if level is None or LEVEL_RANKS[level] < self._min_rank:
                 return "level"
         if self.grep is not None and not self.grep.search(str(record.get("message") or "")):
             return "grep"
@@ -262,20 +280,135 @@ def records(count: int) -> str:
     return f"{count:,} record" if count == 1 else f"{count:,} records"
 
 
-def render(record: dict[str, Any], template: str | None) -> str:
-    """``--format '{time} {host} {message}'``; a missing field renders empty. Without a template:
-    the raw line (the message), like reading the original log."""
+class FormatError(SelectionError):
+    """A bad --format template, or a field of it that no record has: the message names it."""
+
+
+_TEMPLATE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_ALWAYS = frozenset({"level"})   # computed for every record (level_of): never unknown
+_MISSING = object()
+
+
+def _lookup(value: Any, path: tuple[str, ...]) -> Any:
+    """The value at ``path`` in nested dicts; a key may hold dots itself (the metrics samples' keys are
+    "cpu.percent", "disk.used_percent"): at each level the longest key that is there is taken."""
+    start = 0
+    while start < len(path):
+        if not isinstance(value, dict):
+            return _MISSING
+        for end in range(len(path), start, -1):
+            key = path[start] if end == start + 1 else ".".join(path[start:end])
+            if key in value:
+                value, start = value[key], end
+                break
+        else:
+            return _MISSING
+    return value
+
+
+class Format:
+    """A ``--format`` template: ``{name}`` is a record's field, dotted for nested ones
+    (``{metrics.cpu.percent}`` (the key "cpu.percent" of ``metrics``), ``{fields.user}``, ``{labels.app}``,
+    ``{metrics.disk.used_percent./}``); ``{level}`` is the record's level
+    as :func:`level_of` finds it (parsed, journald, or from the message); ``{{`` and ``}}`` are braces.
+    Strings print as they are, dicts and lists as JSON, other values as JSON scalars (true, 3.5);
+    a record without the field prints nothing there. A field that no record has is an error
+    (:meth:`unknown`): the caller says so, naming it, after the records (a typo prints empty fields
+    until then, so it is told, never silent)."""
+
+    def __init__(self, template: str):
+        self.template = template
+        self.parts: list[str | tuple[str, ...]] = []   # literal text, or the path of a field
+        text: list[str] = []
+        position = 0
+        for match in _TEMPLATE.finditer(template):
+            text.append(template[position:match.start()])
+            position = match.end()
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                text.append(token[0])
+            elif match.group(1) is None:
+                raise FormatError(f"--format {template!r}: a lone {token!r} at character {match.start() + 1} "
+                                  f"(write {token * 2} for the character itself, {{name}} for a field)")
+            else:
+                name = match.group(1).strip()
+                path = tuple(name.split("."))
+                if not name or not all(path):
+                    raise FormatError(f"--format {template!r}: {{{match.group(1)}}} names no field "
+                                      f"(a field name, dotted for a nested one: {{metrics.cpu.percent}})")
+                if text:
+                    self.parts.append("".join(text))
+                    text = []
+                self.parts.append(path)
+        text.append(template[position:])
+        if "".join(text):
+            self.parts.append("".join(text))
+        self.fields = list(dict.fromkeys(".".join(part) for part in self.parts if isinstance(part, tuple)))
+        self.found: set[str] = {name for name in self.fields if name in _ALWAYS}   # fields some record had
+        self.rendered = 0
+
+    def names_metrics(self) -> bool:
+        """Does the template ask for a field of metrics samples (records without a message)?"""
+        return any(field == "metrics" or field.startswith("metrics.") for field in self.fields)
+
+    def render(self, record: dict[str, Any]) -> str:
+        self.rendered += 1
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            if part == ("level",):
+                value: Any = level_of(record)
+            else:
+                value = _lookup(record, part)
+                if value is _MISSING:
+                    continue
+                if len(self.found) < len(self.fields):  # (once all were found, nothing to note)
+                    self.found.add(".".join(part))
+            if value is None:
+                continue
+            if isinstance(value, str):
+                out.append(value)
+            else:
+                out.append(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode())
+        return "".join(out)
+
+    def unknown(self) -> list[str]:
+        """The template's fields that none of the records rendered had (empty before any was)."""
+        if not self.rendered:
+            return []
+        return [field for field in self.fields if field not in self.found]
+
+    def unknown_error(self, seen: Iterable[str] = ()) -> FormatError | None:
+        """The error to tell about :meth:`unknown` fields (None when there are none)."""
+        missing = self.unknown()
+        if not missing:
+            return None
+        names = ", ".join(f"{{{name}}}" for name in missing)
+        keys = sorted(set(seen))
+        hint = f" (the records have {', '.join(keys[:30])}{', ...' if len(keys) > 30 else ''})" if keys else ""
+        return FormatError(f"--format: unknown field {names}: no record has it ({records(self.rendered)} printed)"
+                           f"{hint}")
+
+
+def render(record: dict[str, Any], template: str | Format | None) -> str:
+    """``--format '{time} {host} {message}'`` (see :class:`Format`). Without a template: the raw line
+    (the message), like reading the original log; a record without one (a metrics sample, shown
+    only when asked for) as its JSON."""
     if template is None:
         message = record.get("message")
-        return "" if message is None else str(message)
+        if message is None:
+            return orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS).decode()
+        return str(message)
+    if isinstance(template, str):
+        template = Format(template)
+    return template.render(record)
 
-    def fill(match: re.Match) -> str:
-        value: Any = record
-        for part in match.group(1).split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return "" if value is None else str(value)
 
-    return re.sub(r"\{([A-Za-z0-9_.]+)\}", fill, template)
+def has_message(record: dict[str, Any]) -> bool:
+    """Records without a message (metrics samples) are left out of the plain output unless asked for."""
+    return record.get("message") is not None
 
 
 # What a terminal would act on rather than show: C0 and C1 controls and DEL (escape sequences,

@@ -187,9 +187,20 @@ def reference(lines: list[bytes], wanted: Filter, host=None) -> list[tuple[bytes
     return kept
 
 
-def part_of(lines: list[bytes], wanted: Filter, host=None, matched: bool = True) -> list[tuple[bytes, str]]:
+class PlainLine:
+    """The plain output (the message, records without one left out) that says so: fetch may then
+    render a plain line from its message alone (fetch.plain_messages)."""
+
+    message_text = str
+
+    def __call__(self, record):
+        return None if record.get("message") is None else str(record["message"])
+
+
+def part_of(lines: list[bytes], wanted: Filter, host=None, matched: bool = True,
+            plain: bool = False) -> list[tuple[bytes, str]]:
     state = fetch.ObjectState(fetch.Wanted(wanted, host, lambda r: None))
-    line_of = (lambda r: None if r.get("message") is None else str(r["message"]))
+    line_of = PlainLine() if plain else (lambda r: None if r.get("message") is None else str(r["message"]))
     if matched:
         state.funnel = None  # a record matched before: the prefilters apply
     part = fetch.render_part(lines, fetch.Wanted(wanted, host, line_of), state)
@@ -205,16 +216,61 @@ def part_of(lines: list[bytes], wanted: Filter, host=None, matched: bool = True)
                                st.sampled_from(["h1", "h2"]), st.sampled_from(["orjson", "ascii", "junk"])),
                      max_size=25),
        grep=st.sampled_from([None, "error", "a/b", '"', "é", "^a", "x|time"]),
-       tags=st.sampled_from([None, ["app"]]), host=st.sampled_from([None, "h2"]), matched=st.booleans())
+       tags=st.sampled_from([None, ["app"]]), host=st.sampled_from([None, "h2"]), matched=st.booleans(),
+       plain=st.booleans())
 def test_a_piece_rendered_with_the_prefilters_is_exactly_what_the_decoded_filter_keeps(rows, grep, tags, host,
-                                                                                       matched):
+                                                                                       matched, plain):
     lines = []
     for offset, message, tag, host_, how in rows:
         body = {"time": format_time(HOUR + offset), "tag": tag, "host": host_, "message": message}
         lines.append({"orjson": orjson.dumps(body), "ascii": json.dumps(body, separators=(",", ":")).encode(),
                       "junk": b'{"time":"' + format_time(HOUR + offset).encode() + b'", not json'}[how])
     wanted = Filter(HOUR - 10, HOUR + 10, tags, re.compile(grep) if grep else None)
-    assert part_of(lines, wanted, host, matched) == reference(lines, wanted, host)
+    assert part_of(lines, wanted, host, matched, plain) == reference(lines, wanted, host)
+
+
+# Raw edits of one agent line: valid records the slicing must not misread, and lines that are no
+# JSON at all (which decoding skips) that a careless slicing would print.
+FORGERIES = {
+    "none": lambda line: line,
+    "key after message": lambda line: line[:-1] + b',"x":"y"}',
+    "message cut open": lambda line: line[:-2] + b"}",
+    "bracket": lambda line: line[:-1] + b"]",
+    "escaped time key in head": lambda line: line.replace(b'","tag":', b'","\\u0074ime":"0","tag":', 1),
+    "time key in head": lambda line: line.replace(b'","tag":', b'","time":"1970-01-01T00:00:00.000000Z","tag":', 1),
+    "head time as a probe's": lambda line: line.replace(b'","tag":', b'","\\u0074ime":"%s","tag":' % (b"0" * 27), 1),
+    "time cut short": lambda line: line[:20] + line[29:],
+    "message key in head": lambda line: line.replace(b'","tag":', b'","message":"first","tag":', 1),
+    "bad head": lambda line: line.replace(b'"tag":"', b'"tag":x"', 1),
+    "space in message key": lambda line: line.replace(b',"message":"', b',"message": "', 1),
+    "message split": lambda line: line[:-2] + b'","b"}',
+    "message ends open": lambda line: line[:-2] + b'\\"}',
+    "raw tab": lambda line: line[:-2] + b'\t"}',
+    "not utf-8": lambda line: line[:-2] + b'\xff"}',
+    "trailing space": lambda line: line + b" ",
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(rows=st.lists(st.tuples(st.text(max_size=20) | st.sampled_from(['say "hi"', "a\\", "\\\"", "\u2028é😀", ""]),
+                               st.sampled_from(["orjson", "ascii"]), st.sampled_from(sorted(FORGERIES)),
+                               st.booleans()), min_size=1, max_size=12))
+def test_a_message_sliced_from_its_line_is_exactly_what_decoding_the_line_gives(rows):
+    lines, agent = [], True
+    for n, (message, how, forgery, extra) in enumerate(rows):
+        body = {"time": format_time(HOUR + n), "tag": "app", "host": "h1", **({"n": [1, {"a": None}]} if extra else {}),
+                "message": message}
+        line = orjson.dumps(body) if how == "orjson" else json.dumps(body, separators=(",", ":")).encode()
+        lines.append(FORGERIES[forgery](line))
+        agent = agent and forgery == "none" and extra == rows[0][3]  # (one head for all)
+    got = fetch.message_piece(lines, {})
+    if agent:  # the agent's own lines take the fast path
+        assert got is not None
+    if got is None:
+        return
+    for line, key_, message in zip(lines, *got, strict=True):
+        decoded = orjson.loads(line)  # raises if slicing accepted a line that is no JSON
+        assert type(decoded) is dict and decoded["message"] == message and decoded["time"].encode() == key_
 
 
 def test_plain_lines_take_the_bulk_path_and_give_the_same_as_line_by_line():
@@ -222,7 +278,9 @@ def test_plain_lines_take_the_bulk_path_and_give_the_same_as_line_by_line():
     assert fetch.plain_times(lines) == [line[9:36] for line in lines]
     wanted = Filter(HOUR - 5, HOUR + 5)
     assert [m for _, m in part_of(lines, wanted)] == [f"line {n}" for n in range(-5, 6)]
-    assert part_of(lines, wanted) == reference(lines, wanted)
+    assert part_of(lines, wanted) == reference(lines, wanted) == part_of(lines, wanted, plain=True)
+    assert part_of(lines, wanted, matched=False, plain=True) == reference(lines, wanted)  # the first piece too
+    assert fetch.message_text_of(PlainLine()) is str and fetch.message_text_of(lambda r: "") is None
     unordered = lines[1:] + lines[:1]
     assert fetch.plain_times(unordered) is None and part_of(unordered, wanted) == reference(unordered, wanted)
     forged = lines + [b'{"time":"%s","time":"1970-01-01T00:00:00.000000Z","message":"old"}'

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import orjson
 
 from shipper.outputs.keys import partition_of
-from shipper.postmortem.selection import HOSTS_SHOWN, Filter, Funnel, ObjectRef, hour_prefixes
+from shipper.postmortem.selection import HOSTS_SHOWN, Filter, Funnel, ObjectRef, hour_prefixes, render
 from shipper.postmortem.sources import (MAX_LINE_BYTES, CloudWatchLogsSource, CorruptObject, ObjectLines,
                                         SourceError)
 from shipper.record import format_time
@@ -467,6 +467,22 @@ class Wanted:
         # Only the time range asked (and a Filter that tests nothing else): plain lines cut on their times.
         self.time_only = (self.grep_only and wanted.grep is None
                           and {f.name for f in dataclasses.fields(wanted)} == _TIME_FIELDS)
+        self.message_text = message_text_of(self.line_of)
+        self.heads: dict[bytes, bool] = {}  # what lies between a plain line's time and its message: fine or not
+
+
+def message_text_of(line_of) -> Callable[[str], str] | None:
+    """When ``line_of`` renders a record whose "message" is a string from that string alone (the plain
+    output, the raw line), the function of it; else None. A renderer says so with a ``message_text``
+    attribute; `shipper fetch`'s own (shipper.cli._LineOf without --json or --format) is recognised
+    by its parts (selection.render of no template, then ``shown``)."""
+    given = getattr(line_of, "message_text", None)
+    if callable(given):
+        return given
+    if (getattr(line_of, "as_json", None) is False and getattr(line_of, "template", 0) is None
+            and getattr(line_of, "render", None) is render and callable(getattr(line_of, "shown", None))):
+        return line_of.shown
+    return None
 
 
 def grep_needle(grep) -> bytes | None:
@@ -530,6 +546,41 @@ class ObjectState:
 
 
 _QUOTE = b'"'
+KEY_WIDTH = 27  # a time as the agent writes it: 2026-11-29T13:17:18.123456Z
+
+
+class FixedKeys:
+    """A part's times when all are KEY_WIDTH bytes: one bytes object, not a list of them (a part
+    crosses a process boundary: one object to pickle instead of thousands)."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+
+    def __len__(self) -> int:
+        return len(self.blob) // KEY_WIDTH
+
+    def __getitem__(self, index: int) -> bytes:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.blob[index * KEY_WIDTH:(index + 1) * KEY_WIDTH]
+
+    def __iter__(self) -> Iterator[bytes]:
+        blob = self.blob
+        return (blob[at:at + KEY_WIDTH] for at in range(0, len(blob), KEY_WIDTH))
+
+    def __reduce__(self):
+        return FixedKeys, (self.blob,)
+
+
+# The bytes of a time that JSON shows as they are (no quote, backslash, control or non-ASCII
+# byte): a sliced time made of them only is the decoded one.
+_PLAIN_TIME_BYTES = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+_STARTS = slice(0, len(_TIME))
+_MESSAGE = b',"message":"'
 _TIME_FIELDS = {"since", "until", "tags", "grep", "level"}
 
 
@@ -579,7 +630,99 @@ def not_in_piece(lines: list[bytes], wanted: Wanted, state: ObjectState | None =
     return True
 
 
-def fast_part(lines: list[bytes], keys: list[bytes], wanted: Wanted) -> tuple[list[bytes], bytes, array] | None | bool:
+def head_fine(head: bytes, heads: dict[bytes, bool]) -> bool:
+    """Is ``{"time":"T"`` + ``head`` + ``,"message":"M"}`` a JSON object whose time is T and whose
+    message is M, for every plain T and string M? Checked once per distinct head (an object's lines
+    share theirs), with two times: a "time" key inside the head would win over the first one."""
+    fine = heads.get(head)
+    if fine is None:
+        fine = True
+        for stamp in ("0" * KEY_WIDTH, "1" * KEY_WIDTH):
+            try:
+                record = orjson.loads(b'{"time":"' + stamp.encode() + b'"' + head + b',"message":""}')
+            except orjson.JSONDecodeError:
+                fine = False
+                break
+            if type(record) is not dict or record.get("time") != stamp or record.get("message") != "":
+                fine = False
+                break
+        if len(heads) > 1000:  # bounded: heads are few, but nothing read from outside may grow memory
+            heads.clear()
+        heads[head] = fine
+    return fine
+
+
+def message_piece(lines: list[bytes], heads: dict[bytes, bool]) -> tuple[list[bytes], list[str]] | None:
+    """Each line's time and "message", sliced out of its bytes (the message unescaped alone), when
+    that is surely what decoding the whole line gives: every line is ``{"time":"T"`` + one head
+    (:func:`head_fine`) + ``,"message":"..."}``, T plain text, in time order. None otherwise (then
+    the lines are decoded whole). Decoding the whole record is most of the cost of a line; its
+    message alone is a fraction of it."""
+    count = len(lines)
+    if not count:
+        return None
+    repeat = itertools.repeat
+    ats = list(map(bytes.find, lines, repeat(_MESSAGE), repeat(37)))
+    if -1 in ats or not head_fine(lines[0][37:ats[0]], heads):
+        return None
+    # The same head in every line: each slice ends at the first ',"message":"' after the time, so
+    # the slices joined equal the first one repeated only when each is that one.
+    head = lines[0][36:ats[0] + 12]
+    if (head[:1] != _QUOTE or b"".join(map(operator.getitem, lines, repeat(_STARTS))) != _TIME * count
+            or b"".join(map(operator.getitem, lines, map(slice, repeat(36), map((12).__add__, ats)))) != head * count
+            or not all(map(bytes.endswith, lines, repeat(b"}")))):
+        return None
+    keys = [line[9:36] for line in lines]
+    if (b"".join(keys).translate(None, _PLAIN_TIME_BYTES)
+            or not all(map(operator.le, keys, itertools.islice(keys, 1, None)))):
+        return None
+    values = list(map(operator.getitem, lines, map(slice, map((11).__add__, ats), repeat(-1))))
+    # One decode of all the values as a JSON array, one per line: a raw newline is refused inside a
+    # string, so each value is lexed from its start on its own; each starts with a string, so
+    # ``count`` items that are all strings means each value is exactly one JSON string.
+    try:
+        messages = orjson.loads(b"[" + b",\n".join(values) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(messages) != count or set(map(type, messages)) != {str}:
+        return None
+    return keys, messages
+
+
+def message_part(lines: list[bytes], wanted: Wanted, state: ObjectState) -> tuple[FixedKeys, bytes, array] | None | bool:
+    """A piece of the plain output (only the time range asked) from the messages alone
+    (:func:`message_piece`), cut on the times. False when it cannot be (then the other ways)."""
+    got = message_piece(lines, wanted.heads)
+    if got is None:
+        return False
+    keys, messages = got
+    low, high = bisect_left(keys, wanted.since_key), bisect_right(keys, wanted.until_key)
+    if state.funnel is not None:
+        if low >= high:  # no record matches yet: each is counted by the filter it fails, decoded
+            return False
+        state.funnel = None  # one matches (nothing but the time is asked): nothing left to explain
+    if low >= high:
+        return None
+    if low or high < len(keys):
+        keys, messages = keys[low:high], messages[low:high]
+    texts = messages if wanted.message_text is str else list(map(wanted.message_text, messages))
+    text, ends = encoded_lines(texts)
+    return FixedKeys(b"".join(keys)), text, ends
+
+
+def encoded_lines(texts: list[str]) -> tuple[bytes, array]:
+    """The rendered lines as UTF-8, each with its newline, and where each ends."""
+    text = "\n".join(texts) + "\n"
+    if text.isascii():  # characters are bytes: the ends follow from the lengths
+        return text.encode(), array("Q", itertools.accumulate(map((1).__add__, map(len, texts))))
+    try:
+        encoded = list(map(str.encode, map(operator.add, texts, itertools.repeat("\n"))))
+    except UnicodeEncodeError:
+        encoded = [(text + "\n").encode("utf-8", "replace") for text in texts]
+    return b"".join(encoded), array("Q", itertools.accumulate(map(len, encoded)))
+
+
+def fast_part(lines: list[bytes], keys: list[bytes], wanted: Wanted) -> tuple[FixedKeys, bytes, array] | None | bool:
     """A piece of plain lines (:func:`plain_times`) when only the time range is asked: cut on the
     times, decoded and rendered in bulk. False when some line is no JSON object (then line by line)."""
     low = bisect_left(keys, wanted.since_key)
@@ -600,21 +743,26 @@ def fast_part(lines: list[bytes], keys: list[bytes], wanted: Wanted) -> tuple[li
         texts = [text for text in texts if text is not None]
         if not texts:
             return None
-    try:
-        encoded = list(map(str.encode, map(operator.add, texts, itertools.repeat("\n"))))
-    except UnicodeEncodeError:
-        encoded = [(text + "\n").encode("utf-8", "replace") for text in texts]
-    return keys, b"".join(encoded), array("Q", itertools.accumulate(map(len, encoded)))
+    text, ends = encoded_lines(texts)
+    return FixedKeys(b"".join(keys)), text, ends
 
 
 def render_part(lines: list[bytes], wanted: Wanted, state: ObjectState) -> tuple[list[bytes], bytes, array] | None:
     """One decompressed piece's lines -> (their times, the rendered lines, where each ends), in time
     order; lines that cannot match are left out on their raw bytes first (no decode)."""
-    if wanted.time_only and state.funnel is None:
+    if wanted.time_only:
+        if wanted.message_text is not None:
+            part = message_part(lines, wanted, state)
+            if part is not False:
+                return part
         keys = plain_times(lines)
-        if keys is not None:
+        # Before a record matched, only a piece with a record in the range (which matches: nothing
+        # else is asked) takes the bulk path; the funnel has nothing left to explain after it.
+        if keys is not None and (state.funnel is None or bisect_left(keys, wanted.since_key)
+                                 < bisect_right(keys, wanted.until_key)):
             part = fast_part(lines, keys, wanted)
             if part is not False:
+                state.funnel = None
                 return part
     elif wanted.needle is not None and (state.funnel is None or wanted.grep_only) and not_in_piece(lines, wanted, state):
         return None

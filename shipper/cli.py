@@ -447,6 +447,12 @@ class _LineOf:
             self.seen.update(record)
         return self.shown(template.render(record))
 
+    @property
+    def message_text(self):
+        """For fetch: the plain rendering of a record whose message is a string, from that string alone
+        (None with --json or --format, which need the whole record)."""
+        return self.shown if not self.as_json and self.template is None else None
+
     def worker_state(self) -> tuple:
         template = self.template
         if template is None:

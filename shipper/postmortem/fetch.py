@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import orjson
 
 from shipper.outputs.keys import partition_of
-from shipper.postmortem.selection import HOSTS_SHOWN, Filter, Funnel, ObjectRef, hour_prefixes, render
+from shipper.postmortem.selection import HOSTS_SHOWN, Filter, Funnel, ObjectRef, hour_prefixes
 from shipper.postmortem.sources import (MAX_LINE_BYTES, CloudWatchLogsSource, CorruptObject, ObjectLines,
                                         SourceError)
 from shipper.record import format_time
@@ -474,15 +474,9 @@ class Wanted:
 def message_text_of(line_of) -> Callable[[str], str] | None:
     """When ``line_of`` renders a record whose "message" is a string from that string alone (the plain
     output, the raw line), the function of it; else None. A renderer says so with a ``message_text``
-    attribute; `shipper fetch`'s own (shipper.cli._LineOf without --json or --format) is recognised
-    by its parts (selection.render of no template, then ``shown``)."""
+    attribute (shipper.cli._LineOf does without --json or --format)."""
     given = getattr(line_of, "message_text", None)
-    if callable(given):
-        return given
-    if (getattr(line_of, "as_json", None) is False and getattr(line_of, "template", 0) is None
-            and getattr(line_of, "render", None) is render and callable(getattr(line_of, "shown", None))):
-        return line_of.shown
-    return None
+    return given if callable(given) else None
 
 
 def grep_needle(grep) -> bytes | None:

@@ -75,12 +75,29 @@ class _Finder:
     def __init__(self, literals: dict[bytes, int], frequency: dict[int, float]):
         groups: dict[int, list[tuple[bytes, int, int]]] = {}
         self.finds: list[tuple[bytes, int]] = []
+        best = {}
         for literal, mask in literals.items():
             anchor = min(range(len(literal)), key=lambda i: frequency.get(literal[i], 2.0))
             if frequency.get(literal[anchor], 2.0) > _ANCHOR_MAX or len(literal) > 64:
                 self.finds.append((literal, mask))
             else:
-                groups.setdefault(literal[anchor], []).append((literal, anchor, mask))
+                best[literal] = anchor
+        for literal, anchor in best.items():
+            groups.setdefault(literal[anchor], []).append((literal, anchor, literals[literal]))
+        # Each scan is a pass over the whole text: a scan whose literals all hold another scan's
+        # anchor byte is merged into that one (apikey found at its "k", with token, not at its "y").
+        for byte in sorted(groups, key=lambda b: len(groups[b])):
+            others = [other for other in groups if other != byte]
+            moved = []
+            for literal, _, mask in groups[byte]:
+                at = [i for i in range(len(literal)) if literal[i] in others]
+                if not at:
+                    break
+                moved.append((literal, min(at, key=lambda i: frequency.get(literal[i], 2.0)), mask))
+            else:
+                del groups[byte]
+                for literal, at, mask in moved:
+                    groups[literal[at]].append((literal, at, mask))
         self.scans = []
         for byte, entries in groups.items():
             # Zero-width after the anchor byte: the next search starts at the next byte, so no
@@ -209,7 +226,7 @@ BUILTIN: dict[str, Rule] = {rule.name: rule for rule in (
          # Authorization: Basic <base64 of user:password> (Bearer is the bearer rule's)
          + r"|(?i:authorization)" + _KEY_END + r"""(?:\\?["'])?(?i:basic)[ \t]+(?P<v5>[A-Za-z0-9+/]+=*))""",
          # (literals with a rare letter: "pwd" found at its "w", "token" at its "k", "authorization" at its "z")
-         (b"pass", b"pwd", b"secret", b"token", b"api key", b"apikey", b"authorization"),
+         (b"pass", b"pwd", b"secret", b"token", b"api key", b"apikey", b"basic"),
          # a name ending in the keyword, after "_", "-", "." or a case change (db_password, userPassword)
          field_name=r"(?:[A-Za-z0-9_.-]*(?:[_.-]|[a-z0-9](?=[A-Z])))?(?i:" + _SECRET_WORDS + r"|authorization)"),
     Rule("credit_card",

@@ -354,18 +354,24 @@ class Redactor:
         self._masks = {rule.name: f"[REDACTED:{rule.name}]" for rule in rules}
         self._lock = threading.Lock()
         self.field_names = [(re.compile(rule.field_name), rule.name) for rule in rules if rule.field_name]
-        self._secret_names: dict[str, str | None] = {}  # field name -> its rule (names repeat: cached)
+        # field name -> (the rule of a name that holds a secret whole, whether the name itself is clean):
+        # names repeat in every record, so they are looked at once
+        self._names: dict[str, tuple[str | None, bool]] = {}
+
+    def name_info(self, name: str) -> tuple[str | None, bool]:
+        """(rule, clean) of a field name: the rule when its value is a secret whole (``password``), else
+        None; clean False when the name itself holds a secret (``{"AKIA...": 1}``)."""
+        info = self._names.get(name)
+        if info is None:
+            rule = next((rule for pattern, rule in self.field_names if pattern.fullmatch(name)), None)
+            info = (rule, not name or self.text(name, {}) == name)
+            if len(self._names) < 4096:
+                self._names[name] = info
+        return info
 
     def secret_name(self, name: str) -> str | None:
         """The rule of a field whose name says it holds a secret whole (``password``), else None."""
-        try:
-            return self._secret_names[name]
-        except KeyError:
-            pass
-        rule = next((rule for pattern, rule in self.field_names if pattern.fullmatch(name)), None)
-        if len(self._secret_names) < 4096:
-            self._secret_names[name] = rule
-        return rule
+        return self.name_info(name)[0]
 
     def whole_value(self, rule: str, value: Any, counts: dict[str, int]) -> Any:
         """A value under a secret-named field, replaced whole whatever its type (a number, a table,
@@ -783,17 +789,20 @@ def _redact_value(value: Any, redactor: Redactor, counts: dict[str, int], depth:
         return "[REDACTED:too_deep]"
     if isinstance(value, dict):
         changed = None
-        secret_name, text = redactor.secret_name, redactor.text
+        name_info = redactor.name_info
         for key, item in value.items():
             new_key = key
             if isinstance(key, str):
-                if top and key[:1] == "\x00" and key != PARSED:
-                    continue
-                rule = secret_name(key)
+                if top and key[:1] == "\x00":
+                    if key != PARSED:
+                        continue
+                    rule, clean = None, True
+                else:
+                    rule, clean = name_info(key)
                 new = redactor.whole_value(rule, item, counts) if rule is not None else \
                     _redact_value(item, redactor, counts, depth + 1)
-                if key:
-                    new_key = text(key, counts)  # a secret used as a key ({"AKIA...": ...})
+                if not clean:
+                    new_key = redactor.text(key, counts)  # a secret used as a key ({"AKIA...": ...})
             else:
                 new = _redact_value(item, redactor, counts, depth + 1)
             if new_key != key:

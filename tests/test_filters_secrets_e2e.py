@@ -11,7 +11,9 @@ from conftest import FAST_RETRIES, agent_config, checkpoint_offsets, read_archiv
 
 SECRETS = ["AKIAIOSFODNN7EXAMPLE", "hunter2xyz", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
            "4111 1111 1111 1111", "eyJzdWIiOiIxMjM0NTY3ODkwIn0", "MIIEowIBAAKCAQEAx5bQ", "Zm9vYmFyYmF6cXV4",
-           "abcdefghijklmnopqrstu", "s3cr3tInJson"]
+           "abcdefghijklmnopqrstu", "s3cr3tInJson",
+           # camelCase, escaped JSON, a number under a secret name, a key in a read with an invalid byte
+           "camelPw123", "escPw456", "918273645", "MIIEpQIBAAKCAQEAmixedBody", "QmFzZTY0TWl4ZWQ"]
 PLAIN = f"""starting up
 login user=bob password=hunter2xyz ok
 creds AKIAIOSFODNN7EXAMPLE aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY
@@ -24,7 +26,11 @@ Zm9vYmFyYmF6cXV4
 done
 """
 JSON = ('{"msg":"call","auth":"Bearer abcdefghijklmnopqrstu","password":"s3cr3tInJson","n":1}\n'
-        '{"msg":"plain","n":2}\n')
+        '{"msg":"plain","n":2}\n'
+        '{"msg":"signup","userPassword":"camelPw123","body":"{\\"password\\": \\"escPw456\\"}","dbPassword":918273645}\n')
+# one byte that is not UTF-8: the read becomes a general batch, the key block must still be redacted
+MIXED = (b"caf\xe9 starting\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpQIBAAKCAQEAmixedBody\nQmFzZTY0TWl4ZWQ=\n"
+         b"-----END RSA PRIVATE KEY-----\nok\n")
 
 
 def everything_under(root: Path) -> bytes:
@@ -44,6 +50,7 @@ def test_a_secret_never_reaches_an_output_nor_data_dir(workdir, run_agent, aws):
     logs, data = workdir / "logs", workdir / "data"
     (logs / "app.log").write_text(PLAIN)
     (logs / "api.json").write_text(JSON)
+    (logs / "mixed.log").write_bytes(MIXED)
     aws.s3.create_bucket(Bucket="fleet-logs")
     output = f"""
 [[outputs]]
@@ -71,7 +78,7 @@ poll_interval = "50ms"
         return [gzip.decompress(aws.s3.get_object(Bucket="fleet-logs", Key=o["Key"])["Body"].read())
                 for o in listing]
 
-    wait_for(lambda: sum(body.count(b"\n") for body in bucket()) == 12, message="12 records in S3", timeout=60)
+    wait_for(lambda: sum(body.count(b"\n") for body in bucket()) == 19, message="19 records in S3", timeout=60)
     assert agent.stop() == 0
     records = read_archive(data / "archive")
     by_message = {r["message"]: r for r in records}
@@ -81,7 +88,10 @@ poll_interval = "50ms"
     assert [r["message"] for r in records if r["tag"] == "app"][5:9] == ["[REDACTED:private_key]"] * 4
     api = [r for r in records if r["tag"] == "api"]
     assert api[0]["auth"] == "Bearer [REDACTED:bearer]" and api[0]["password"] == "[REDACTED:password]"
-    assert len(records) == 12
+    mixed = [r["message"] for r in records if r.get("source", "").endswith("mixed.log")]
+    assert mixed[1:] == ["[REDACTED:private_key]"] * 4 + ["ok"]
+    assert api[2]["userPassword"] == api[2]["dbPassword"] == "[REDACTED:password]"
+    assert len(records) == 19
     stored = everything_under(data) + b"\n".join(bucket())
     assert b"[REDACTED:" in stored
     for secret in SECRETS:

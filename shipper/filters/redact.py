@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from shipper.config import Option
 from shipper.filters import Filter, FilterContext, derived
+from shipper.filters.grep import analyse
 from shipper.record import PARSED, Batch
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,29 @@ class _Finder:
     def __init__(self, literals: dict[bytes, int], frequency: dict[int, float]):
         groups: dict[int, list[tuple[bytes, int, int]]] = {}
         self.finds: list[tuple[bytes, int]] = []
+        best = {}
         for literal, mask in literals.items():
             anchor = min(range(len(literal)), key=lambda i: frequency.get(literal[i], 2.0))
             if frequency.get(literal[anchor], 2.0) > _ANCHOR_MAX or len(literal) > 64:
                 self.finds.append((literal, mask))
             else:
-                groups.setdefault(literal[anchor], []).append((literal, anchor, mask))
+                best[literal] = anchor
+        for literal, anchor in best.items():
+            groups.setdefault(literal[anchor], []).append((literal, anchor, literals[literal]))
+        # Each scan is a pass over the whole text: a scan whose literals all hold another scan's
+        # anchor byte is merged into that one (apikey found at its "k", with token, not at its "y").
+        for byte in sorted(groups, key=lambda b: len(groups[b])):
+            others = [other for other in groups if other != byte]
+            moved = []
+            for literal, _, mask in groups[byte]:
+                at = [i for i in range(len(literal)) if literal[i] in others]
+                if not at:
+                    break
+                moved.append((literal, min(at, key=lambda i: frequency.get(literal[i], 2.0)), mask))
+            else:
+                del groups[byte]
+                for literal, at, mask in moved:
+                    groups[literal[at]].append((literal, at, mask))
         self.scans = []
         for byte, entries in groups.items():
             # Zero-width after the anchor byte: the next search starts at the next byte, so no
@@ -110,9 +128,16 @@ class _Finder:
         return found
 
 MAX_PEM_LINES = 200  # an RSA 16384-bit key is about 200 lines of base64
-_PEM_BODY = re.compile(rb"[A-Za-z0-9+/=]{1,100}|(?:Proc-Type|DEK-Info):[^\n]*|[ \t]*")
-_PEM_END = re.compile(rb"-----END[A-Z0-9 ]*PRIVATE KEY-----")
-_PEM_BEGIN = re.compile(rb"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----")
+# A body line: base64, a PEM header (encrypted keys) or a PGP armor header, or blank (PGP's separator).
+_PEM_BODY_TEXT = r"[A-Za-z0-9+/=]{1,100}|(?:Proc-Type|DEK-Info|Version|Comment|Hash|Charset):[^\n]*|[ \t]*"
+_PEM_END_TEXT = r"-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"  # PGP: "PRIVATE KEY BLOCK"
+_PEM_BEGIN_TEXT = r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+_PEM_BODY = re.compile(_PEM_BODY_TEXT.encode())
+_PEM_END = re.compile(_PEM_END_TEXT.encode())
+_PEM_BEGIN = re.compile(_PEM_BEGIN_TEXT.encode())
+_PEM_BODY_STR = re.compile(_PEM_BODY_TEXT)
+_PEM_END_STR = re.compile(_PEM_END_TEXT)
+_PEM_BEGIN_STR = re.compile(_PEM_BEGIN_TEXT)
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,7 @@ class Rule:
     check: Callable[[str], bool] | None = None  # a match is a secret only if this says so (Luhn)
     text_pattern: str | None = None  # the form for messages, when it differs (spans lines)
     field_name: str | None = None    # a field named so holds a secret whole (a parsed "password")
+    per_line: bool = False           # a user regex that is not chunk-safe (\A, \Z, lookarounds): line by line
 
 
 def luhn(digits: str) -> bool:
@@ -142,36 +168,74 @@ def luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-_KEY_END = r"""["']?[ \t]*[=:][ \t]*"""
-# A value: a quoted string (its inside is replaced, the quotes stay) or a bare word up to a delimiter.
-_VALUE = r"""(?:"(?P<v>(?:[^"\\\n]|\\[^\n])+)"|'(?P<v2>[^'\n]+)'|(?P<v3>[^\s"',;&}{)\]<>]+))"""
+def card(value: str) -> bool:
+    """A card number: a real issuer prefix (IIN) with that brand's lengths, and the Luhn check. Random
+    13-19 digit numbers (epoch-ms times start with 1, ids) mostly have no such prefix."""
+    number = "".join(c for c in value if "0" <= c <= "9")
+    size = len(number)
+    if not 13 <= size <= 19:
+        return False
+    two, three, four = int(number[:2]), int(number[:3]), int(number[:4])
+    if number[0] == "4":                                    # Visa
+        fits = size in (13, 16, 19)
+    elif 51 <= two <= 55 or 2221 <= four <= 2720:           # Mastercard
+        fits = size == 16
+    elif two in (34, 37):                                   # American Express
+        fits = size == 15
+    elif four == 6011 or two == 65 or 644 <= three <= 649:  # Discover
+        fits = size >= 16
+    elif 3528 <= four <= 3589:                              # JCB
+        fits = size >= 16
+    elif two in (36, 38, 39) or 300 <= three <= 305:        # Diners Club
+        fits = size >= 14
+    elif two == 62:                                         # UnionPay
+        fits = size >= 16
+    else:
+        return False
+    return fits and luhn(number)
+
+
+# The end of a key: its closing quote (escaped too: a JSON document inside a JSON string), "=" or ":".
+_KEY_END = r"""(?:\\?["'])?[ \t]*[=:][ \t]*"""
+# A value: a quoted string (its inside is replaced, the quotes stay; unterminated: to the line's end),
+# an escaped-quoted one (\"hunter2\" inside a JSON string), or a bare word up to a delimiter (it may
+# start with a bracket: <secret>, {secret}, (secret)); a flat JSON object or array under the key, whole.
+_VALUE = (r"""(?:"(?P<v>(?:[^"\\\n]|\\[^\n]?)+)(?:"|$)|'(?P<v2>[^'\n]+)'?"""
+          r"""|\\"(?P<v4>(?:[^"\\\n]|\\[^"\n])+?)(?:\\"|$)"""
+          r"""|(?P<v6>\{[^{}\n]*\}|\[[^\[\]\n]*\])|(?P<v3>[<{(\[]*[^\s"',;&}{)\]<>]+))""")
+# A key's start: not inside a word, or at a case change (userPassword, accessToken, clientSecret).
+_KEY_START = r"(?:(?<![A-Za-z0-9])|(?<=[a-z0-9])(?=[A-Z]))"
+_SECRET_WORDS = r"password|passwd|passphrase|pwd|secrets?|token|api[_-]?key|pass"
 
 BUILTIN: dict[str, Rule] = {rule.name: rule for rule in (
     Rule("aws_access_key_id", r"(?P<v>A(?<![A-Za-z0-9]A)(?:KIA|SIA)[A-Z2-7]{16})(?![A-Za-z0-9])",
          raw_triggers=(b"AKIA", b"ASIA")),
     Rule("aws_secret_key",
-         r"(?i:(?:aws_?)?secret_?(?:access_?)?key)" + _KEY_END + r"""["']?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])""",
+         r"(?i:(?:aws_?)?secret_?(?:access_?)?key)" + _KEY_END + r"""(?:\\?["'])?(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])""",
          (b"secret",), field_name=r"(?i)(?:aws_?)?secret_?(?:access_?)?key"),
     Rule("bearer", r"(?<![A-Za-z0-9])(?i:bearer)[ \t]+(?P<v>[A-Za-z0-9\-._~+/]{12,}=*)", (b"bearer",)),
     Rule("jwt", r"(?P<v>e(?<![A-Za-z0-9_-]e)yJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*)",
          raw_triggers=(b"eyJ",)),
-    Rule("private_key", r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----[^\n]*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|$)",
-         raw_triggers=(b"PRIVATE KEY-----",),
-         text_pattern=r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\Z)"),
+    Rule("private_key", _PEM_BEGIN_TEXT + r"[^\n]*?(?:" + _PEM_END_TEXT + "|$)",
+         raw_triggers=(b"PRIVATE KEY",),
+         text_pattern=_PEM_BEGIN_TEXT + r"[\s\S]*?(?:" + _PEM_END_TEXT + r"|\Z)"),
     Rule("password",
          # The key from its keyword on ("access_token", "x-api-key" match at "token", "api"): no
          # quantifier before the keyword, which would cost a try at every word start.
-         r"(?<![A-Za-z0-9])(?i:password|passwd|passphrase|pwd|secret|token|api[_-]?key)" + _KEY_END + _VALUE,
-         # (literals with a rare letter: "passw" for password and passwd, found at their "w")
-         (b"passw", b"passphrase", b"pwd", b"secret", b"token", b"api key", b"apikey"),
-         field_name=r"(?i)(?:[a-z0-9]+[_-])*(?:password|passwd|passphrase|pwd|secret|token|api[_-]?key)"),
+         _KEY_START + r"(?:(?i:" + _SECRET_WORDS + r")" + _KEY_END + _VALUE
+         # Authorization: Basic <base64 of user:password> (Bearer is the bearer rule's)
+         + r"|(?i:authorization)" + _KEY_END + r"""(?:\\?["'])?(?i:basic)[ \t]+(?P<v5>[A-Za-z0-9+/]+=*))""",
+         # (literals with a rare letter: "pwd" found at its "w", "token" at its "k", "authorization" at its "z")
+         (b"pass", b"pwd", b"secret", b"token", b"api key", b"apikey", b"basic"),
+         # a name ending in the keyword, after "_", "-", "." or a case change (db_password, userPassword)
+         field_name=r"(?:[A-Za-z0-9_.-]*(?:[_.-]|[a-z0-9](?=[A-Z])))?(?i:" + _SECRET_WORDS + r"|authorization)"),
     Rule("credit_card",
          # The first digit before the look-behind: the engine then skips to digits at C speed.
          r"(?P<v>[0-9](?<![0-9][0-9])(?:[0-9]{12,18}|[0-9]{3}(?:[ -][0-9]{4}){2}[ -][0-9]{1,4}(?:[ -][0-9]{3})?"
          r"|[0-9]{3}[ -][0-9]{6}[ -][0-9]{4,5}))(?![0-9])",
          # 13 digits at least, in a row or in groups (4-4-4-x, Amex 4-6-5): hex ids, times and sizes
          # rarely hold that many, so the card regex runs on few lines.
-         (b"0" * 13, b"0000 0000 0000 0", b"0000 000000 0000"), check=luhn),
+         (b"0" * 13, b"0000 0000 0000 0", b"0000 000000 0000"), check=card),
     Rule("email", r"(?<![A-Za-z0-9._%+-])(?P<v>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})",
          (b"@",), opt_in=True),
     Rule("ipv4", r"(?<![0-9.])(?P<v>(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
@@ -183,7 +247,7 @@ BUILTIN: dict[str, Rule] = {rule.name: rule for rule in (
          (), opt_in=True),
 )}
 DEFAULT_PATTERNS = tuple(name for name, rule in BUILTIN.items() if not rule.opt_in)
-_VALUE_GROUPS = ("v", "v2", "v3")
+_VALUE_GROUPS = ("v", "v2", "v3", "v4", "v5", "v6")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _GROUP = re.compile(r"\(\?P<([A-Za-z_][A-Za-z0-9_]*)>")
 _GROUP_REF = re.compile(r"\(\?P=([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -197,9 +261,25 @@ def user_rule(name: str, pattern: str, contains: list[str]) -> Rule:
         group = match.group(1)
         return f"(?P<v>" if group == "value" else f"(?P<u_{group}>"
 
-    renamed = _GROUP.sub(rename, pattern)
+    renamed = _GROUP.sub(rename, _scope_flags(pattern))
     renamed = _GROUP_REF.sub(lambda m: "(?P=v)" if m.group(1) == "value" else f"(?P=u_{m.group(1)})", renamed)
-    return Rule(name, renamed, tuple(view_of(literal.encode()) for literal in contains))
+    try:  # \A, \Z and lookarounds see other lines in a blob: such a rule is applied line by line
+        per_line = not analyse(pattern)[0]
+    except Exception:  # noqa: BLE001 - refused by rule_problems anyway; line by line is the safe side
+        per_line = True
+    return Rule(name, renamed, tuple(view_of(literal.encode()) for literal in contains), per_line=per_line)
+
+
+_GLOBAL_FLAGS = re.compile(r"\(\?([aiLmsux]+)\)")
+
+
+def _scope_flags(pattern: str) -> str:
+    """``(?i)abc`` as ``(?i:abc)``: global flags are refused inside the combined regex."""
+    flags = ""
+    while match := _GLOBAL_FLAGS.match(pattern):
+        flags += match.group(1)
+        pattern = pattern[match.end():]
+    return f"(?{flags}:{pattern})" if flags else pattern
 
 
 def rule_problems(name: Any, pattern: Any, contains: Any, where: str) -> list[str]:
@@ -237,6 +317,7 @@ class _Combined:
                  for index, rule in enumerate(rules)]
         joined = "|".join(parts)
         self.regex = re.compile(joined, re.MULTILINE | re.ASCII) if text else re.compile(joined.encode(), re.MULTILINE)
+        self.per_line = any(rule.per_line for rule in rules)
         groups = self.regex.groupindex
         # The group that closes last in a match is its rule's outer group: match.lastindex.
         self.rule_of = {groups[f"r{index}"]: (rule, tuple(groups[f"r{index}_{v}"] for v in _VALUE_GROUPS
@@ -254,7 +335,8 @@ class Redactor:
         self.combined = _Combined(rules, False)
         self.text_combined = _Combined(rules, True)
         self._subsets: dict[int, _Combined] = {}  # bit mask of rules -> their regex (the rules a span triggers)
-        self.allow = re.compile("|".join(f"(?:{a})" for a in allow), re.ASCII) if allow else None
+        # Each allow regex on its own (flags like (?i) stay valid); values are few, so a loop is cheap.
+        self.allow = _Allow([re.compile(a, re.ASCII) for a in allow]) if allow else None
         # Each distinct literal once, with the rules it stands for.
         view: dict[bytes, int] = {}
         raw: dict[bytes, int] = {}
@@ -272,14 +354,41 @@ class Redactor:
         self._masks = {rule.name: f"[REDACTED:{rule.name}]" for rule in rules}
         self._lock = threading.Lock()
         self.field_names = [(re.compile(rule.field_name), rule.name) for rule in rules if rule.field_name]
+        # field name -> (the rule of a name that holds a secret whole, whether the name itself is clean):
+        # names repeat in every record, so they are looked at once
+        self._names: dict[str, tuple[str | None, bool]] = {}
+
+    def name_info(self, name: str) -> tuple[str | None, bool]:
+        """(rule, clean) of a field name: the rule when its value is a secret whole (``password``), else
+        None; clean False when the name itself holds a secret (``{"AKIA...": 1}``)."""
+        info = self._names.get(name)
+        if info is None:
+            rule = next((rule for pattern, rule in self.field_names if pattern.fullmatch(name)), None)
+            info = (rule, not name or self.text(name, {}) == name)
+            if len(self._names) < 4096:
+                self._names[name] = info
+        return info
+
+    def secret_name(self, name: str) -> str | None:
+        """The rule of a field whose name says it holds a secret whole (``password``), else None."""
+        return self.name_info(name)[0]
+
+    def whole_value(self, rule: str, value: Any, counts: dict[str, int]) -> Any:
+        """A value under a secret-named field, replaced whole whatever its type (a number, a table,
+        a list); None, booleans, "" and values redacted already stay."""
+        if value is None or value is True or value is False or value == "":
+            return value
+        text = value if isinstance(value, str) else str(value)
+        if text.startswith(("[REDACTED:", "[HMAC:")) or (self.allow is not None and self.allow.fullmatch(text)):
+            return value
+        counts[rule] = counts.get(rule, 0) + 1
+        return self.replacement(rule, text)
 
     def field(self, name, value: str, counts: dict[str, int]) -> str:
         """A string field's value: whole when its name says it is a secret (``password``), else as text."""
-        if isinstance(name, str) and value and not value.startswith(("[REDACTED:", "[HMAC:")):
-            for pattern, rule in self.field_names:
-                if pattern.fullmatch(name) and (self.allow is None or not self.allow.fullmatch(value)):
-                    counts[rule] = counts.get(rule, 0) + 1
-                    return self.replacement(rule, value)
+        rule = self.secret_name(name) if isinstance(name, str) else None
+        if rule is not None:
+            return self.whole_value(rule, value, counts)
         return self.text(value, counts) if value else value
 
     # ------------------------------------------------------------ one value
@@ -288,7 +397,7 @@ class Redactor:
         if self.mode == "hash":
             digest = hmac.new(self.key or b"", value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
             return f"[HMAC:{rule}:{digest[:16]}]"
-        return self._masks[rule]
+        return self._masks.get(rule) or f"[REDACTED:{rule}]"
 
     def _replacer(self, combined: _Combined, counts: dict[str, int], as_bytes: bool):
         rule_of, allow = combined.rule_of, self.allow
@@ -304,7 +413,7 @@ class Redactor:
             offset = match.start()
             value = whole[start - offset:end - offset]
             if as_bytes:
-                if 10 in value:  # a user regex crossed a line: apply it line by line instead
+                if 10 in whole:  # a user regex crossed a line: apply it line by line instead
                     raise _Crossed
                 value = value.decode("utf-8", "replace")
             if value.startswith(("[REDACTED:", "[HMAC:")):  # redacted already (a second redact filter)
@@ -384,6 +493,8 @@ class Redactor:
         """The regex over complete lines; a match across a newline (a user regex) means line by line."""
         trial: dict[str, int] = {}
         try:
+            if combined.per_line:
+                raise _Crossed
             result = combined.regex.sub(self._replacer(combined, trial, True), piece)
         except _Crossed:
             trial = {}
@@ -424,7 +535,7 @@ class Redactor:
                     continue
                 inside = 0
             out.append(redacted)
-            if b"PRIVATE KEY-----" in line:
+            if b"PRIVATE KEY" in line:
                 begin = None
                 for begin in _PEM_BEGIN.finditer(line):
                     pass
@@ -434,6 +545,61 @@ class Redactor:
             return blob, inside
         out.append(b"")
         return b"\n".join(out), inside
+
+
+    def pem_messages(self, messages: list, open_lines: int, counts: dict[str, int]) -> tuple[list, int]:
+        """The messages of a general batch redacted, with the lines of a private key block that spans
+        records (one line per record: parser json/regex, multiline events of one line) replaced, like
+        ``pem_blocks`` does for a blob. Returns the messages and the lines of a block left open."""
+        text = self.text
+        out = []
+        inside = open_lines
+        for message in messages:
+            if not isinstance(message, str):
+                out.append(message)
+                continue
+            rest = message
+            head = None
+            if inside:
+                lines = message.split("\n")
+                used = 0
+                for line in lines:
+                    if inside > MAX_PEM_LINES:
+                        inside = 0
+                        break
+                    if _PEM_END_STR.search(line):
+                        used += 1
+                        inside = 0
+                        break
+                    if not _PEM_BODY_STR.fullmatch(line):
+                        inside = 0
+                        break
+                    used += 1
+                    inside += 1
+                if used:
+                    counts["private_key"] = counts.get("private_key", 0) + 1
+                    head = self.replacement("private_key", "\n".join(lines[:used]))
+                    rest = "\n".join(lines[used:]) if used < len(lines) else None
+            if rest is not None:
+                if "PRIVATE KEY" in rest:
+                    begin = None
+                    for begin in _PEM_BEGIN_STR.finditer(rest):
+                        pass
+                    if begin is not None and not _PEM_END_STR.search(rest, begin.end()):
+                        inside = 1
+                rest = text(rest, counts)
+            out.append(head if rest is None else rest if head is None else head + "\n" + rest)
+        return out, inside
+
+
+class _Allow:
+    """The allow list: a value matching one of the regexes whole is never redacted."""
+
+    def __init__(self, patterns: list[re.Pattern]):
+        self.patterns = patterns
+
+    def fullmatch(self, value: str) -> bool:
+        return any(pattern.fullmatch(value) for pattern in self.patterns)
 
 
 class _Crossed(Exception):
@@ -495,9 +661,19 @@ class RedactFilter(Filter):
             names.add(item.get("name"))
         for index, allowed in enumerate(settings.allow):
             try:
-                re.compile(allowed)
-            except re.error as exc:
-                problems.append(f"{where}.allow[{index}]: invalid regular expression: {exc}")
+                re.compile(allowed, re.ASCII)
+            except (re.error, OverflowError, RecursionError) as exc:
+                problems.append(f"{where}.allow[{index}]: invalid regular expression {allowed!r}: {exc}")
+        if not problems:
+            for index, item in enumerate(settings.custom):  # each alone inside a combined regex
+                try:
+                    rule = user_rule(item["name"], item["pattern"], list(item.get("contains", [])))
+                    _Combined([rule], False)
+                    _Combined([rule], True)
+                except (re.error, OverflowError, RecursionError, AssertionError) as exc:
+                    problems.append(f"{where}.custom[{index}].pattern: {item['pattern']!r} cannot be combined with "
+                                    f"the other rules: {getattr(exc, 'msg', exc)} (flags in the middle: use a scoped "
+                                    f"group like (?i:...))")
         if settings.mode == "hash":
             variable = settings.hash_key_env
             if not variable:
@@ -528,7 +704,7 @@ class RedactFilter(Filter):
         key = os.environ.get(settings.hash_key_env, "").encode() if settings.mode == "hash" else None
         self.redactor = Redactor(rules_of(settings), settings.allow, settings.mode, key)
         self.in_fields = settings.fields
-        self._pem_open: dict[str, int] = {}  # source -> lines into a private key block left open
+        self._pem_open: dict[tuple, int] = {}  # (source, origin) -> lines into a private key block left open
         self._lock = threading.Lock()
 
     def apply(self, batch: Batch) -> list[Batch]:
@@ -546,26 +722,30 @@ class RedactFilter(Filter):
 
     def _redact(self, batch: Batch, counts: dict[str, int]) -> None:
         redactor = self.redactor
+        # A private key block logged line by line spans records and reads, whatever their form (a
+        # plain blob, or messages when a read held an invalid byte or an over-long line, or came
+        # through a parser): one state per file, taken by every batch of it (so none is left stale).
+        key = (batch.source, batch.origin) if redactor.pem and batch.source is not None else None
+        open_lines = 0
+        if key is not None:
+            with self._lock:
+                open_lines = self._pem_open.pop(key, 0)
         if batch.blob is not None:
             blob = redactor.blob(batch.blob, counts)
-            if redactor.pem and batch.source is not None:
-                with self._lock:
-                    open_lines = self._pem_open.pop(batch.source, 0)
-                if open_lines or b"PRIVATE KEY-----" in batch.blob:
-                    blob, open_lines = redactor.pem_blocks(batch.blob, blob, open_lines, counts)
-                if open_lines:
-                    with self._lock:
-                        self._pem_open[batch.source] = open_lines
+            if key is not None and (open_lines or b"PRIVATE KEY" in batch.blob):
+                blob, open_lines = redactor.pem_blocks(batch.blob, blob, open_lines, counts)
             if blob is not batch.blob:
                 batch.blob = blob
                 batch.size = len(blob)
-                batch._ndjson = None
-            if batch.fields is not None and self.in_fields:
-                batch.fields = self._fields(batch.fields, counts)
-            return
-        if batch.messages is not None:
-            text = redactor.text
-            batch.messages = [text(m, counts) if isinstance(m, str) else m for m in batch.messages]
+        elif batch.messages is not None:
+            if key is not None:
+                batch.messages, open_lines = redactor.pem_messages(batch.messages, open_lines, counts)
+            else:
+                text = redactor.text
+                batch.messages = [text(m, counts) if isinstance(m, str) else m for m in batch.messages]
+        if open_lines:
+            with self._lock:
+                self._pem_open[key] = open_lines
         if batch.fields is not None and self.in_fields:
             batch.fields = self._fields(batch.fields, counts)
         batch._ndjson = None
@@ -586,29 +766,57 @@ class RedactFilter(Filter):
         return out
 
 
-def _redact_value(value: Any, redactor: Redactor, counts: dict[str, int], depth: int, top: bool = False,
-                  name: Any = None) -> Any:
-    """A fields value with every string redacted; the same object when nothing changed (copy on write).
-    At the top, the agent's own keys (NUL-led: time, flags) are left alone."""
+MAX_DEPTH = 32
+_CARD_FLOOR = 10 ** 12  # an integer of 13 digits or more may be a card number
+
+
+def _redact_value(value: Any, redactor: Redactor, counts: dict[str, int], depth: int, top: bool = False) -> Any:
+    """A fields value with every string (and long integer) redacted, and every value under a
+    secret-named key replaced whole; the same object when nothing changed (copy on write). At the
+    top, the agent's own keys (NUL-led: time, flags) are left alone."""
     if isinstance(value, str):
-        return redactor.field(name, value, counts)
-    if depth > 32:  # nested deeper than any parser makes: stringly redacted as a whole
+        return redactor.text(value, counts) if value else value
+    if isinstance(value, int):
+        if (value >= _CARD_FLOOR or value <= -_CARD_FLOOR) and value is not True:
+            text = str(value)
+            new = redactor.text(text, counts)
+            return value if new == text else new
         return value
+    if not isinstance(value, (dict, list)):
+        return value
+    if depth > MAX_DEPTH:  # nested deeper than any parser makes: not searched, so never shipped
+        counts["too_deep"] = counts.get("too_deep", 0) + 1
+        return "[REDACTED:too_deep]"
     if isinstance(value, dict):
         changed = None
+        name_info = redactor.name_info
         for key, item in value.items():
-            if top and isinstance(key, str) and key[:1] == "\x00" and key != PARSED:
-                continue
-            new = _redact_value(item, redactor, counts, depth + 1, name=key)
-            if new is not item and new != item:
+            new_key = key
+            if isinstance(key, str):
+                if top and key[:1] == "\x00":
+                    if key != PARSED:
+                        continue
+                    rule, clean = None, True
+                else:
+                    rule, clean = name_info(key)
+                new = redactor.whole_value(rule, item, counts) if rule is not None else \
+                    _redact_value(item, redactor, counts, depth + 1)
+                if not clean:
+                    new_key = redactor.text(key, counts)  # a secret used as a key ({"AKIA...": ...})
+            else:
+                new = _redact_value(item, redactor, counts, depth + 1)
+            if new_key != key:
+                if changed is None:
+                    changed = dict(value)
+                changed.pop(key, None)
+                changed[new_key] = new
+            elif new is not item and new != item:
                 if changed is None:
                     changed = dict(value)
                 changed[key] = new
         return value if changed is None else changed
-    if isinstance(value, list):
-        items = [_redact_value(item, redactor, counts, depth + 1, name=name) for item in value]
-        return value if all(a is b or a == b for a, b in zip(items, value)) else items
-    return value
+    items = [_redact_value(item, redactor, counts, depth + 1) for item in value]
+    return value if all(a is b or a == b for a, b in zip(items, value)) else items
 
 
 FILTER = RedactFilter

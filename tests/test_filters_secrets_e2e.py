@@ -14,7 +14,7 @@ SECRETS = ["AKIAIOSFODNN7EXAMPLE", "hunter2xyz", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY
            "abcdefghijklmnopqrstu", "s3cr3tInJson",
            # camelCase, escaped JSON, a number under a secret name, a key in a read with an invalid byte
            "camelPw123", "escPw456", "918273645", "MIIEpQIBAAKCAQEAmixedBody", "QmFzZTY0TWl4ZWQ"]
-PLAIN = f"""starting up
+PLAIN = """starting up
 login user=bob password=hunter2xyz ok
 creds AKIAIOSFODNN7EXAMPLE aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY
 paid 4111 1111 1111 1111 thanks

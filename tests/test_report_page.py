@@ -15,14 +15,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 from xml.etree import ElementTree
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FAST_RETRIES, Agent, agent_config, needs_system, wait_for
 from imds import FakeImds
 from shipper.postmortem import charts
-from shipper.postmortem.charts import (BOTTOM, LEFT, PLOT_W, WIDTH, Marker, place_markers, stacked, svg_chart,
+from shipper.postmortem.charts import (WIDTH, Marker, place_markers, stacked, svg_chart,
                                        tick_labels, time_ticks, value_ticks)
 from shipper.postmortem.report import (MAX_BARS, RESOLUTIONS, SEVERITY, STORE_BUCKETS, axis_range, bucket_for,
                                        rebucket, render_html, summarize)

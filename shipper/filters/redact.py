@@ -259,7 +259,7 @@ def user_rule(name: str, pattern: str, contains: list[str]) -> Rule:
     gets replaced (else the whole match)."""
     def rename(match: re.Match) -> str:
         group = match.group(1)
-        return f"(?P<v>" if group == "value" else f"(?P<u_{group}>"
+        return "(?P<v>" if group == "value" else f"(?P<u_{group}>"
 
     renamed = _GROUP.sub(rename, _scope_flags(pattern))
     renamed = _GROUP_REF.sub(lambda m: "(?P=v)" if m.group(1) == "value" else f"(?P=u_{m.group(1)})", renamed)

@@ -22,7 +22,6 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from itertools import compress
 
 from shipper import heartbeat
 from shipper.config import Option

@@ -510,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             log(f"skipping {variant}: {why}")
             tools.remove(variant)
+    if "rsyslog" in tools and not os.path.exists(RSYSLOGD):  # a comparison, not the agent: skipped, said
+        log(f"skipping rsyslog: {RSYSLOGD} is not installed (apt-get install rsyslog to compare with it)")
+        tools.remove("rsyslog")
     results_name = args.results or (None if args.only else "throughput")
     py_spy = py_spy_command(args, os.path.join(ROOT, ".venv", "bin"))
 

@@ -234,3 +234,22 @@ def seq_lines(start: int, count: int, pad: str = "x" * 40) -> str:
 
 def seqs(records: list[dict]) -> list[int]:
     return [int(r["message"][4:11]) for r in records if r["message"].startswith("seq=")]
+
+
+def one_filter_config(filter_type: str, extra: str = "", environ: dict | None = None):
+    """A loaded config of one file input, a stdout output and one [[filters]] entry of ``filter_type``
+    (with ``extra`` keys): what the filters' unit tests build their filter from."""
+    from shipper.config import load_text
+
+    return load_text(f"""
+[cloud]
+metadata = "off"
+[[inputs]]
+type = "file"
+paths = ["/tmp/x/*.log"]
+[[outputs]]
+type = "stdout"
+[[filters]]
+type = "{filter_type}"
+{extra}
+""", "test", environ or {})

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shipper.config import load_text
+from conftest import one_filter_config
 from shipper.errors import ConfigError
 from shipper.filters import FilterContext
 from shipper.filters.redact import (_VIEW_FREQUENCY, BUILTIN, DEFAULT_PATTERNS, RedactFilter, Redactor, _Finder,
@@ -182,19 +182,7 @@ def test_a_huge_line_is_redacted_to_its_end():
 # ---------------------------------------------------------------- the filter
 
 def make(extra: str = "", environ=None):
-    config = load_text(f"""
-[cloud]
-metadata = "off"
-[[inputs]]
-type = "file"
-paths = ["/tmp/x/*.log"]
-[[outputs]]
-type = "stdout"
-[[filters]]
-type = "redact"
-{extra}
-""", "test", environ or {})
-    settings_ = config.filters[0]
+    settings_ = one_filter_config("redact", extra, environ).filters[0]
     stats = Stats()
     return RedactFilter(settings_, FilterContext("redact.0", stats, Envelope(), threading.Event())), stats
 

@@ -7,11 +7,10 @@ import threading
 
 import pytest
 from aws import free_port
-from conftest import agent_config, checkpoint_offset, read_archive, wait_for
+from conftest import agent_config, checkpoint_offset, one_filter_config, read_archive, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shipper.config import load_text
 from shipper.filters import FilterContext
 from shipper.filters.level import LEVEL_FIELDS
 from shipper.filters.throttle import ThrottleFilter, TokenBucket, blob_cut
@@ -28,18 +27,7 @@ class Clock:
 
 
 def make(extra: str, clock=None, stop=None):
-    config = load_text(f"""
-[cloud]
-metadata = "off"
-[[inputs]]
-type = "file"
-paths = ["/tmp/x/*.log"]
-[[outputs]]
-type = "stdout"
-[[filters]]
-type = "throttle"
-{extra}
-""", "test", {})
+    config = one_filter_config("throttle", extra)
     stats = Stats()
     context = FilterContext("throttle.0", stats, Envelope(), stop or threading.Event())
     return ThrottleFilter(config.filters[0], context, clock or Clock()), stats

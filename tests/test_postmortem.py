@@ -19,8 +19,7 @@ import orjson
 import pytest
 
 from aws import s3_output
-from conftest import FAST_RETRIES, Agent, agent_config, needs_system, wait_for
-from imds import FakeImds
+from conftest import FAST_RETRIES, Agent, agent_config
 from shipper.postmortem.report import reduce_series, summarize, svg_chart
 from shipper.postmortem.selection import (Filter, SelectionError, check_level, hour_prefixes, level_of, parse_key,
                                           parse_time, render)
@@ -202,52 +201,6 @@ def png_is_not_blank(data: bytes) -> bool:
         position += 12 + length
     pixels = zlib.decompress(idat)
     return len(set(pixels)) > 20
-
-
-@needs_system("chromium", "chromium")
-def test_the_report_of_a_terminated_instance_renders_in_chromium_with_its_charts_and_the_notice(workdir, tmp_path):
-    with FakeImds() as imds:
-        config = agent_config(workdir / "logs", workdir / "data", agent_extra=FAST_RETRIES,
-                              input_extra='\n[[inputs]]\ntype = "metrics"\ninterval = "1s"\n')
-        config = config.replace('metadata = "off"', f'metadata = "ec2"\nimds_endpoint = "{imds.endpoint}"\n'
-                                                      f'termination_check_interval = "300ms"')
-        agent = Agent(workdir, config).start()
-        try:
-            for n in range(200):
-                with open(workdir / "logs" / "app.log", "a") as handle:
-                    handle.write(f"seq={n:05d} {'ERROR' if n % 20 == 0 else 'INFO'} working\n")
-                time.sleep(0.01)
-            time.sleep(2)
-            imds.metadata["meta-data/spot/instance-action"] = '{"action": "terminate", "time": "2026-11-29T20:00:00Z"}'
-            wait_for(lambda: "termination notice (spot)" in agent.log(), message="the notice")
-            time.sleep(1.5)
-            assert agent.stop() == 0
-        finally:
-            agent.ensure_stopped()
-    page = tmp_path / "report.html"
-    result = shipper("report", str(workdir / "data" / "archive"), "--instance", "i-0abc1234def567890",
-                     "--since", "10m", "-o", str(page))
-    assert result.returncode == 0, result.stderr
-    text = page.read_text()
-    assert "termination notice (spot): terminate at 2026-11-29T20:00:00Z" in text
-    assert "ami-0def1234abc567890" in text and "seq=00199 INFO working" in text
-    assert "<script" not in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
-
-    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--window-size=1000,1600", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*chromium, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    page_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line
-                   or "Failed to load resource" in line]
-    assert page_errors == []  # nothing the page asked for failed (it asks for nothing)
-    assert dom.stdout.count('<svg class="chart"') == 8 and "termination notice" in dom.stdout
-    assert "<polyline" in dom.stdout  # the CPU, memory and load lines are drawn
-    shot = tmp_path / "report.png"
-    capture = subprocess.run([*chromium, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True,
-                             timeout=120)
-    assert capture.returncode == 0 and shot.exists(), capture.stderr[-2000:]
-    assert png_is_not_blank(shot.read_bytes())
 
 
 def test_a_day_of_metrics_summarizes_into_charts_of_bounded_size():

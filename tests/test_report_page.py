@@ -446,6 +446,10 @@ def test_the_report_of_a_terminated_instance_in_chromium_has_every_part(workdir,
     result = shipper("report", str(workdir / "data" / "archive"), "--instance", "i-0abc1234def567890",
                      "-o", str(page))
     assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert "termination notice (spot): terminate at 2026-11-29T20:00:00Z" in text
+    assert "ami-0def1234abc567890" in text  # the image id, from IMDS
+    assert "<script" not in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
     dom, said, png = chromium(page, tmp_path)
     assert [line for line in said.splitlines() if "CONSOLE" in line or "Uncaught" in line
             or "Failed to load resource" in line] == []   # the page asks for nothing

@@ -29,9 +29,8 @@ import re._parser as _parser
 from typing import Any
 
 from shipper.config import Option, Settings, did_you_mean
-from shipper.filters import (Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank,
-                             record_level)
-from shipper.filters.level import level_of, levels_of_blob
+from shipper.filters import Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank
+from shipper.filters.level import line_levels, record_level_or_rule
 from shipper.record import PARSED, Batch
 
 
@@ -331,7 +330,7 @@ class GrepFilter(Filter):
         stay whatever the rules say (the level is only looked at, not added to the records)."""
         if self.keep_rank is None:
             return grep_blob(self.rules, batch)
-        levels = levels_of_blob(batch.blob)
+        levels = line_levels(batch.blob, None)
         if not any(found is not None and level_rank(found) >= self.keep_rank for found in levels):
             return grep_blob(self.rules, batch)
         shared: dict[str, dict] = {}
@@ -381,24 +380,10 @@ def grep_lines(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batch:
                     verdict = verdicts[id(extra)] = rule.passes(field_value(rule.field, None, extra, tag, source))
                 if not verdict:
                     keep[index] = 0
-    if keep_rank is not None:
-        above: dict[int, bool] = {}
-        detected: list | None = None  # the rule's level of each line, for lines whose fields have none
-        for index, extra in enumerate(fields):
-            if not keep[index]:
-                kept = above.get(id(extra))
-                if kept is None:
-                    found = record_level(extra)
-                    if found is None:
-                        if detected is None:
-                            detected = levels_of_blob(blob)
-                        rank = level_rank(detected[index])
-                        kept = rank is not None and rank >= keep_rank  # per line: not cached by dict
-                    else:
-                        rank = level_rank(found)
-                        kept = above[id(extra)] = rank is not None and rank >= keep_rank
-                if kept:
-                    keep[index] = 1
+    if keep_rank is not None and not all(keep):
+        for index, found in enumerate(line_levels(blob, fields)):
+            if not keep[index] and found is not None and level_rank(found) >= keep_rank:
+                keep[index] = 1
     return keep_records(batch, keep)
 
 
@@ -410,7 +395,7 @@ def grep_records(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batc
     kept_fields: list[dict | None] = []
     for message, extra in zip(messages, fields):
         if keep_rank is not None:
-            rank = level_rank(record_level(extra) or (level_of(message) if isinstance(message, str) else None))
+            rank = level_rank(record_level_or_rule(message, extra))
             if rank is not None and rank >= keep_rank:
                 kept_messages.append(message)
                 kept_fields.append(extra)

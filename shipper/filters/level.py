@@ -122,6 +122,27 @@ def levels_of_blob(blob: bytes) -> list[str | None]:
             for line, match in zip(lines, map(LEVEL_REGEX.search, lines, repeat(0), repeat(WINDOW)))]
 
 
+def record_level_or_rule(message, extra: dict | None) -> str | None:
+    """A record's level: its own (parsed, journald: record_level), else the rule on its message. What
+    ``keep_level`` of grep, sample and throttle judges a record by."""
+    found = record_level(extra)
+    if found is None and isinstance(message, str):
+        found = level_of(message)
+    return found
+
+
+def line_levels(blob: bytes, fields: list[dict | None] | None) -> list[str | None]:
+    """``record_level_or_rule`` for each line of a plain blob (its per-line fields, if any); the rule
+    runs over the blob once, and only if some line has no level of its own."""
+    if fields is None:
+        return levels_of_blob(blob)
+    levels = [record_level(extra) for extra in fields]
+    if None in levels:
+        detected = levels_of_blob(blob)
+        levels = [found if found is not None else rule for found, rule in zip(levels, detected)]
+    return levels
+
+
 # One fields dict per level, shared by every line of that level (see record.encode_plain_fields).
 LEVEL_FIELDS: dict[str | None, dict | None] = {name: {PARSED: {"level": name}} for name in LEVELS}
 LEVEL_FIELDS[None] = None

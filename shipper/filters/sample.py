@@ -22,9 +22,8 @@ import zlib
 from typing import Any
 
 from shipper.config import Option, Settings
-from shipper.filters import (Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank,
-                             record_level)
-from shipper.filters.level import level_of
+from shipper.filters import Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank
+from shipper.filters.level import record_level_or_rule
 from shipper.record import Batch
 
 
@@ -103,10 +102,7 @@ class SampleFilter(Filter):
         unkeyed = 0
         for message, extra in zip(messages, fields):
             if keep_rank is not None:
-                found = record_level(extra)
-                if found is None and isinstance(message, str):  # no parsed level: the level filter's rule
-                    found = level_of(message)
-                rank = level_rank(found)
+                rank = level_rank(record_level_or_rule(message, extra))
                 if rank is not None and rank >= keep_rank:
                     decisions.append(True)
                     continue

@@ -26,8 +26,7 @@ from collections import OrderedDict
 from shipper import heartbeat
 from shipper.config import Option
 from shipper.filters import Filter, FilterContext, derived, field_value, keep_records, level_check, level_rank
-from shipper.filters import record_level
-from shipper.filters.level import level_of, levels_of_blob
+from shipper.filters.level import line_levels, record_level_or_rule
 from shipper.record import THROTTLED, Batch, format_time
 
 log = logging.getLogger(__name__)
@@ -177,6 +176,14 @@ class ThrottleFilter(Filter):
             self.limits.move_to_end(key)
         return limit
 
+    def _field_key(self, message, extra, batch: Batch):
+        """A record's bucket key by the key field; one without the field is limited with its file's
+        records (not in one bucket for all)."""
+        value = field_value(self.key, message, extra, batch.tag, batch.source)
+        if value is None:
+            return _NO_FIELD, batch.source if batch.source is not None else batch.tag
+        return _hashable(value)
+
     def _batch_key(self, batch: Batch):
         if self.key == "source":
             return batch.source if batch.source is not None else batch.tag
@@ -203,9 +210,7 @@ class ThrottleFilter(Filter):
             shares: dict = {}
             fields = batch.fields or [None] * batch.count
             for message, extra in zip(batch.message_list(), fields):
-                value = field_value(self.key, message, extra, batch.tag, batch.source)
-                share = _hashable(value) if value is not None else (
-                    _NO_FIELD, batch.source if batch.source is not None else batch.tag)
+                share = self._field_key(message, extra, batch)
                 lines, size = shares.get(share, (0, 0))
                 shares[share] = (lines + 1, size + len(message or ""))
         else:
@@ -258,19 +263,7 @@ class ThrottleFilter(Filter):
     def _kept_anyway(self, rest: bytes, fields: list | None) -> list[bool]:
         """For each line of ``rest`` (over the limit): whether its level is at or above keep_level."""
         rank = self.keep_rank
-        if fields is None:
-            levels = levels_of_blob(rest)
-        else:  # the level filter ran: its level, else the rule
-            detected = None
-            levels = []
-            for index, extra in enumerate(fields):
-                found = record_level(extra)
-                if found is None:
-                    if detected is None:
-                        detected = levels_of_blob(rest)
-                    found = detected[index]
-                levels.append(found)
-        return [found is not None and level_rank(found) >= rank for found in levels]
+        return [found is not None and level_rank(found) >= rank for found in line_levels(rest, fields)]
 
     def _drop_records(self, batch: Batch, key) -> Batch:
         """Record by record (a general batch, or a field key): each takes a line and its bytes."""
@@ -281,12 +274,7 @@ class ThrottleFilter(Filter):
         with self.lock:
             now = self.clock()
             for message, extra in zip(messages, fields):
-                if key is not None:
-                    record_key = key
-                else:  # a record without the field is limited with its file's (not one bucket for all)
-                    value = field_value(self.key, message, extra, batch.tag, batch.source)
-                    record_key = _hashable(value) if value is not None else (
-                        _NO_FIELD, batch.source if batch.source is not None else batch.tag)
+                record_key = key if key is not None else self._field_key(message, extra, batch)
                 limit = self._limit(record_key, now, batch.tag, batch.source)
                 lines, size = limit.allowed(now)
                 length = len(message) if message else 0
@@ -306,9 +294,7 @@ class ThrottleFilter(Filter):
         return keep_records(batch, keep)
 
     def _at_keep_level(self, message, extra) -> bool:
-        found = record_level(extra)
-        if found is None and isinstance(message, str):
-            found = level_of(message)
+        found = record_level_or_rule(message, extra)
         return found is not None and level_rank(found) >= self.keep_rank
 
     # ------------------------------------------------------------ summaries
@@ -325,14 +311,12 @@ class ThrottleFilter(Filter):
         by_tag: dict[str, tuple[list, list]] = {}
         for key, limit, dropped, since in due:
             messages, fields = by_tag.setdefault(limit.tag, ([], []))
-            name = self.key
-            if name == "source":
-                shown = limit.source if limit.source is not None else key
-            elif name == "tag":
-                shown = key
+            if self.key == "source":
+                name, shown = "source", limit.source if limit.source is not None else key
+            elif self.key == "tag":
+                name, shown = "tag", key
             else:
-                shown, name = shown_key(name, key), ("source" if isinstance(key, tuple) and key[:1] == (_NO_FIELD,)
-                                                     else name)
+                name, shown = summary_key(self.key, key)
             summary = {name: shown, "dropped": dropped, "since": format_time(since), "filter": self.context.name}
             messages.append(f"{self.context.name}: dropped {dropped} records of {name} {shown} since "
                             f"{format_time(since)} (over the rate limit)")
@@ -363,20 +347,21 @@ def _digest(text: str) -> str:
 def _hashable(value):
     """A field's value as a bucket key (a list or dict from a parser is keyed by its text); a long one
     by its digest."""
-    if value is None or isinstance(value, (int, float, bool)):
+    if isinstance(value, (int, float, bool)):
         return value
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= MAX_KEY_CHARS else _digest(text)
 
 
-def shown_key(name: str, key) -> object:
-    """How a summary names a field key: its value, or its digest when the field's name says it may be
-    a secret (the summary must not carry what a redact filter after the throttle would have masked)."""
+def summary_key(name: str, key) -> tuple[str, object]:
+    """How a summary names a field-keyed bucket: (name, value). The records without the field by their
+    file; a value by its digest when the field's name says it may be a secret (the summary must not
+    carry what a redact filter after the throttle would have masked)."""
     if isinstance(key, tuple) and key[:1] == (_NO_FIELD,):
-        return key[1]
-    if isinstance(key, str) and (_SECRET_NAME.search(name) and not key.startswith("sha256:")):
-        return _digest(key)
-    return key
+        return "source", key[1]
+    if isinstance(key, str) and _SECRET_NAME.search(name) and not key.startswith("sha256:"):
+        return name, _digest(key)
+    return name, key
 
 
 FILTER = ThrottleFilter

@@ -278,3 +278,20 @@ def test_random_updates_saves_and_crashes_load_as_the_model(ops):
                 lines = Path(store.journal_path).read_bytes().count(b"\n") if os.path.exists(store.journal_path) else 0
                 assert lines <= 6 + 3  # at most 6 keys: compacted past 6 lines, plus a torn update's lines
         store.close()
+
+
+def test_every_says_due_at_most_times_per_interval(monkeypatch):
+    from shipper.inputs import checkpoints
+
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    once = checkpoints.Every(1.0)
+    assert [once.due(), once.due()] == [True, False]
+    clock[0] += 1.0
+    assert once.due()
+    thrice = checkpoints.Every(60.0, times=3)
+    assert [thrice.due() for _ in range(5)] == [True, True, True, False, False]
+    clock[0] += 59.9
+    assert not thrice.due()
+    clock[0] += 0.1
+    assert thrice.due()

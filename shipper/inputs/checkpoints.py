@@ -59,17 +59,22 @@ class Checkpoint:
 
 
 class Every:
-    """Says "due" at most once per ``interval`` seconds: when an input writes its checkpoints."""
+    """Says "due" at most ``times`` times per ``interval`` seconds (a fixed window): when an input
+    writes its checkpoints, how many files it names in the log."""
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, times: int = 1):
         self.interval = interval
-        self._last = 0.0
+        self.times = times
+        self._window = 0.0  # when the current window began (monotonic)
+        self._used = 0
 
     def due(self) -> bool:
         now = time.monotonic()
-        if now - self._last < self.interval:
+        if now - self._window >= self.interval:
+            self._window, self._used = now, 0
+        if self._used >= self.times:
             return False
-        self._last = now
+        self._used += 1
         return True
 
 

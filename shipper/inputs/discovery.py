@@ -341,7 +341,7 @@ class DirectoryWatcher:
             log.warning("cannot watch files for writes (%s); every file is visited every poll", exc)
             return
         for path in paths:
-            self.modified.watch(os.path.dirname(path))
+            self.watch_file(path)
 
     def watch_file(self, path: str) -> None:
         if self.modified is not None:

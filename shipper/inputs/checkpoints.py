@@ -59,22 +59,18 @@ class Checkpoint:
 
 
 class Every:
-    """Says "due" at most ``times`` times per ``interval`` seconds (a fixed window): when an input
-    writes its checkpoints, how many files it names in the log."""
+    """Says "due" at most once per ``interval`` seconds: when an input writes its checkpoints. Never
+    before ``interval`` has passed on the monotonic clock (an infinite one: never)."""
 
-    def __init__(self, interval: float, times: int = 1):
+    def __init__(self, interval: float):
         self.interval = interval
-        self.times = times
-        self._window = 0.0  # when the current window began (monotonic)
-        self._used = 0
+        self._last = 0.0
 
     def due(self) -> bool:
         now = time.monotonic()
-        if now - self._window >= self.interval:
-            self._window, self._used = now, 0
-        if self._used >= self.times:
+        if now - self._last < self.interval:
             return False
-        self._used += 1
+        self._last = now
         return True
 
 

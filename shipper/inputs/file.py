@@ -88,6 +88,24 @@ NAMED_FILES_A_MINUTE = 100
 RESERVED_DESCRIPTORS = 256
 
 
+class Allowance:
+    """At most ``count`` times per ``period`` seconds (a fixed window), the first ones at once (unlike
+    checkpoints.Every, which is never due before its interval has passed)."""
+
+    def __init__(self, count: int, period: float):
+        self.count, self.period = count, period
+        self.window_start, self.used = -period, 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.window_start >= self.period:
+            self.window_start, self.used = now, 0
+        if self.used >= self.count:
+            return False
+        self.used += 1
+        return True
+
+
 def default_max_open_files(soft_limit: int, file_inputs: int = 1) -> int:
     """The open files one input may hold: the soft RLIMIT_NOFILE less what the rest of the agent
     needs, shared by the file inputs; never below 16."""
@@ -157,7 +175,7 @@ class FileInput:
         self._last_settle = 0.0
         # "tailing PATH" for the first files of each minute; past that, how many more (100,000 files
         # must not make 100,000 log lines).
-        self._named = Every(60.0, times=NAMED_FILES_A_MINUTE)
+        self._named = Allowance(NAMED_FILES_A_MINUTE, 60.0)
         self._unnamed = 0
         self._full_save = True  # the first save drops the loaded checkpoints no file took up
         self._dirty: set[TailedFile] = set()  # whose checkpoint changed since the last save
@@ -279,7 +297,7 @@ class FileInput:
                     log.error("cannot read %s: %s (reported once while it lasts; retrying)", tailed.path, exc)
                     self._count("read_errors")
         self._serve_waiting(emit)
-        if self._unnamed and (not self.waiting or self._named.due()):
+        if self._unnamed and (not self.waiting or self._named.allow()):
             log.info("tailing %d more files (not each named in the log; `shipper status` counts them)", self._unnamed)
             self._unnamed = 0
         self.while_waiting()
@@ -645,7 +663,7 @@ class FileInput:
             return tailed
         self._activate(tailed)
         self._fresh.append(tailed)
-        if self._named.due():
+        if self._named.allow():
             log.info("tailing %s from offset %d%s", path, offset, " (rotated away, draining)" if rotated_away else "")
         else:
             self._unnamed += 1

@@ -611,6 +611,90 @@ def _bounded_int(low: int, high: int):
     return parse
 
 
+def _fleet_selection(args: argparse.Namespace):
+    from shipper.postmortem.query import Selection
+    from shipper.postmortem.selection import time_range
+
+    since, until = time_range(args.since, args.until)
+    return Selection(since, until, tuple(args.instance or ()), tuple(args.tag or ()))
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from shipper.postmortem import query
+    from shipper.postmortem.selection import SelectionError
+    from shipper.postmortem.sources import SourceError
+
+    def warn(text: str) -> None:
+        print(f"shipper query: {text}", file=sys.stderr)
+
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    try:
+        selection = _fleet_selection(args)
+        query.load_duckdb()
+        archive = query.open_archive(args.source, args.endpoint_url, args.region)
+        answer = query.run(archive, selection, sql, jobs=args.jobs)
+    except (SelectionError, query.QueryError) as exc:
+        warn(str(exc))
+        return EXIT_CONFIG
+    except SourceError as exc:
+        warn(str(exc))
+        return 1
+    for problem in answer.problems:
+        warn(problem)
+    for skipped in answer.skipped:
+        warn(f"left out {skipped}")
+    if args.format == "csv":
+        sys.stdout.write(query.format_csv(answer.columns, answer.rows))
+    elif args.format == "json":
+        out = sys.stdout.buffer
+        for line in query.format_json(answer.columns, answer.rows):
+            out.write(line)
+        out.flush()
+    else:
+        sys.stdout.write(query.format_table(answer.columns, answer.rows))
+    if not args.quiet:
+        warn(f"read {answer.objects:,} objects ({answer.bytes / 1e6:,.1f} MB) in {answer.seconds:.2f} s")
+    return 0
+
+
+def cmd_athena(args: argparse.Namespace) -> int:
+    from shipper.postmortem.athena import AthenaError, table_definitions
+
+    try:
+        key = {"key_template": args.key} if args.key else {}
+        text = table_definitions(args.source, args.table, args.first_date, args.compacted, database=args.database, **key)
+    except AthenaError as exc:
+        print(f"shipper athena: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from shipper.postmortem import compact, query
+    from shipper.postmortem.sources import SourceError
+
+    def warn(text: str) -> None:
+        print(f"shipper compact: {text}", file=sys.stderr)
+
+    try:
+        hour = compact.parse_hour(args.hour)
+        archive = query.open_archive(args.source, args.endpoint_url, args.region)
+        destination = args.to or compact.default_destination(args.source)
+        done = compact.compact(archive, hour, destination, args.jobs, args.endpoint_url, args.region)
+    except query.QueryError as exc:
+        warn(str(exc))
+        return EXIT_CONFIG
+    except SourceError as exc:
+        warn(str(exc))
+        return 1
+    ratio = done.output_bytes / done.input_bytes if done.input_bytes else 0
+    print(f"{done.hour}: {done.records:,} records of {done.instances:,} instances ({done.input_objects:,} objects, "
+          f"{done.input_bytes / 1e6:,.1f} MB) -> {destination} ({done.output_bytes / 1e6:,.1f} MB Parquet, "
+          f"{ratio:.2f} of the NDJSON) in {done.seconds:.2f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shipper", description="Ship log files and metrics off the box.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -687,6 +771,41 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--endpoint-url", help="an S3/CloudWatch-compatible endpoint")
     rep.add_argument("--region", help="the AWS region (default: boto3's)")
     rep.set_defaults(func=cmd_report)
+    fleet_help = "s3://BUCKET[/PREFIX] or a directory archive (or its compacted copy)"
+    que = commands.add_parser("query", help="SQL over the fleet's archive (DuckDB: pip install 'shipper[query]')",
+                              description="Run SQL over the table `logs`: every record field a column, plus the "
+                                          "partitions dt, hour and instance. Only the asked hours are read.")
+    que.add_argument("source", help=fleet_help)
+    que.add_argument("sql", help="the SQL, e.g. \"SELECT instance, count(*) FROM logs GROUP BY 1\"; - reads stdin")
+    que.add_argument("--since", default="1d", help="a time or a duration ago; default 1d")
+    que.add_argument("--until", help="a time or a duration ago; default now")
+    que.add_argument("--instance", action="append", help="only this instance's partitions (repeatable)")
+    que.add_argument("--tag", action="append", help="only objects of this tag (repeatable)")
+    que.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                     help="table (default), csv, or json (a JSON object per row)")
+    que.add_argument("--jobs", type=_bounded_int(1, 64), default=16, help="S3 downloads at once (default 16)")
+    que.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+    que.add_argument("--endpoint-url", help="an S3-compatible endpoint")
+    que.add_argument("--region", help="the AWS region (default: boto3's)")
+    que.set_defaults(func=cmd_query)
+    ath = commands.add_parser("athena", help="print the Athena table definitions of an S3 archive (partition "
+                                             "projection: no crawler)")
+    ath.add_argument("source", help="s3://BUCKET[/PREFIX] of the S3 output")
+    ath.add_argument("--table", default="shipper_logs", help="the table name (default shipper_logs)")
+    ath.add_argument("--database", help="qualify the tables with this database")
+    ath.add_argument("--first-date", help="the first day projected (default: January 1st of last year)")
+    ath.add_argument("--compacted", metavar="S3_URL", help="also the table over shipper compact's Parquet objects")
+    ath.add_argument("--key", help="the S3 output's key template, when not its default (checked)")
+    ath.set_defaults(func=cmd_athena)
+    com = commands.add_parser("compact", help="rewrite one hour of the archive (all instances) as Parquet "
+                                              "(pip install 'shipper[query]')")
+    com.add_argument("source", help="s3://BUCKET[/PREFIX] or a directory archive")
+    com.add_argument("--hour", required=True, help="the hour, e.g. 2026-11-29T13 (or any time inside it)")
+    com.add_argument("--to", help="where the Parquet objects go (default: SOURCE-parquet beside the archive)")
+    com.add_argument("--jobs", type=_bounded_int(1, 64), default=16, help="S3 downloads at once (default 16)")
+    com.add_argument("--endpoint-url", help="an S3-compatible endpoint")
+    com.add_argument("--region", help="the AWS region (default: boto3's)")
+    com.set_defaults(func=cmd_compact)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return parser

@@ -177,6 +177,14 @@ class DirectoryArchive:
         return open_directory_below(self.root, parts)
 
     def list(self, prefix: str) -> Iterator[ObjectRef]:
+        for key, size in self.files(prefix, regular_only=False):  # open() says what is wrong with the others
+            ref = parse_key(key, size)
+            if ref is not None:
+                yield ref
+
+    def files(self, prefix: str, regular_only: bool = True) -> Iterator[tuple[str, int]]:
+        """(key, size) of the files under ``prefix`` (a partition), links not followed; a FIFO, device or
+        socket is left out (and said in ``problems``) unless ``regular_only`` is false."""
         parts = [p for p in prefix.split("/") if p]
         try:
             top = self._open_directory(parts)
@@ -194,16 +202,21 @@ class DirectoryArchive:
                                              f"not listed: a symbolic link, not followed")
                 subdirectories[:] = [d for d in subdirectories if d != ".tmp"]  # objects being written
                 for name in names:
-                    key = os.path.normpath(os.path.join(prefix, directory, name))
                     try:
-                        size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
+                        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     except OSError:  # gone since the listing
                         continue
-                    ref = parse_key(key, size)
-                    if ref is not None:
-                        yield ref
+                    key = os.path.normpath(os.path.join(prefix, directory, name))
+                    if stat.S_ISREG(info.st_mode) or not regular_only:
+                        yield key, info.st_size
+                    elif not stat.S_ISLNK(info.st_mode) or parse_key(key) is not None:
+                        self.problems.append(f"{key}: not read: a {kind_of(info.st_mode)}, not a regular file")
         finally:
             os.close(top)
+
+    def path(self, key: str) -> str:
+        """Where an object listed by ``files`` is on disk (for an engine that opens files by name)."""
+        return os.path.join(self.root, key)
 
     def open(self, ref: ObjectRef):
         """The object as an unbuffered binary file, or CorruptObject when it is not a regular file."""
@@ -243,15 +256,20 @@ class S3Archive:
         self.problems: list[str] = []
 
     def list(self, prefix: str) -> Iterator[ObjectRef]:
+        for key, size in self.files(prefix):
+            ref = parse_key(key, size)
+            if ref is not None:
+                yield ref
+
+    def files(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under ``prefix`` (below the archive's own prefix)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 for item in page.get("Contents", []):
-                    ref = parse_key(item["Key"], item["Size"])
-                    if ref is not None:
-                        yield ref
+                    yield item["Key"], item["Size"]
         except (BotoCoreError, ClientError) as exc:
             from shipper.outputs.aws import describe
 

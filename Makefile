@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test deb bench bench-aws bench-fluentd bench-idle bench-postmortem bench-scale clean
+.PHONY: run test deb bench bench-aws bench-fleet bench-fluentd bench-idle bench-postmortem bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -43,6 +43,9 @@ bench-fluentd: $(VENV)/.installed-test
 
 bench-idle: $(VENV)/.installed-test
 	$(BIN)/python bench/idle.py
+
+bench-fleet: $(VENV)/.installed-test
+	$(BIN)/python bench/fleet.py
 
 bench-postmortem: $(VENV)/.installed-test
 	$(BIN)/python bench/postmortem.py

@@ -23,7 +23,7 @@ def record(instance: str, tag: str, epoch: float, n: int) -> dict:
     return {"time": format_time(epoch), "tag": tag, "host": f"ip-{instance[-3:]}", "instance_id": instance,
             "image_id": "ami-0new" if instance == "i-0ccc" else "ami-0old", "source": f"/var/log/{tag}.log",
             "message": f"{level.upper()} n={n} {instance}", "labels": {"app": "web", "image_version": "1"},
-            **({"level": level} if n % 2 else {})}
+            **({"level": level} if n % 2 == 0 else {})}
 
 
 def object_key(instance: str, tag: str, epoch: float, seq: int) -> str:

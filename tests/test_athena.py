@@ -49,7 +49,7 @@ def test_three_tables_parse_with_their_columns_and_partitions():
     assert [c.name for c in tables["shipper_logs"].this.expressions] == [name for name, _ in COLUMNS]
     assert properties(tables["shipper_logs"])["PARTITIONED BY"] == ["dt", "hour"]
     assert properties(tables["shipper_logs_by_instance"])["PARTITIONED BY"] == ["dt", "hour", "instance"]
-    assert "record" in [c.name for c in tables["shipper_logs_parquet"].this.expressions]
+    assert "fields" in [c.name for c in tables["shipper_logs_parquet"].this.expressions]
     kinds = {c.name: c.args["kind"].sql(dialect="hive") for c in tables["shipper_logs"].this.expressions}
     assert kinds["labels"] == "MAP<STRING, STRING>" and kinds["metrics"] == "MAP<STRING, DOUBLE>"
     assert "STORED AS PARQUET" in DDL and DDL.count("org.openx.data.jsonserde.JsonSerDe") == 2

@@ -11,7 +11,7 @@ import duckdb
 import orjson
 
 from fleet_archive import INSTANCES, RANGE, shipper, upload, write_fleet
-from shipper.postmortem.compact import default_destination, parse_hour
+from shipper.postmortem.compact import default_destination, parse_hour, record_of
 
 HOUR_13 = "2026-11-29T13"
 
@@ -22,8 +22,18 @@ def lines_of_hour(root: Path, hour: str) -> list[bytes]:
 
 
 def parquet_records(root: Path) -> list[bytes]:
+    """Every compacted row rebuilt as its record, as sorted-key JSON."""
     files = sorted(str(p) for p in root.rglob("*.parquet"))
-    return [row[0].encode() for row in duckdb.sql(f"SELECT record FROM read_parquet({files!r})").fetchall()]
+    relation = duckdb.sql(f"SELECT * FROM read_parquet({files!r}, hive_partitioning = false)")
+    names = relation.columns
+    return [canonical(record_of(dict(zip(names, row)))) for row in relation.fetchall()]
+
+
+def canonical(record: dict) -> bytes:
+    """Sorted-key JSON, metrics as doubles (the compacted map's type)."""
+    if isinstance(record.get("metrics"), dict):
+        record = {**record, "metrics": {k: float(v) for k, v in record["metrics"].items()}}
+    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -40,14 +50,13 @@ def test_an_hour_compacts_to_one_parquet_object_per_instance_with_every_record_o
     assert f"-> {out}" in result.stdout and "240 records of 3 instances (12 objects" in result.stdout
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == [
         f"dt=2026-11-29/hour=13/instance={i}/compacted.parquet" for i in INSTANCES]
-    original = lines_of_hour(archive, "13")
+    original = [canonical(orjson.loads(line)) for line in lines_of_hour(archive, "13")]
     compacted = parquet_records(out)
     assert sorted(compacted) == sorted(original) and len(set(compacted)) == len(original) == 240  # each once, whole
-    # the typed columns agree with the records they came from
-    row = duckdb.sql(f"SELECT time, instance_id, labels, level, record FROM read_parquet('{out}/**/*.parquet') "
-                     f"WHERE level IS NOT NULL LIMIT 1").fetchall()[0]
-    record = orjson.loads(row[4])
-    assert (row[0], row[1], row[2], row[3]) == (record["time"], record["instance_id"], record["labels"], record["level"])
+    # typed columns, and what is not a column kept as JSON
+    rows = duckdb.sql(f"SELECT level, labels, fields FROM read_parquet('{out}/**/*.parquet')").fetchall()
+    assert {level for level, _, _ in rows} == {"error", "info", None}
+    assert all(labels == {"app": "web", "image_version": "1"} and fields is None for _, labels, fields in rows)
     # twice: the same objects, byte for byte
     before = digests(out)
     assert shipper("compact", str(archive), "--hour", "2026-11-29T13:30:00Z").returncode == 0
@@ -80,6 +89,23 @@ def test_compacting_an_s3_hour_writes_parquet_objects_to_s3(tmp_path, aws):
     back = shipper("query", "s3://fleet/prod-parquet", "SELECT count(*) AS n FROM logs", "--format", "json", *RANGE,
                    *args, env=aws.env)
     assert back.returncode == 0 and orjson.loads(back.stdout) == {"n": 160}
+
+
+def test_what_is_not_a_column_survives_in_fields(tmp_path):
+    records = [{"time": "2026-11-29T13:00:00.000000Z", "tag": "app", "message": "x", "user": {"id": 7},
+                "level": 30, "labels": {"n": 1}, "metrics": {"cpu.percent": 1.5, "mem.used_bytes": 10}, "flag": True},
+               {"time": "2026-11-29T13:00:01.000000Z", "tag": "app", "message": "plain"}]
+    key = "dt=2026-11-29/hour=13/instance=i-1/app/20261129T130000Z-000001.ndjson.gz"
+    (tmp_path / "a" / key).parent.mkdir(parents=True)
+    (tmp_path / "a" / key).write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in records)))
+    assert shipper("compact", str(tmp_path / "a"), "--hour", HOUR_13).returncode == 0
+    rebuilt = sorted(parquet_records(tmp_path / "a-parquet"))
+    assert rebuilt == sorted(canonical(r) for r in records)
+    row = duckdb.sql(f"SELECT level, labels, metrics, fields FROM '{tmp_path}/a-parquet/**/*.parquet' "
+                     f"WHERE message = 'x'").fetchall()[0]
+    # a numeric level and labels that are not strings stay in fields; metrics became a map
+    assert row[:3] == (None, None, {"cpu.percent": 1.5, "mem.used_bytes": 10.0})
+    assert orjson.loads(row[3]) == {"user": {"id": 7}, "level": 30, "labels": {"n": 1}, "flag": True}
 
 
 def test_compact_refuses_what_it_cannot_do(tmp_path):

@@ -28,8 +28,8 @@ PARTITION_TEMPLATE = "dt={date}/hour={hour}/instance={instance_id}/"
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,127}")
 
 # The record's top-level keys the agent writes (shipper.record), as Hive types. Parsed fields of other
-# names are not columns (the JSON SerDe ignores keys it has no column for); the Parquet twin keeps the
-# whole record in ``record``.
+# names are not columns (the JSON SerDe ignores keys it has no column for); the Parquet twin keeps
+# them in ``fields``, as JSON.
 COLUMNS = (
     ("time", "string"),           # RFC 3339 UTC: from_iso8601_timestamp(time)
     ("tag", "string"),
@@ -51,7 +51,7 @@ COLUMNS = (
 )
 PARQUET_COLUMNS = (*[c for c in COLUMNS if c[0] in ("time", "tag", "host", "instance_id", "image_id", "region",
                                                     "source", "message", "level", "labels", "metrics")],
-                   ("record", "string"))   # the whole record as written: json_extract(record, '$.user')
+                   ("fields", "string"))   # the rest of the record, JSON: json_extract(fields, '$.user')
 
 
 class AthenaError(ValueError):

@@ -4,9 +4,10 @@ instance and hour. For scans that cost a fraction of gzip NDJSON's in Athena or 
 write path stays NDJSON.
 
 Columns: the record's common keys (time as written, RFC 3339), ``labels`` and ``metrics`` as maps,
-and ``record``, the whole line as the agent wrote it, so nothing a parser added is lost. Rows are
-sorted by (time, record) and written by one DuckDB thread: the same hour compacted twice gives the
-same bytes, and an object is replaced whole (renamed into place, or one PutObject).
+and ``fields``: what else the record holds (parsed fields), as JSON, so that nothing is lost and
+every record can be rebuilt (``record_of``). Rows are sorted in a total order and written by one
+DuckDB thread: the same hour compacted twice gives the same bytes, and an object is replaced whole
+(renamed into place, or one PutObject).
 """
 
 from __future__ import annotations
@@ -24,14 +25,40 @@ from shipper.postmortem.sources import S3Archive
 OBJECT_NAME = "compacted.parquet"
 ROW_GROUP_ROWS = 122_880
 
-SELECT = """SELECT json ->> '$.time' AS time, json ->> '$.tag' AS tag, json ->> '$.host' AS host,
-  json ->> '$.instance_id' AS instance_id, json ->> '$.image_id' AS image_id, json ->> '$.region' AS region,
-  json ->> '$.source' AS source, json ->> '$.message' AS message, json ->> '$.level' AS level,
-  TRY_CAST(json -> '$.labels' AS MAP(VARCHAR, VARCHAR)) AS labels,
-  TRY_CAST(json -> '$.metrics' AS MAP(VARCHAR, DOUBLE)) AS metrics,
-  CAST(json AS VARCHAR) AS record
-FROM read_json_objects({files}, format = 'newline_delimited')
-ORDER BY time, record"""
+# The record's common keys, each a column when it is a string (as the agent writes them); what is
+# left of the record (parsed fields, a key of another type) stays in ``fields``, as JSON.
+STRING_KEYS = ("time", "tag", "host", "instance_id", "image_id", "region", "source", "message", "level")
+MAPS = (("labels", "MAP(VARCHAR, VARCHAR)"), ("metrics", "MAP(VARCHAR, DOUBLE)"))
+
+
+def select_sql(files: str) -> str:
+    """The compacted rows of some objects, in a total order (the same input, the same bytes)."""
+    def is_text(key: str) -> str:
+        return f"json_type(json -> '$.{key}') = 'VARCHAR'"
+
+    columns = [f"CASE WHEN {is_text(k)} THEN json ->> '$.{k}' END AS {k}" for k in STRING_KEYS]
+    # labels must be strings to become the map (a number would turn into text); metrics are numbers,
+    # doubles in the map
+    fits = {"labels": f"CAST(to_json(TRY_CAST(json -> '$.labels' AS {MAPS[0][1]})) AS VARCHAR) = "
+                      f"CAST(json -> '$.labels' AS VARCHAR)",
+            "metrics": f"TRY_CAST(json -> '$.metrics' AS {MAPS[1][1]}) IS NOT NULL"}
+    columns += [f"CASE WHEN {fits[k]} THEN TRY_CAST(json -> '$.{k}' AS {kind}) END AS {k}" for k, kind in MAPS]
+    # A merge patch with null removes a key: the keys that became columns; a value that did not
+    # fit its column is patched with itself, so it stays.
+    patch = ", ".join([f"'{k}', CASE WHEN {is_text(k)} THEN NULL ELSE json -> '$.{k}' END" for k in STRING_KEYS]
+                      + [f"'{k}', CASE WHEN {fits[k]} THEN NULL ELSE json -> '$.{k}' END" for k, _ in MAPS])
+    columns.append(f"NULLIF(CAST(json_merge_patch(json, json_object({patch})) AS VARCHAR), '{{}}') AS fields")
+    return (f"SELECT {', '.join(columns)} FROM read_json_objects({files}, format = 'newline_delimited') "
+            f"ORDER BY time, tag, source, message, instance_id, fields")
+
+
+def record_of(row: dict) -> dict:
+    """A compacted row as the record it came from (what the round trip test compares)."""
+    import orjson
+
+    record = {k: v for k, v in row.items() if k != "fields" and v is not None}
+    record.update(orjson.loads(row["fields"]) if row.get("fields") else {})
+    return record
 
 
 @dataclass
@@ -93,7 +120,7 @@ def compact(archive, hour: float, destination: str, jobs: int = 16, endpoint_url
                     files = "[" + ", ".join(sql_literal(path_of[key]) for key, _ in sorted(by_instance[instance])) + "]"
                     local = os.path.join(scratch, f"{len(os.listdir(scratch))}.parquet")
                     try:
-                        connection.execute(f"COPY ({SELECT.format(files=files)}) TO {sql_literal(local)} "
+                        connection.execute(f"COPY ({select_sql(files)}) TO {sql_literal(local)} "
                                            f"(FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
                         records += connection.execute(f"SELECT count(*) FROM read_parquet({sql_literal(local)})").fetchone()[0]
                     except duckdb.Error as exc:

@@ -166,12 +166,13 @@ def sql_literal(text: str) -> str:
 
 def table_sql(kind: str, paths: list[str], selection: Selection) -> str:
     """The ``logs`` view over these files: records of [since, until] only (the partitions were pruned
-    by hour; the time column cuts the ends exactly)."""
+    by hour; the time column cuts the ends exactly). The common columns are there even when no record
+    of the selection has one (``level`` without a parser): NULL."""
     window = (f"TRY_CAST(time AS TIMESTAMPTZ) BETWEEN to_timestamp({selection.since!r}) "
               f"AND to_timestamp({selection.until!r})")
+    core = "SELECT " + ", ".join(f"CAST(NULL AS {kind_}) AS {name}" for name, kind_ in CORE_COLUMNS) + " WHERE false"
     if not paths:
-        columns = ", ".join(f"CAST(NULL AS {kind_}) AS {name}" for name, kind_ in CORE_COLUMNS)
-        return f"CREATE VIEW {TABLE} AS SELECT {columns} WHERE false"
+        return f"CREATE VIEW {TABLE} AS {core}"
     files = "[" + ", ".join(map(sql_literal, paths)) + "]"
     if kind == "parquet":
         reader = f"read_parquet({files}, union_by_name = true, hive_partitioning = true, hive_types = {HIVE_TYPES})"
@@ -182,7 +183,7 @@ def table_sql(kind: str, paths: list[str], selection: Selection) -> str:
     if kind == "parquet" and selection.tags:
         tags = " AND tag IN (" + ", ".join(map(sql_literal, selection.tags)) + ")"
     return (f"CREATE VIEW {TABLE} AS SELECT * REPLACE (TRY_CAST(time AS TIMESTAMPTZ) AS time) "
-            f"FROM {reader} WHERE {window}{tags}")
+            f"FROM ({core} UNION ALL BY NAME SELECT * FROM {reader}) WHERE {window}{tags}")
 
 
 # A DuckDB error about one file names it: that object is left out and said, the query runs again.

@@ -167,7 +167,7 @@ def test_the_extracted_agent_runs_without_what_was_left_out(deb, tmp_path):
              "fluent.sender, shipper.service, shipper.inputs.journald, shipper.outputs.s3; "
              "boto3.client('s3', region_name='eu-west-1'); "
              "print(shipper.service.__file__); "
-             "print([n for n in ('setuptools', 'pkg_resources', '_distutils_hack', 'pip') "
+             "print([n for n in ('setuptools', 'pkg_resources', '_distutils_hack', 'pip', 'duckdb', 'sqlglot') "
              "if importlib.util.find_spec(n)])")
     imports = subprocess.run([str(venv / "bin/python3"), "-c", probe], capture_output=True, text=True, env=env,
                              timeout=120, cwd=tmp_path)

@@ -1,4 +1,5 @@
-"""Every command of the README's "Using it" and "Debug a server that no longer exists" blocks, run exactly
+"""Every command of the README's "Using it", "Debug a server that no longer exists" and "Question the whole
+fleet" blocks, run exactly
 as written (through bash, with the venv on the PATH as `. .venv/bin/activate` puts it): against the
 archive of a real `shipper run --default`, and, for s3:// and cwl://, against a moto server that a real
 agent with an EC2 identity shipped to (AWS_ENDPOINT_URL points the commands there)."""
@@ -122,6 +123,11 @@ endpoint_url = "{aws.endpoint}"
     hostname = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
     assert hostname in outputs[5].stdout  # --list-instances of the local archive
     assert "a line of the local archive" in (home / "report.html").read_text()  # the last report, of it
+    fleet = [run_as_written(command, home, env) for command in readme_commands("## Question the whole fleet")]
+    assert all(r.returncode == 0 for r in fleet), [r.stderr for r in fleet]
+    assert INSTANCE in fleet[0].stdout and "(1 row)" in fleet[0].stdout  # the instance that logged a timeout
+    assert fleet[1].stdout == "tag,lines\napp,1\n"  # the local archive's one line
+    assert "CREATE EXTERNAL TABLE IF NOT EXISTS `shipper_logs_by_instance`" in (home / "shipper-tables.sql").read_text()
 
 
 def checkpoint_reached(workdir: Path) -> bool:

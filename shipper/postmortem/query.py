@@ -164,7 +164,28 @@ def sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def table_sql(kind: str, paths: list[str], selection: Selection) -> str:
+def reader_sql(kind: str, paths: list[str], schema: list[tuple[str, str]] | None = None) -> str:
+    """DuckDB's reader of these files. NDJSON with ``schema`` (from ``detect_schema``) reads with those
+    columns (a key no record has is NULL, another key ignored) instead of detecting them again."""
+    files = "[" + ", ".join(map(sql_literal, paths)) + "]"
+    if kind == "parquet":
+        return f"read_parquet({files}, union_by_name = true, hive_partitioning = true, hive_types = {HIVE_TYPES})"
+    if schema is None:
+        return (f"read_json({files}, format = 'newline_delimited', union_by_name = true, "
+                f"hive_partitioning = true, hive_types = {HIVE_TYPES})")
+    columns = "{" + ", ".join(f"{sql_literal(name)}: {sql_literal(kind_)}" for name, kind_ in schema) + "}"
+    return (f"read_json({files}, format = 'newline_delimited', columns = {columns}, "
+            f"hive_partitioning = true, hive_types = {HIVE_TYPES})")
+
+
+def detect_schema(connection, paths: list[str]) -> list[tuple[str, str]]:
+    """The record columns of NDJSON files, detected once (DuckDB samples each file; a view over the
+    detecting reader would sample them again at every use)."""
+    rows = connection.execute(f"DESCRIBE SELECT * FROM {reader_sql('ndjson', paths)}").fetchall()
+    return [(row[0], row[1]) for row in rows if row[0] not in ("dt", "hour", "instance")]
+
+
+def table_sql(kind: str, paths: list[str], selection: Selection, schema: list[tuple[str, str]] | None = None) -> str:
     """The ``logs`` view over these files: records of [since, until] only (the partitions were pruned
     by hour; the time column cuts the ends exactly). The common columns are there even when no record
     of the selection has one (``level`` without a parser): NULL."""
@@ -173,17 +194,11 @@ def table_sql(kind: str, paths: list[str], selection: Selection) -> str:
     core = "SELECT " + ", ".join(f"CAST(NULL AS {kind_}) AS {name}" for name, kind_ in CORE_COLUMNS) + " WHERE false"
     if not paths:
         return f"CREATE VIEW {TABLE} AS {core}"
-    files = "[" + ", ".join(map(sql_literal, paths)) + "]"
-    if kind == "parquet":
-        reader = f"read_parquet({files}, union_by_name = true, hive_partitioning = true, hive_types = {HIVE_TYPES})"
-    else:
-        reader = (f"read_json({files}, format = 'newline_delimited', union_by_name = true, "
-                  f"hive_partitioning = true, hive_types = {HIVE_TYPES})")
     tags = ""
     if kind == "parquet" and selection.tags:
         tags = " AND tag IN (" + ", ".join(map(sql_literal, selection.tags)) + ")"
     return (f"CREATE VIEW {TABLE} AS SELECT * REPLACE (TRY_CAST(time AS TIMESTAMPTZ) AS time) "
-            f"FROM ({core} UNION ALL BY NAME SELECT * FROM {reader}) WHERE {window}{tags}")
+            f"FROM ({core} UNION ALL BY NAME SELECT * FROM {reader_sql(kind, paths, schema)}) WHERE {window}{tags}")
 
 
 # A DuckDB error about one file names it: that object is left out and said, the query runs again.
@@ -214,10 +229,13 @@ def run(archive, selection: Selection, sql: str, jobs: int = DOWNLOAD_JOBS) -> A
             try:
                 connection.execute("SET TimeZone = 'UTC'")
                 try:
-                    connection.execute(table_sql(listed.kind, paths, selection))
-                    result = connection.execute(sql)
-                    columns = [d[0] for d in result.description] if result.description else []
-                    rows = result.fetchall() if result.description else []
+                    schema = detect_schema(connection, paths) if listed.kind == "ndjson" and paths else None
+                    connection.execute(table_sql(listed.kind, paths, selection, schema))
+                    # A relation: its columns are known without running it, and fetchall runs it once
+                    # (statements that return nothing, SET or CREATE, run at once and give None).
+                    relation = connection.sql(sql)
+                    columns = list(relation.columns) if relation is not None else []
+                    rows = relation.fetchall() if relation is not None else []
                     break
                 except duckdb.Error as exc:
                     bad = _bad_file(str(exc), paths)

@@ -106,8 +106,11 @@ def test_layouts_and_names_it_cannot_describe_are_refused():
         table_definitions("./archive")
     with pytest.raises(AthenaError, match="--table"):
         table_definitions("s3://bucket/p", table="Drop Table;")
-    with pytest.raises(AthenaError, match="--first-date"):
-        table_definitions("s3://bucket/p", first_date="yesterday")
+    for bad in ("yesterday", "20260101", "2026-1-1"):
+        with pytest.raises(AthenaError, match="--first-date"):
+            table_definitions("s3://bucket/p", first_date=bad)
+    odd = statements(table_definitions("s3://bucket/logs/dt=old", first_date="2026-01-01"))
+    assert properties(odd["shipper_logs"])["LOCATION"] == "s3://bucket/logs/dt=old/"  # not cut at its "dt="
     unprefixed = statements(table_definitions("s3://bucket", first_date="2026-01-01"))
     assert properties(unprefixed["shipper_logs"])["storage.location.template"] == "s3://bucket/dt=${dt}/hour=${hour}/"
 

@@ -30,8 +30,9 @@ def parquet_records(root: Path) -> list[bytes]:
 
 
 def canonical(record: dict) -> bytes:
-    """Sorted-key JSON, metrics as doubles (the compacted map's type)."""
-    if isinstance(record.get("metrics"), dict):
+    """Sorted-key JSON, numeric metrics as doubles (the compacted map's type)."""
+    metrics = record.get("metrics")
+    if isinstance(metrics, dict) and all(type(v) in (int, float) and abs(v) <= 2**53 for v in metrics.values()):
         record = {**record, "metrics": {k: float(v) for k, v in record["metrics"].items()}}
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 
@@ -94,18 +95,34 @@ def test_compacting_an_s3_hour_writes_parquet_objects_to_s3(tmp_path, aws):
 def test_what_is_not_a_column_survives_in_fields(tmp_path):
     records = [{"time": "2026-11-29T13:00:00.000000Z", "tag": "app", "message": "x", "user": {"id": 7},
                 "level": 30, "labels": {"n": 1}, "metrics": {"cpu.percent": 1.5, "mem.used_bytes": 10}, "flag": True},
-               {"time": "2026-11-29T13:00:01.000000Z", "tag": "app", "message": "plain"}]
+               {"time": "2026-11-29T13:00:01.000000Z", "tag": "app", "message": "plain"},
+               {"time": "2026-11-29T13:00:02.000000Z", "tag": "metrics",
+                "metrics": {"disk.mount": "/", "up": True, "big": 2**60}}]
     key = "dt=2026-11-29/hour=13/instance=i-1/app/20261129T130000Z-000001.ndjson.gz"
     (tmp_path / "a" / key).parent.mkdir(parents=True)
     (tmp_path / "a" / key).write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in records)))
     assert shipper("compact", str(tmp_path / "a"), "--hour", HOUR_13).returncode == 0
     rebuilt = sorted(parquet_records(tmp_path / "a-parquet"))
     assert rebuilt == sorted(canonical(r) for r in records)
+    # metrics that are not all numbers a double holds (a string, a boolean, 2**60) stay as they were
+    odd = duckdb.sql(f"SELECT metrics, fields FROM '{tmp_path}/a-parquet/**/*.parquet' WHERE tag = 'metrics'").fetchall()
+    assert odd[0][0] is None and orjson.loads(odd[0][1]) == {"metrics": {"disk.mount": "/", "up": True, "big": 2**60}}
     row = duckdb.sql(f"SELECT level, labels, metrics, fields FROM '{tmp_path}/a-parquet/**/*.parquet' "
                      f"WHERE message = 'x'").fetchall()[0]
     # a numeric level and labels that are not strings stay in fields; metrics became a map
     assert row[:3] == (None, None, {"cpu.percent": 1.5, "mem.used_bytes": 10.0})
     assert orjson.loads(row[3]) == {"user": {"id": 7}, "level": 30, "labels": {"n": 1}, "flag": True}
+
+
+def test_instances_whose_names_differ_only_in_odd_characters_are_both_compacted(tmp_path):
+    base = {"time": "2026-11-29T13:00:00.000000Z", "tag": "app", "message": "x"}
+    for instance in ("a b", "a_b"):
+        key = f"dt=2026-11-29/hour=13/instance={instance}/app/20261129T130000Z-000001.ndjson.gz"
+        (tmp_path / "a" / key).parent.mkdir(parents=True)
+        (tmp_path / "a" / key).write_bytes(gzip.compress(orjson.dumps({**base, "instance_id": instance}) + b"\n"))
+    assert shipper("compact", str(tmp_path / "a"), "--hour", HOUR_13).returncode == 0
+    back = duckdb.sql(f"SELECT instance_id FROM '{tmp_path}/a-parquet/**/*.parquet' ORDER BY 1").fetchall()
+    assert back == [("a b",), ("a_b",)]
 
 
 def test_compact_refuses_what_it_cannot_do(tmp_path):
@@ -114,5 +131,7 @@ def test_compact_refuses_what_it_cannot_do(tmp_path):
     assert empty.returncode == 2 and "no objects in dt=2026-11-29/hour=20" in empty.stderr
     assert "--hour" in shipper("compact", str(tmp_path / "archive"), "--hour", "lunch").stderr
     assert shipper("compact", str(tmp_path / "nowhere"), "--hour", HOUR_13).returncode == 2
+    itself = shipper("compact", str(tmp_path / "archive"), "--hour", HOUR_13, "--to", str(tmp_path / "archive"))
+    assert itself.returncode == 2 and "that is the archive itself" in itself.stderr
     assert parse_hour("2026-11-29T13") == parse_hour("2026-11-29T13:59:59Z") == 1_795_957_200.0
     assert default_destination("s3://b/prod/") == "s3://b/prod-parquet" and default_destination("s3://b") == "s3://b/parquet"

@@ -64,13 +64,13 @@ def test_pruning_opens_only_the_asked_partitions(tmp_path):
     fifo_dir = tmp_path / "dt=2026-11-29" / "hour=14" / "instance=i-0ccc" / "app"
     os.mkfifo(fifo_dir / "20261129T140000Z-999999.ndjson.gz")
     one = shipper("query", str(tmp_path), "SELECT instance, hour, count(*) AS n FROM logs GROUP BY ALL",
-                  "--format", "json", "--since", "2026-11-29T13:00:00Z", "--until", "2026-11-29T13:59:59Z",
+                  "--format", "json", "--since", "2026-11-29T13:00:00Z", "--until", "2026-11-29T13:50:00Z",
                   "--instance", "i-0bbb")
     assert json_rows(one) == [{"instance": "i-0bbb", "hour": 13, "n": 80}]
     assert objects_read(one) == sum(1 for key in written if "hour=13/instance=i-0bbb/" in key) == 4
     tagged = shipper("query", str(tmp_path), "SELECT DISTINCT tag FROM logs", "--format", "json",
-                     "--since", "2026-11-29T13:00:00Z", "--until", "2026-11-29T13:59:59Z", "--tag", "web")
-    assert json_rows(tagged) == [{"tag": "web"}] and objects_read(tagged) == 6
+                     "--since", "2026-11-29T13:00:00Z", "--until", "2026-11-29T13:50:00Z", "--tag", "web")
+    assert json_rows(tagged) == [{"tag": "web"}] and objects_read(tagged) == 6  # 3 instances x 2
     # the whole range: every record once; the FIFO is said and left out, never opened
     everything = shipper("query", str(tmp_path), "SELECT count(*) AS n, count(DISTINCT message) AS m FROM logs",
                          "--format", "json", *RANGE)
@@ -78,6 +78,17 @@ def test_pruning_opens_only_the_asked_partitions(tmp_path):
     assert json_rows(everything) == [{"n": total, "m": total}]
     assert objects_read(everything) == len(written)
     assert "20261129T140000Z-999999.ndjson.gz: not read: a FIFO" in everything.stderr
+
+
+def test_a_record_read_after_the_hour_it_belongs_to_is_found(tmp_path):
+    """An object of hour 14 (read at 14:01) may hold a record of 13:59 (its parsed time): listed too."""
+    key = "dt=2026-11-29/hour=14/instance=i-1/app/20261129T140100Z-000001.ndjson.gz"
+    (tmp_path / key).parent.mkdir(parents=True)
+    (tmp_path / key).write_bytes(gzip.compress(b'{"time":"2026-11-29T13:59:00.000000Z","tag":"app","message":"late"}\n'
+                                               b'{"time":"2026-11-29T14:01:00.000000Z","tag":"app","message":"on time"}\n'))
+    rows = json_rows(shipper("query", str(tmp_path), "SELECT message, hour FROM logs", "--format", "json",
+                             "--since", "2026-11-29T13:00:00Z", "--until", "2026-11-29T13:59:59Z"))
+    assert rows == [{"message": "late", "hour": 14}]  # the partition is the object's; the range, the record's
 
 
 def test_the_time_range_cuts_records_exactly_not_only_partitions(tmp_path):
@@ -164,7 +175,9 @@ def test_listing_a_selection_is_pure_and_refuses_mixed_archives(tmp_path):
     written = write_fleet(tmp_path, hours=2)
     archive = DirectoryArchive(str(tmp_path))
     listed = select_objects(archive, Selection(HOUR + 3600, HOUR + 3600 + 59, ("i-0aaa",), ("web",)))
-    assert [key for key, _ in listed.keys] == sorted(k for k in written if "hour=14/instance=i-0aaa/web/" in k)
+    # the object opened at 14:10 cannot hold a record of 14:00:59 (EVENT_TIME_SLACK is 5 minutes)
+    assert [key for key, _ in listed.keys] == sorted(k for k in written if "hour=14/instance=i-0aaa/web/" in k
+                                                     and "T140000Z" in k)
     assert listed.kind == "ndjson" and listed.size == sum((tmp_path / k).stat().st_size for k, _ in listed.keys)
     parquet = tmp_path / "dt=2026-11-29" / "hour=14" / "instance=i-0aaa" / "compacted.parquet"
     parquet.write_bytes(b"PAR1")
@@ -197,21 +210,90 @@ def test_s3_downloads_run_several_at_once(tmp_path, aws, monkeypatch):
     upload(aws.s3, "para", "p", tmp_path / "fleet")
     archive = query.open_archive("s3://para/p", aws.endpoint, "us-east-1")
     listed = select_objects(archive, Selection(HOUR, HOUR + 3599))
-    seen, lock, peak = set(), threading.Lock(), [0]
+    lock, running, peak = threading.Lock(), [0], [0]
     original = archive.client.get_object
 
     def counting(**kwargs):
         with lock:
-            seen.add(threading.get_ident())
-            peak[0] = max(peak[0], len(seen))
-        time.sleep(0.05)
-        return original(**kwargs)
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.1)
+            return original(**kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
 
     archive.client.get_object = counting
     copies = query.LocalCopies(archive, listed, jobs=4)
     try:
-        assert copies.downloaded == len(listed.keys) == 8 and peak[0] > 1
+        assert copies.downloaded == len(listed.keys) == 8 and peak[0] > 1  # downloads in flight at once
         assert all(Path(p).read_bytes()[:2] == b"\x1f\x8b" for p in copies.paths)
     finally:
         copies.close()
     assert not any(Path(p).exists() for p in copies.paths)
+
+
+def test_an_object_gone_between_the_listing_and_its_download_is_left_out_and_said(tmp_path, aws, monkeypatch):
+    for name, value in aws.env.items():
+        monkeypatch.setenv(name, value)
+    written = write_fleet(tmp_path / "fleet", hours=1, instances=("i-0aaa",))
+    upload(aws.s3, "gone", "p", tmp_path / "fleet")
+    archive = query.open_archive("s3://gone/p", aws.endpoint, "us-east-1")
+    listed = select_objects(archive, Selection(HOUR, HOUR + 3599))
+    victim = sorted(written)[1]
+    aws.s3.delete_object(Bucket="gone", Key=f"p/{victim}")  # lifecycle expiry after the listing
+    copies = query.LocalCopies(archive, listed)
+    try:
+        assert len(copies.paths) == len(listed.keys) - 1 and copies.failed == [
+            f"s3://gone/p/{victim}: not read: {copies.failed[0].split('not read: ')[1]}"]
+        assert "NoSuchKey" in copies.failed[0] or "Not Found" in copies.failed[0] or "404" in copies.failed[0]
+    finally:
+        copies.close()
+
+
+def write_records(root: Path, key: str, records: list[dict]) -> None:
+    (root / key).parent.mkdir(parents=True, exist_ok=True)
+    (root / key).write_bytes(gzip.compress(b"".join(orjson.dumps(r) + b"\n" for r in records)))
+
+
+def test_records_of_any_shape_are_all_counted(tmp_path):
+    """Sparse parsed keys (each app its own), an empty key, keys differing in case, a field named like a
+    partition, a tag with '=' and a root path with one: every record is there, with its time."""
+    root = tmp_path / "env=prod" / "archive"
+    base = {"time": "2026-11-29T13:00:01.000000Z", "tag": "app", "message": "m"}
+    sparse = [{**base, f"key{i}": i} for i in range(50)] + [dict(base) for _ in range(50)]
+    write_records(root, "dt=2026-11-29/hour=13/instance=i-1/app/20261129T130000Z-000001.ndjson.gz", sparse)
+    write_records(root, "dt=2026-11-29/hour=13/instance=i-1/app=web/20261129T130000Z-000002.ndjson.gz",
+                  [{**base, "tag": "app=web", "Message": "upper", "dt": "mine"}])
+    rows = json_rows(shipper("query", str(root), "SELECT count(*) AS n, count(time) AS timed, count(key7) AS k7, "
+                             "count(DISTINCT dt) AS days, max(record_dt) AS theirs, count(DISTINCT tag) AS tags "
+                             "FROM logs", "--format", "json", *RANGE))
+    assert rows == [{"n": 101, "timed": 101, "k7": 1, "days": 1, "theirs": "mine", "tags": 2}]
+    # a key SQL cannot name: the records are read whole, the common keys still columns, nothing lost
+    write_records(root, "dt=2026-11-29/hour=13/instance=i-2/app/20261129T130000Z-000003.ndjson.gz",
+                  [{**base, "": "empty key"}])
+    result = shipper("query", str(root), "SELECT count(*) AS n, count(time) AS timed, "
+                     "max(record ->> '$.key7') AS k7 FROM logs", "--format", "json", *RANGE)
+    assert json_rows(result) == [{"n": 102, "timed": 102, "k7": "7"}]
+    assert "each record whole is the column record (JSON)" in result.stderr
+    described = shipper("query", str(root), "DESCRIBE logs", "--format", "csv", *RANGE)
+    assert ",env," not in described.stdout and "\nenv," not in described.stdout  # no column from the root path
+
+
+def test_a_value_of_another_type_past_the_sample_is_read_not_left_out(tmp_path):
+    records = [{"time": "2026-11-29T13:00:01.000000Z", "tag": "app", "message": "m", "code": 200}
+               for _ in range(25_000)]
+    records.append({**records[0], "code": "oops"})
+    write_records(tmp_path, "dt=2026-11-29/hour=13/instance=i-1/app/20261129T130000Z-000001.ndjson.gz", records)
+    result = shipper("query", str(tmp_path), "SELECT count(*) AS n, count(code) AS codes FROM logs",
+                     "--format", "json", *RANGE)
+    assert json_rows(result) == [{"n": 25_001, "codes": 25_001}] and "left out" not in result.stderr
+
+
+def test_instances_and_tags_are_checked(tmp_path):
+    write_fleet(tmp_path, hours=1)
+    for bad in ("", "i-1/app"):
+        result = shipper("query", str(tmp_path), "SELECT 1", "--instance", bad, *RANGE)
+        assert result.returncode == 2 and "--instance" in result.stderr
+    assert shipper("query", str(tmp_path), "SELECT 1", "--tag", "", *RANGE).returncode == 2

@@ -18,7 +18,7 @@ the same objects (never a second copy):
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, datetime
 
 from shipper.outputs.keys import DEFAULT_KEY
 
@@ -77,10 +77,13 @@ def check_key_template(template: str) -> None:
                           f"partition projection needs that layout (the S3 output's default key)")
 
 
+def base_location(bucket: str, prefix: str) -> str:
+    return f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
+
+
 def location_template(bucket: str, prefix: str, by_instance: bool) -> str:
     """The projected location of one partition, as Athena's storage.location.template."""
-    base = f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/"
-    return base + "dt=${dt}/hour=${hour}/" + ("instance=${instance}/" if by_instance else "")
+    return base_location(bucket, prefix) + "dt=${dt}/hour=${hour}/" + ("instance=${instance}/" if by_instance else "")
 
 
 def _quote(text: str) -> str:
@@ -123,10 +126,12 @@ def table_definitions(location: str, table: str = DEFAULT_TABLE, first_date: str
         raise AthenaError(f"--database {database!r}: a lower-case name of letters, digits and _")
     check_key_template(key_template)
     first = first_date or f"{date.today().year - 1}-01-01"
-    try:
-        date.fromisoformat(first)
+    try:  # exactly yyyy-MM-dd, the projection's format (fromisoformat would take 20260101 too)
+        datetime.strptime(first, "%Y-%m-%d")
+        if len(first) != 10:
+            raise ValueError(first)
     except ValueError:
-        raise AthenaError(f"--first-date {first!r}: expected a date, 2026-01-01") from None
+        raise AthenaError(f"--first-date {first!r}: expected a date as 2026-01-01") from None
     bucket, prefix = split_location(location)
     qualified = (lambda name: f"`{database}`.`{name}`") if database else (lambda name: f"`{name}`")
     serde = ("ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n"
@@ -141,14 +146,14 @@ def table_definitions(location: str, table: str = DEFAULT_TABLE, first_date: str
         statements.append(
             f"CREATE EXTERNAL TABLE IF NOT EXISTS {qualified(name)} (\n{_columns(COLUMNS)}\n)\n"
             f"PARTITIONED BY ({partitions})\n{serde}\n"
-            f"LOCATION {_quote(location_template(bucket, prefix, False).split('dt=')[0])}\n"
+            f"LOCATION {_quote(base_location(bucket, prefix))}\n"
             f"TBLPROPERTIES (\n{_properties(_projection(first, by_instance, location_template(bucket, prefix, by_instance)))}\n);")
     if compacted:
         cbucket, cprefix = split_location(compacted)
         statements.append(
             f"CREATE EXTERNAL TABLE IF NOT EXISTS {qualified(table + '_parquet')} (\n{_columns(PARQUET_COLUMNS)}\n)\n"
             f"PARTITIONED BY (`dt` string, `hour` string)\nSTORED AS PARQUET\n"
-            f"LOCATION {_quote(location_template(cbucket, cprefix, False).split('dt=')[0])}\n"
+            f"LOCATION {_quote(base_location(cbucket, cprefix))}\n"
             f"TBLPROPERTIES (\n{_properties(_projection(first, False, location_template(cbucket, cprefix, False)))}\n);")
     statements.append(_examples(table, qualified))
     return "\n\n".join(statements) + "\n"
@@ -161,7 +166,8 @@ def _examples(table: str, qualified) -> str:
     return "\n".join([
         "-- Ready queries (always narrow dt, and hour where you can: they decide what is read).",
         "-- Errors per instance and image version on one day:",
-        f"--   SELECT instance_id, image_id, labels['image_version'] AS version, count(*) AS errors FROM {fleet}",
+        f"--   SELECT instance_id, image_id, element_at(labels, 'image_version') AS version, count(*) AS errors "
+        f"FROM {fleet}",
         f"--   WHERE dt = '2026-11-29' AND {errors}",
         "--   GROUP BY 1, 2, 3 ORDER BY errors DESC;",
         "-- Which instances logged 'connection refused' between 13:00 and 13:10:",

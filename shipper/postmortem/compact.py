@@ -3,11 +3,13 @@ prefix with the same partitions: ``DEST/dt=D/hour=H/instance=I/compacted.parquet
 instance and hour. For scans that cost a fraction of gzip NDJSON's in Athena or DuckDB; the agent's
 write path stays NDJSON.
 
-Columns: the record's common keys (time as written, RFC 3339), ``labels`` and ``metrics`` as maps,
-and ``fields``: what else the record holds (parsed fields), as JSON, so that nothing is lost and
-every record can be rebuilt (``record_of``). Rows are sorted in a total order and written by one
-DuckDB thread: the same hour compacted twice gives the same bytes, and an object is replaced whole
-(renamed into place, or one PutObject).
+Columns: the record's common keys when they are strings (time as written, RFC 3339), ``labels``
+as a map when all its values are strings, ``metrics`` as a map of doubles when all its values are
+numbers a double holds exactly (integers come back as doubles), and ``fields``: what else the record
+holds (parsed fields, a value that did not fit its column), as JSON, so every record can be rebuilt
+(``record_of``), except a common key whose value is a JSON null (left out). Rows are sorted by every
+column and written by one DuckDB thread: the same hour compacted twice, with the same DuckDB, gives
+the same bytes; an object is replaced whole (renamed into place, or one PutObject).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from shipper.outputs.keys import safe_segment
 from shipper.postmortem.query import LocalCopies, Listed, QueryError, load_duckdb, sql_literal
 from shipper.postmortem.selection import hour_prefixes, parse_key
 from shipper.postmortem.sources import S3Archive
@@ -42,9 +43,15 @@ def select_sql(files: str) -> str:
     columns = [f"CASE WHEN {is_text(k)} THEN json ->> '$.{k}' END AS {k}" for k in STRING_KEYS]
     # labels must be strings to become the map (a number would turn into text); metrics are numbers,
     # doubles in the map
+    # (every value a number a double holds exactly: no string or boolean taken for one)
+    numbers = ("(list_has_all(['DOUBLE', 'BIGINT', 'UBIGINT'], json_type(json, '$.metrics.*')) "
+               "AND coalesce(list_max(list_transform_abs), 0) <= 9007199254740992)")
+    values = "TRY_CAST(json_extract(json, '$.metrics.*') AS DOUBLE[])"
+    numbers = numbers.replace("list_max(list_transform_abs)",
+                              f"greatest(list_max({values}), -list_min({values}))")
     fits = {"labels": f"CAST(to_json(TRY_CAST(json -> '$.labels' AS {MAPS[0][1]})) AS VARCHAR) = "
                       f"CAST(json -> '$.labels' AS VARCHAR)",
-            "metrics": f"TRY_CAST(json -> '$.metrics' AS {MAPS[1][1]}) IS NOT NULL"}
+            "metrics": f"coalesce(TRY_CAST(json -> '$.metrics' AS {MAPS[1][1]}) IS NOT NULL AND {numbers}, false)"}
     columns += [f"CASE WHEN {fits[k]} THEN TRY_CAST(json -> '$.{k}' AS {kind}) END AS {k}" for k, kind in MAPS]
     # A merge patch with null removes a key: the keys that became columns; a value that did not
     # fit its column is patched with itself, so it stays.
@@ -52,7 +59,8 @@ def select_sql(files: str) -> str:
                       + [f"'{k}', CASE WHEN {fits[k]} THEN NULL ELSE json -> '$.{k}' END" for k, _ in MAPS])
     columns.append(f"NULLIF(CAST(json_merge_patch(json, json_object({patch})) AS VARCHAR), '{{}}') AS fields")
     return (f"SELECT {', '.join(columns)} FROM read_json_objects({files}, format = 'newline_delimited') "
-            f"ORDER BY time, tag, source, message, instance_id, fields")
+            f"ORDER BY time, tag, source, message, instance_id, host, image_id, region, level, fields, "
+            f"CAST(labels AS VARCHAR), CAST(metrics AS VARCHAR)")
 
 
 def record_of(row: dict) -> dict:
@@ -110,14 +118,18 @@ def compact(archive, hour: float, destination: str, jobs: int = 16, endpoint_url
     listed = Listed("ndjson", sorted(item for items in by_instance.values() for item in items))
     if not listed.keys:
         raise QueryError(f"{archive.name}: no objects in {prefix.rstrip('/')}")
+    if os.path.abspath(destination).rstrip("/") == os.path.abspath(archive.name).rstrip("/") or \
+            destination.rstrip("/") == archive.name.rstrip("/"):
+        raise QueryError(f"--to {destination}: that is the archive itself; the Parquet objects go to another "
+                         f"prefix or directory")
     target = _Destination(destination, endpoint_url, region)
     with tempfile.TemporaryDirectory(prefix="shipper-compact-") as scratch:
-        def one(instance: str) -> tuple[int, int]:
+        def one(number: int, instance: str) -> tuple[int, int]:
             # Each instance on its own: its objects copied (from S3) and removed after, one DuckDB
             # thread writing (the same input, the same bytes); instances side by side on the cores.
             keys = sorted(by_instance[instance])
             copies = LocalCopies(archive, Listed("ndjson", keys), max(1, jobs // WORKERS))
-            local = os.path.join(scratch, f"{safe_segment(instance)}.parquet")
+            local = os.path.join(scratch, f"{number}.parquet")  # instance names may differ only in odd characters
             connection = duckdb.connect(config={"threads": 1})
             try:
                 files = "[" + ", ".join(map(sql_literal, copies.paths)) + "]"
@@ -135,7 +147,7 @@ def compact(archive, hour: float, destination: str, jobs: int = 16, endpoint_url
             return count, size
 
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            done = list(pool.map(one, sorted(by_instance)))
+            done = list(pool.map(one, *zip(*enumerate(sorted(by_instance)))))
     records, written = sum(c for c, _ in done), sum(w for _, w in done)
     return Compacted(prefix.rstrip("/"), len(by_instance), records, len(listed.keys), listed.size, written,
                      time.monotonic() - started)
@@ -169,9 +181,16 @@ class _Destination:
         path = os.path.join(self.root, *key.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = path + ".partial"
-        with open(local, "rb") as source, open(partial, "wb") as handle:
-            while chunk := source.read(1024 * 1024):
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
+        try:
+            with open(local, "rb") as source, open(partial, "wb") as handle:
+                while chunk := source.read(1024 * 1024):
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+            raise

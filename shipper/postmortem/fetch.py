@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import orjson
 
 from shipper.outputs.keys import partition_of
-from shipper.postmortem.selection import HOSTS_SHOWN, Filter, Funnel, ObjectRef, hour_prefixes
+from shipper.postmortem.selection import EVENT_TIME_SLACK, HOSTS_SHOWN, Filter, Funnel, ObjectRef, hour_prefixes
 from shipper.postmortem.sources import (MAX_LINE_BYTES, CloudWatchLogsSource, CorruptObject, ObjectLines,
                                         SourceError)
 from shipper.record import format_time
@@ -40,10 +40,6 @@ PREFETCH_BYTES = 48 * 1024 * 1024  # and at most this many compressed bytes of t
 WORKERS = 8     # downloads at once
 REORDER_BYTES = 64 * 1024 * 1024   # lines held to put them in time order
 LINE_COST = 160  # what Python adds to a held line's bytes (its objects, the list slot), roughly
-# How much earlier than its object's start (the time it was read) a record's own time may be: a
-# parsed event time or a journald entry's. Objects are listed and opened this much earlier, so
-# such records still come out in time order and inside --since/--until.
-EVENT_TIME_SLACK = 300.0
 CLOUDWATCH_EVENTS = 20_000  # events of all merged streams' pages at once (a page per stream)
 
 

@@ -56,6 +56,10 @@ def parse_time(text: str, now: float | None = None) -> float:
     return moment.timestamp()
 
 
+# How much earlier than its object's start (the time it was read) a record's own time may be: a
+# parsed event time or a journald entry's. Objects are listed and opened this much earlier, so
+# such records still come out in time order and inside --since/--until.
+EVENT_TIME_SLACK = 300.0
 MAX_RANGE_DAYS = 400
 LAST_TIME = 253_402_300_799.0   # 9999-12-31T23:59:59Z: the last time RFC 3339 can write
 

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from aws import s3_output
-from conftest import FAST_RETRIES, Agent, agent_config
+from conftest import FAST_RETRIES, Agent, agent_config, wait_for
 from shipper.postmortem.report import reduce_series, summarize, svg_chart
 from shipper.postmortem.selection import (Filter, SelectionError, check_level, hour_prefixes, level_of, parse_key,
                                           parse_time, render)
@@ -104,6 +104,10 @@ def fill_archive(workdir: Path, output: str | None = None, env: dict | None = No
         (workdir / "logs" / name).touch()
     agent = Agent(workdir, config, env=env).start()
     try:
+        # Both inputs follow their file before the first line: else, on a slow start, lines of the two
+        # files already written are read in any order, and their read times (the records' times) too.
+        wait_for(lambda: all(f"tailing {workdir / 'logs' / name}" in agent.log() for name in ("app.log", "web.log")),
+                 timeout=30, message="the agent tailing both files")
         for n in range(lines):
             name = "app.log" if n % 3 else "web.log"
             with open(workdir / "logs" / name, "a") as handle:

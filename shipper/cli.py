@@ -624,8 +624,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     from shipper.postmortem.selection import SelectionError
     from shipper.postmortem.sources import SourceError
 
+    from shipper.postmortem.selection import printable
+
+    # On a terminal, what the archive holds (messages, keys) is shown with its control characters
+    # escaped, as fetch does; pipes and files get the exact text.
+    shown_err = printable if sys.stderr.isatty() else str
+    shown = printable if sys.stdout.isatty() else str
+
     def warn(text: str) -> None:
-        print(f"shipper query: {text}", file=sys.stderr)
+        print(f"shipper query: {shown_err(text)}", file=sys.stderr)
 
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     try:
@@ -651,7 +658,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             out.write(line)
         out.flush()
     else:
-        sys.stdout.write(query.format_table(answer.columns, answer.rows))
+        sys.stdout.write(query.format_table(answer.columns, answer.rows, shown=shown))
     if not args.quiet:
         warn(f"read {answer.objects:,} objects ({answer.bytes / 1e6:,.1f} MB) in {answer.seconds:.2f} s")
     return 0

@@ -196,6 +196,10 @@ def test_output_formats_print_nested_values_as_json_and_times_in_utc():
     assert "2026-11-29T13:00:01.000005Z" in table[2] and '{"app":"web"}' in table[2] and "two\\nlines" in table[2]
     assert table[3].rstrip().endswith(" " + "x" * (query.CELL_CHARS - 1) + "…")  # cut in the terminal table
     assert table[2].index(" 3") < table[3].index("12") + 1  # numbers right-aligned
+    from shipper.postmortem.selection import printable
+
+    escaped = format_table(["m"], [("\x1b[31mred",)], shown=printable)
+    assert "\\x1b[31mred" in escaped and "\x1b" not in escaped  # a terminal's escape sequence, shown not run
     assert format_csv(columns, rows).splitlines()[1] == '2026-11-29T13:00:01.000005Z,2026-11-29,3,"{""app"":""web""}","two'
     lines = [orjson.loads(line) for line in format_json(columns, rows)]
     assert lines[0] == {"time": "2026-11-29T13:00:01.000005Z", "dt": "2026-11-29", "n": 3, "labels": {"app": "web"},

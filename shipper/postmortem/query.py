@@ -33,7 +33,6 @@ from shipper.postmortem.selection import EVENT_TIME_SLACK, hour_prefixes, parse_
 from shipper.postmortem.sources import DirectoryArchive, S3Archive, SourceError
 
 TABLE = "logs"
-FORMATS = ("table", "csv", "json")
 DOWNLOAD_JOBS = 16
 MAX_SKIPPED = 20          # objects DuckDB cannot read, left out one by one before the query gives up
 CELL_CHARS = 60           # a wider value is cut in the terminal table (csv and json keep it whole)
@@ -389,10 +388,11 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def format_table(columns: list[str], rows: Iterable[tuple], width: int = CELL_CHARS) -> str:
-    """Rows as an aligned text table with a header, then the row count."""
-    texts = [[_short(cell(value), width) for value in row] for row in rows]
-    heads = [_short(name, width) for name in columns]
+def format_table(columns: list[str], rows: Iterable[tuple], width: int = CELL_CHARS, shown=str) -> str:
+    """Rows as an aligned text table with a header, then the row count; ``shown`` makes each cell's
+    text safe for a terminal (selection.printable)."""
+    texts = [[shown(_short(cell(value), width)) for value in row] for row in rows]
+    heads = [shown(_short(name, width)) for name in columns]
     sizes = [max([len(head)] + [len(row[i]) for row in texts]) for i, head in enumerate(heads)]
     numeric = [bool(texts) and all(_is_number(row[i]) for row in texts if row[i]) for i in range(len(heads))]
 

@@ -621,10 +621,8 @@ def _fleet_selection(args: argparse.Namespace):
 
 def cmd_query(args: argparse.Namespace) -> int:
     from shipper.postmortem import query
-    from shipper.postmortem.selection import SelectionError
+    from shipper.postmortem.selection import SelectionError, printable
     from shipper.postmortem.sources import SourceError
-
-    from shipper.postmortem.selection import printable
 
     # On a terminal, what the archive holds (messages, keys) is shown with its control characters
     # escaped, as fetch does; pipes and files get the exact text.

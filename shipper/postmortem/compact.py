@@ -41,14 +41,11 @@ def select_sql(files: str) -> str:
         return f"json_type(json -> '$.{key}') = 'VARCHAR'"
 
     columns = [f"CASE WHEN {is_text(k)} THEN json ->> '$.{k}' END AS {k}" for k in STRING_KEYS]
-    # labels must be strings to become the map (a number would turn into text); metrics are numbers,
-    # doubles in the map
-    # (every value a number a double holds exactly: no string or boolean taken for one)
-    numbers = ("(list_has_all(['DOUBLE', 'BIGINT', 'UBIGINT'], json_type(json, '$.metrics.*')) "
-               "AND coalesce(list_max(list_transform_abs), 0) <= 9007199254740992)")
+    # labels must be strings to become the map (a number would turn into text); metrics must all be
+    # numbers a double holds exactly (no string or boolean taken for one), doubles in the map
     values = "TRY_CAST(json_extract(json, '$.metrics.*') AS DOUBLE[])"
-    numbers = numbers.replace("list_max(list_transform_abs)",
-                              f"greatest(list_max({values}), -list_min({values}))")
+    numbers = (f"(list_has_all(['DOUBLE', 'BIGINT', 'UBIGINT'], json_type(json, '$.metrics.*')) "
+               f"AND coalesce(greatest(list_max({values}), -list_min({values})), 0) <= 9007199254740992)")
     fits = {"labels": f"CAST(to_json(TRY_CAST(json -> '$.labels' AS {MAPS[0][1]})) AS VARCHAR) = "
                       f"CAST(json -> '$.labels' AS VARCHAR)",
             "metrics": f"coalesce(TRY_CAST(json -> '$.metrics' AS {MAPS[1][1]}) IS NOT NULL AND {numbers}, false)"}

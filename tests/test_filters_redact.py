@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from conftest import one_filter_config
 from shipper.errors import ConfigError
 from shipper.filters import FilterContext
-from shipper.filters.redact import (_VIEW_FREQUENCY, BUILTIN, DEFAULT_PATTERNS, RedactFilter, Redactor, _Finder,
-                                    card, luhn, rules_of)
+from shipper.filters.literals import ENGINES, VIEW_FREQUENCY, VIEW_TABLE, ReFinder, trigger_finder
+from shipper.filters.redact import BUILTIN, DEFAULT_PATTERNS, RedactFilter, Redactor, card, luhn, rules_of
 from shipper.record import PARSED, Batch, Envelope
 from shipper.stats import Stats
 
@@ -156,12 +156,91 @@ def test_the_trigger_finder_finds_every_occurrence_of_every_literal(literals, te
     """Literals grouped by their rarest byte into one scan each (or bytes.find) report exactly what a
     search for each literal alone reports, also when one literal is inside another."""
     literals = [literal.encode() for literal in literals]
-    finder = _Finder({literal: 1 << index for index, literal in enumerate(literals)}, _VIEW_FREQUENCY)
+    finder = ReFinder({literal: 1 << index for index, literal in enumerate(literals)}, VIEW_FREQUENCY)
     data = text.encode()
     expected = sorted((at, 1 << index) for index, literal in enumerate(literals)
                       for at in range(len(data)) if data.startswith(literal, at))
     assert sorted(finder.hits(data, 10**6)) == expected
     assert finder.hits(data, len(expected) - 1) is None if expected else finder.hits(data, 0) == []
+
+
+def test_both_engines_are_available_here():
+    """The test environment installs hyperscan (a runtime dependency): the next tests compare the two."""
+    assert ENGINES == ("hyperscan", "re")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=5), max_size=4, unique=True),
+       st.lists(st.text("akptenwy0 -_A", min_size=1, max_size=5), max_size=4, unique=True),
+       st.lists(st.sampled_from([b"a", b"K", b"p", b"T", b"0", b"7", b" ", b"-", b"_", b"\n", b"\x00", b"\xff", b"y"]),
+                max_size=60))
+def test_each_engine_finds_raw_literals_in_the_text_and_view_literals_in_its_view(engine, raw, view, pieces):
+    """Against the definition: a raw literal where the text holds it, a view literal where the view
+    (letters lower-cased, digits 0, " -_" as " ") holds it; a view literal no view can hold ("A",
+    "_") is never found."""
+    raw_masks = {literal: 1 << index for index, literal in enumerate(raw)}
+    view_masks = {literal.encode(): 1 << (8 + index) for index, literal in enumerate(view)}
+    data = b"".join(pieces)
+    seen = data.translate(VIEW_TABLE)
+    expected = sorted([(at, mask) for literal, mask in raw_masks.items() for at in range(len(data))
+                       if data.startswith(literal, at)]
+                      + [(at, mask) for literal, mask in view_masks.items() for at in range(len(data))
+                         if seen.startswith(literal, at)])
+    finder = trigger_finder(raw_masks, view_masks, engine)
+    assert sorted(finder.hits(data, 10**6)) == expected
+    if expected:
+        assert finder.hits(data, len(expected) - 1) is None  # over the limit: the caller subs everything
+
+
+def test_the_hyperscan_engine_scans_from_several_threads_at_once():
+    """A scan releases the GIL, and a hyperscan scratch space serves one scan at a time: each thread has
+    its own, so inputs redacting at the same moment neither fail nor mix their hits."""
+    finder = trigger_finder({b"AKIA": 1}, {b"token": 2}, "hyperscan")
+    texts = [(b"x" * 50_000 + b" token=1 " * (i + 1) + b"AKIA" * i) for i in range(8)]
+    results, errors = {}, []
+
+    def scan(i):
+        try:
+            for _ in range(20):
+                results[i] = sorted(finder.hits(texts[i], 10**6))
+        except Exception as error:  # pragma: no cover - what the test would report
+            errors.append(error)
+
+    threads = [threading.Thread(target=scan, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i in range(8):
+        assert [mask for _, mask in results[i]].count(2) == i + 1 and [m for _, m in results[i]].count(1) == i
+
+
+def test_without_hyperscan_redact_uses_the_re_engine():
+    """An architecture without a hyperscan wheel: the import fails, the re engine finds the triggers."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['hyperscan'] = None\n"
+            "from shipper.filters.literals import ENGINES\n"
+            "from shipper.filters.redact import BUILTIN, DEFAULT_PATTERNS, Redactor\n"
+            "r = Redactor([BUILTIN[n] for n in DEFAULT_PATTERNS])\n"
+            "print(ENGINES, type(r.finder).__name__, r.blob(b'ok\\npassword=hunter2\\n', {}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "('re',) ReFinderPair b'ok\\npassword=[REDACTED:password]\\n'"
+
+
+@settings(max_examples=200, deadline=None)
+@given(LINES)
+def test_the_engines_redact_the_same(lines):
+    """The whole blob path, hyperscan against re: the same bytes and the same counts."""
+    blob = "".join(line + "\n" for line in lines).encode()
+    results = []
+    for engine in ENGINES:
+        counts: dict[str, int] = {}
+        results.append((Redactor([BUILTIN[name] for name in BUILTIN], engine=engine).blob(blob, counts), counts))
+    assert results[0] == results[-1]
 
 
 def test_allow_list_and_hash_mode():

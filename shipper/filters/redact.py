@@ -9,11 +9,11 @@ records can still be joined on it).
 
 Plain blobs keep their fast path: each rule names literals one of which every match contains (a
 "trigger": ``AKIA`` and ``eyJ`` in the blob itself, ``passw``, ``token``, thirteen digits in a
-lower-cased, digits-as-0 view), found at C speed: literals sharing their rarest byte in one regex
-scan that stops only at that byte (``k`` for ``token``), the others with ``bytes.find``; the
+lower-cased, digits-as-0 view), found at C speed in one hyperscan scan of the blob
+(shipper.filters.literals; an sre scan per anchor byte where hyperscan is not installed). The
 combined regex then runs only over the lines that hold one (one sub per run of such lines), or over
-the whole blob when a rule has no trigger (a user regex without ``contains``, ipv6). Rules apply per line: built-ins never match a newline; a user
-regex that does is applied line by line instead. Messages and string fields (parsed values, an
+the whole blob when a rule has no trigger (a user regex without ``contains``, ipv6). Rules apply
+per line: built-ins never match a newline; a user regex that does is applied line by line instead. Messages and string fields (parsed values, an
 input's fields) go through the str form of the same regex; there a private key block spans the
 lines of a multi-line message.
 
@@ -39,93 +39,10 @@ from typing import Any, Callable
 from shipper.config import Option
 from shipper.filters import Filter, FilterContext, derived
 from shipper.filters.grep import analyse
+from shipper.filters.literals import trigger_finder, view_of
 from shipper.record import PARSED, Batch
 
 log = logging.getLogger(__name__)
-
-# Triggers are searched in one view of a blob, made by one bytes.translate (same length, same
-# offsets): letters lower-cased, digits as "0", space, "-" and "_" as " " (so "api key" stands for
-# api_key and api-key, "0000 0000" for card groups).
-_VIEW_TABLE = bytes(b + 32 if 65 <= b <= 90 else 48 if 48 <= b <= 57 else 32 if b in (32, 45, 95) else b
-                    for b in range(256))
-
-
-def view_of(text: bytes) -> bytes:
-    """The trigger view of some bytes (see _VIEW_TABLE)."""
-    return text.translate(_VIEW_TABLE)
-
-
-# How often a byte occurs in a log line (about 200 bytes; measured on the bench's mix of JSON, access and
-# plain logs): a literal is searched from its rarest byte. A regex starting with one literal byte scans at
-# C speed (sre's literal-prefix loop) and stops only at that byte, where a look-behind and a look-ahead
-# check the rest: one such scan finds every literal that shares that byte (each bytes.find is a scan of
-# its own, about as slow, and a short literal of common letters is slower still).
-_LETTERS = {"e": 10.5, "s": 7.8, "t": 7.2, "a": 6.8, "i": 6.4, "r": 5.8, "p": 5.8, "o": 5.7, "n": 4.1,
-            "l": 3.5, "c": 3.4, "d": 3.3, "u": 3.1, "h": 2.6, "g": 2.5, "v": 2.4, "m": 2.4, "f": 1.6,
-            "b": 1.1, "k": 0.8, "w": 0.7, "z": 0.6, "q": 0.6, "x": 0.6, "y": 0.5, "j": 0.2}
-_VIEW_FREQUENCY = {**{ord(c): f for c, f in _LETTERS.items()}, 48: 20.0, 32: 30.0}
-_RAW_FREQUENCY = {**{ord(c): f for c, f in _LETTERS.items()}, **{c: 2.0 for c in range(48, 58)},
-                  **{c: 0.4 for c in range(65, 91)}, 32: 25.0}
-_ANCHOR_MAX = 3.5  # a literal whose rarest byte is more common than this is searched with bytes.find
-
-
-class _Finder:
-    """Every occurrence of some literals in a text, at (nearly) one C scan per distinct anchor byte."""
-
-    def __init__(self, literals: dict[bytes, int], frequency: dict[int, float]):
-        groups: dict[int, list[tuple[bytes, int, int]]] = {}
-        self.finds: list[tuple[bytes, int]] = []
-        best = {}
-        for literal, mask in literals.items():
-            anchor = min(range(len(literal)), key=lambda i: frequency.get(literal[i], 2.0))
-            if frequency.get(literal[anchor], 2.0) > _ANCHOR_MAX or len(literal) > 64:
-                self.finds.append((literal, mask))
-            else:
-                best[literal] = anchor
-        for literal, anchor in best.items():
-            groups.setdefault(literal[anchor], []).append((literal, anchor, literals[literal]))
-        # Each scan is a pass over the whole text: a scan whose literals all hold another scan's
-        # anchor byte is merged into that one (apikey found at its "k", with token, not at its "y").
-        for byte in sorted(groups, key=lambda b: len(groups[b])):
-            others = [other for other in groups if other != byte]
-            moved = []
-            for literal, _, mask in groups[byte]:
-                at = [i for i in range(len(literal)) if literal[i] in others]
-                if not at:
-                    break
-                moved.append((literal, min(at, key=lambda i: frequency.get(literal[i], 2.0)), mask))
-            else:
-                del groups[byte]
-                for literal, at, mask in moved:
-                    groups[literal[at]].append((literal, at, mask))
-        self.scans = []
-        for byte, entries in groups.items():
-            # Zero-width after the anchor byte: the next search starts at the next byte, so no
-            # occurrence is hidden inside another one.
-            tails = "|".join(f"(?<={re.escape(lit[:at + 1].decode('latin-1'))})(?={re.escape(lit[at + 1:].decode('latin-1'))})"
-                             for lit, at, _ in entries)
-            regex = re.compile((re.escape(chr(byte)) + "(?:" + tails + ")").encode("latin-1"))
-            self.scans.append((regex, entries))
-
-    def hits(self, text: bytes, limit: int) -> list[tuple[int, int]] | None:
-        """(position, mask) of each occurrence, unsorted; None when more than ``limit``."""
-        found: list[tuple[int, int]] = []
-        for regex, entries in self.scans:
-            for match in regex.finditer(text):
-                at = match.start()
-                for literal, offset, mask in entries:  # every literal there (one may be another's prefix)
-                    if text.startswith(literal, at - offset) and at >= offset:
-                        found.append((at - offset, mask))
-                if len(found) > limit:
-                    return None
-        for literal, mask in self.finds:
-            at = text.find(literal)
-            while at != -1:
-                found.append((at, mask))
-                if len(found) > limit:
-                    return None
-                at = text.find(literal, at + 1)
-        return found
 
 MAX_PEM_LINES = 200  # an RSA 16384-bit key is about 200 lines of base64
 # A body line: base64, a PEM header (encrypted keys) or a PGP armor header, or blank (PGP's separator).
@@ -144,7 +61,7 @@ _PEM_BEGIN_STR = re.compile(_PEM_BEGIN_TEXT)
 class Rule:
     name: str
     pattern: str                 # one line's regex; groups named v, v2 hold the value to replace
-    triggers: tuple = ()         # literals of the view (_VIEW_TABLE): every match holds one; () = none known
+    triggers: tuple = ()         # literals of the view (literals.VIEW_TABLE): every match holds one; () = none known
     raw_triggers: tuple = ()     # or literals of the line itself (case-sensitive rules: AKIA, eyJ)
     opt_in: bool = False
     check: Callable[[str], bool] | None = None  # a match is a secret only if this says so (Luhn)
@@ -328,7 +245,8 @@ class _Combined:
 class Redactor:
     """The compiled rules: pure functions of text, no I/O (the filter counts and keeps state)."""
 
-    def __init__(self, rules: list[Rule], allow: list[str] = (), mode: str = "mask", key: bytes | None = None):
+    def __init__(self, rules: list[Rule], allow: list[str] = (), mode: str = "mask", key: bytes | None = None,
+                 engine: str | None = None):
         self.rules = rules
         self.mode = mode
         self.key = key
@@ -345,8 +263,7 @@ class Redactor:
                 view[trigger] = view.get(trigger, 0) | 1 << index
             for trigger in rule.raw_triggers:
                 raw[trigger] = raw.get(trigger, 0) | 1 << index
-        self.view_finder = _Finder(view, _VIEW_FREQUENCY) if view else None
-        self.raw_finder = _Finder(raw, _RAW_FREQUENCY) if raw else None
+        self.finder = trigger_finder(raw, view, engine) if raw or view else None
         # A rule without trigger: search everything.
         self.whole = any(not rule.triggers and not rule.raw_triggers for rule in rules)
         self.user_rules = any(rule.name not in BUILTIN for rule in rules)
@@ -465,13 +382,9 @@ class Redactor:
         """The byte ranges of the runs of lines holding a trigger, with the rules they trigger (a bit
         mask); None when many lines do (one sub over everything is then cheaper)."""
         limit = max(64, len(blob) // 1024)  # about a line in 5 (the count of lines is not worth a scan)
-        found: list[tuple[int, int]] = []
-        for finder, text in ((self.raw_finder, blob), (self.view_finder, None)):
-            if finder is not None:
-                hits = finder.hits(blob.translate(_VIEW_TABLE) if text is None else text, limit - len(found))
-                if hits is None:
-                    return None
-                found += hits
+        found = self.finder.hits(blob, limit) if self.finder is not None else []
+        if found is None:
+            return None
         if not found:
             return []
         found.sort()

@@ -8,9 +8,10 @@ Generates (or reuses) bench/work/throughput-input.log, warms the page cache with
 - cat FILE > /dev/null            the physical read limit
 - gzip -1 -c FILE > /dev/null     the compression limit
 - rsyslogd: imfile -> omfile      raw lines to a file; done when the output has N lines
-- shipper: file -> directory      gzip objects; done when the checkpoint reaches the
-                                  file size (only after the last object was fsynced and
-                                  linked), then SIGTERM, then the archive is verified
+- shipper: file -> directory      gzip objects; SIGTERM once the agent has read the whole
+                                  file; done when the checkpoint reaches the file size (the
+                                  drain fsynced and linked the last object) and the agent
+                                  exited; then the archive is verified
 
 Results: a table on stdout, bench/results/throughput.json and bench/results/throughput.md.
 """
@@ -32,6 +33,7 @@ import tempfile
 import time
 
 import orjson
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,22 +214,48 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             last_sample = 0.0
+            exited = None  # the agent's rusage once it exited (after the SIGTERM at the end of the file)
+            threads: list = []
+            peak = 0.0  # VmHWM while it runs: the rusage of a child counts the pages it had before exec
 
             def step(now):
-                nonlocal read_done, last_sample
+                nonlocal read_done, last_sample, exited, threads, peak
+                if exited is None:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        exited = usage
+                        proc.returncode = os.waitstatus_to_exitcode(status)
                 offset = checkpoint_offset(checkpoint)
-                rchar = read_chars(proc.pid)
-                if read_done is None and rchar >= size:
-                    read_done = now - started
-                if now - last_sample >= 0.5 or offset == size:
-                    timeline.append((round(now - started, 2), offset, rchar, round(cpu_seconds(proc.pid), 2)))
-                    last_sample = now
+                if exited is None:
+                    rchar = read_chars(proc.pid)
+                    if read_done is None and rchar >= size:
+                        # Everything is read: stop the agent, which ships what it read and exits (its
+                        # drain); waiting for the last object's upload_interval instead would round
+                        # every time up to the next 2 s boundary of the objects.
+                        read_done = now - started
+                        proc.send_signal(signal.SIGTERM)
+                    try:  # the agent may be exiting: keep the last full sample
+                        threads = thread_cpu(proc.pid) or threads
+                        peak = max(peak, peak_rss_mib(proc.pid))
+                        if now - last_sample >= 0.5 or offset == size:
+                            timeline.append((round(now - started, 2), offset, rchar, round(cpu_seconds(proc.pid), 2)))
+                            last_sample = now
+                    except (OSError, RuntimeError, psutil.Error):  # RuntimeError: no VmHWM in a zombie
+                        pass
                 return offset == size, f"checkpoint at {offset} of {size}; see {workdir}/shipper.stderr"
 
             now = poll_until(proc, "shipper", started, timeout, POLL, step)
             elapsed = now - started
-            cpu, rss, threads = cpu_seconds(proc.pid), peak_rss_mib(proc.pid), thread_cpu(proc.pid)
-            faults = minor_faults(proc.pid)
+            deadline = time.monotonic() + 60
+            while exited is None:  # the checkpoint reached the end first: the agent is exiting (SIGTERM sent)
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    exited, proc.returncode = usage, os.waitstatus_to_exitcode(status)
+                elif time.monotonic() > deadline:
+                    raise RuntimeError(f"shipper did not exit within 60 s of its SIGTERM; see {workdir}/shipper.stderr")
+                else:
+                    time.sleep(0.01)
+            cpu, rss, faults = exited.ru_utime + exited.ru_stime, peak, exited.ru_minflt
             other, steal = background.other(cpu)
         finally:
             code, exit_seconds = stop(proc, timeout=60)
@@ -447,8 +475,10 @@ def markdown(results: list[Result], meta: dict, info: dict) -> str:
         "",
         "rsyslog: imfile (inotify) -> omfile with template `%rawmsg%\\n`, defaults otherwise; timed from "
         "process start until the output file has N lines. shipper: file input (parser none) -> directory "
-        "output (gzip level 1, upload_interval 2s); timed from process start until the checkpoint equals the "
-        "file size, i.e. the last object was fsynced and linked; shipper+NAME: the same with one [[filters]] entry of that "
+        "output (gzip level 1, upload_interval 2s), sent SIGTERM as soon as it has read the whole file (its "
+        "rchar); timed from process start until the checkpoint equals the file size, i.e. its drain fsynced and "
+        "linked the last object (without the SIGTERM, the last object waits for its upload_interval, which rounds "
+        "every time up to the next 2 s boundary of the objects); shipper+NAME: the same with one [[filters]] entry of that "
         "type (MB/s of the input read, so a filter that drops lines is not credited for writing less). cat and gzip write to /dev/null. CPU is "
         "user+sys of the process; peak RSS is VmHWM (ru_maxrss for cat and gzip).",
         "",

@@ -42,7 +42,9 @@ line_lists = st.lists(st.lists(st.sampled_from(ALPHABET), max_size=6).map("".joi
 @given(patterns, line_lists, st.booleans())
 def test_chunk_cut_equals_line_by_line(pattern, lines, keep_matching):
     blob = "".join(line + "\n" for line in lines).encode()
-    assert LinePattern(pattern).cut(blob, keep_matching) == reference(pattern, lines, keep_matching)
+    kept, count = LinePattern(pattern).cut(blob, keep_matching, len(lines))
+    assert kept == reference(pattern, lines, keep_matching)
+    assert count == kept.count(b"\n")  # counted in the runs only: the batch is not counted again
 
 
 @pytest.mark.parametrize("pattern, chunked, byte_safe", [
@@ -66,8 +68,8 @@ def test_analyse(pattern, chunked, byte_safe):
 def test_a_match_over_a_newline_is_not_trusted():
     # "a\s+b" finds "a\nb" over the blob; neither line has a match alone.
     pattern = LinePattern(r"a\s+b")
-    assert pattern.cut(b"xa\nb\na  b\n", True) == b"a  b\n"
-    assert pattern.cut(b"xa\nb\na  b\n", False) == b"xa\nb\n"
+    assert pattern.cut(b"xa\nb\na  b\n", True, 3) == (b"a  b\n", 1)
+    assert pattern.cut(b"xa\nb\na  b\n", False, 3) == (b"xa\nb\n", 2)
 
 
 def make(rules, keep_level=None, name="grep.0"):

@@ -74,13 +74,14 @@ class Filter:
 
 
 def derived(batch: Batch, *, blob: bytes | None = None, messages: list[str | None] | None = None,
-            fields: list[dict | None] | None = None, tag: str | None = None) -> Batch:
+            fields: list[dict | None] | None = None, tag: str | None = None, count: int | None = None) -> Batch:
     """A new batch in place of ``batch``: the same source, read time, byte range, on_done and
-    origin, with other records (a blob, or messages and fields) and perhaps another tag."""
+    origin, with other records (a blob, or messages and fields) and perhaps another tag. ``count``:
+    the blob's lines, when the caller knows them (else counted)."""
     if blob is None and messages is None:
         messages = []
     new = Batch(batch.tag if tag is None else tag, batch.source, batch.read_time, blob=blob,
-                messages=messages, fields=fields, start=batch.start, end=batch.end)
+                messages=messages, fields=fields, start=batch.start, end=batch.end, count=count)
     new.on_done = batch.on_done
     new.origin = batch.origin
     return new

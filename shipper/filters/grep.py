@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 import re._constants as _c
 import re._parser as _parser
+from itertools import repeat
 from typing import Any
 
 from shipper.config import Option, Settings, did_you_mean
@@ -68,14 +69,16 @@ class LinePattern:
     def search(self, text: str) -> bool:
         return self.text.search(text) is not None
 
-    def cut(self, blob: bytes, keep_matching: bool) -> bytes:
-        """The lines of ``blob`` that match (``keep_matching``) or that do not, in order."""
+    def cut(self, blob: bytes, keep_matching: bool, lines: int) -> tuple[bytes, int]:
+        """The lines of ``blob`` (``lines`` of them) that match (``keep_matching``) or that do not, in
+        order, and how many they are (counted in the matching runs only, not in the whole blob)."""
         if self.literal is not None:
-            return _join_runs(blob, literal_runs(blob, self.literal), keep_matching)
+            return _join_runs(blob, literal_runs(blob, self.literal), keep_matching, lines)
         if self.bytes is not None:
-            return _cut(self.bytes, blob, b"\n", keep_matching, self.chunked)
+            return _join_runs(blob, matching_runs(self.bytes, blob, b"\n", self.chunked), keep_matching, lines)
         text = blob.decode("utf-8")
-        return _cut(self.text, text, "\n", keep_matching, self.chunked).encode("utf-8")
+        kept, count = _join_runs(text, matching_runs(self.text, text, "\n", self.chunked), keep_matching, lines)
+        return kept.encode("utf-8"), count
 
     def line_spans(self, blob: bytes) -> tuple[Any, list[tuple[int, int]]]:
         """(data, spans): the matching lines of ``blob`` as [start, end) runs (ends after the newline)
@@ -216,16 +219,15 @@ def _add(runs: list[tuple[int, int]], start: int, end: int) -> None:
         runs.append((start, end))
 
 
-def _cut(regex: re.Pattern, data, newline, keep_matching: bool, chunked: bool):
-    return _join_runs(data, matching_runs(regex, data, newline, chunked), keep_matching)
-
-
-def _join_runs(data, runs: list[tuple[int, int]], keep_matching: bool):
-    """The runs of ``data`` (keep_matching), or what lies between them."""
+def _join_runs(data, runs: list[tuple[int, int]], keep_matching: bool, lines: int):
+    """The runs of ``data`` (keep_matching), or what lies between them, and their count of lines
+    (``data`` has ``lines``)."""
+    newline = "\n" if isinstance(data, str) else b"\n"
+    in_runs = sum(map(data.count, repeat(newline), *zip(*runs))) if runs else 0
     if keep_matching:
-        return data[:0].join([data[start:end] for start, end in runs])
+        return data[:0].join([data[start:end] for start, end in runs]), in_runs
     if not runs:
-        return data
+        return data, lines
     pieces = []
     position = 0
     for start, end in runs:
@@ -233,7 +235,7 @@ def _join_runs(data, runs: list[tuple[int, int]], keep_matching: bool):
             pieces.append(data[position:start])
         position = end
     pieces.append(data[position:])
-    return data[:0].join(pieces)
+    return data[:0].join(pieces), lines - in_runs
 
 
 # ---------------------------------------------------------------- the rules
@@ -343,15 +345,15 @@ class GrepFilter(Filter):
 def grep_blob(rules: list[Rule], batch: Batch) -> Batch:
     """Plain lines: rules on the message cut the blob; on the tag or source they keep or drop the whole
     batch; on any other field (plain lines have none) an include drops everything, an exclude nothing."""
-    blob = batch.blob
+    blob, lines = batch.blob, batch.count
     for rule in rules:
         if not blob:
             break
         if rule.field == "message":
-            blob = rule.pattern.cut(blob, rule.include)
+            blob, lines = rule.pattern.cut(blob, rule.include, lines)
         elif not rule.passes(field_value(rule.field, None, None, batch.tag, batch.source)):
-            blob = b""
-    return batch if blob is batch.blob else derived(batch, blob=blob)
+            blob, lines = b"", 0
+    return batch if blob is batch.blob else derived(batch, blob=blob, count=lines)
 
 
 def grep_lines(rules: list[Rule], batch: Batch, keep_rank: int | None) -> Batch:

@@ -583,3 +583,43 @@ def test_recovery_does_not_ship_a_file_outside_the_globs(tmp_path):
     finally:
         kill_input(inp)
     assert shipped == [], f"shipped {shipped} from {other.name}, which the globs do not match"
+
+
+def test_a_copy_waits_for_its_files_next_poll_however_late(tmp_path):
+    """copytruncate on a busy agent: the copy (app.1.log, which the globs take, holding app.log's first
+    bytes) is found before app.log's truncation. When the agent polls nothing for longer than the
+    suspect window (a loaded machine), the copy still is not read from its start as a file of its own
+    (every line twice): it waits for app.log's next poll, which finds the truncation and reads the copy
+    from where app.log was."""
+    logs, data = tmp_path / "logs", tmp_path / "data"
+    logs.mkdir()
+    live, copy = logs / LIVE, logs / ROTATED_IN_GLOB
+    live.write_text("".join(f"line {i}\n" for i in range(100)))
+    shipped: list[str] = []
+
+    def emit(batch):
+        shipped.extend(batch.message_list())
+        if batch.on_done is not None:
+            batch.on_done()
+
+    inp = make_input(str(logs), str(data), NEVER)
+    start_input(inp)
+    try:
+        inp.poll(emit, threading.Event())
+        assert len(shipped) == 100
+        with live.open("a") as handle:  # written after the agent's read: only in the copy, soon
+            handle.write("".join(f"line {i}\n" for i in range(100, 120)))
+        shutil.copyfile(live, copy)
+        inp.discover(at_startup=False)
+        assert str(copy) in inp.suspects
+        original, since, *rest = inp.suspects[str(copy)]
+        inp.suspects[str(copy)] = (original, since - 3 * inp.settings.refresh_interval, *rest)  # the window passed
+        inp.discover(at_startup=False)
+        assert str(copy) in inp.suspects, "taken as a file of its own before app.log was looked at again"
+        with live.open("r+") as handle:
+            handle.truncate(0)
+        inp.poll(emit, threading.Event())
+        inp.poll(emit, threading.Event())
+    finally:
+        kill_input(inp)
+    assert shipped == [f"line {i}" for i in range(120)]

@@ -182,7 +182,8 @@ class FileInput:
         self._dirty_lock = threading.Lock()
         # New files whose first bytes are those of a followed file: a copy, until that file is truncated
         # (then its copy, read from where the file was) or a while passes (then a file of its own).
-        self.suspects: dict[str, tuple[TailedFile, float]] = {}
+        # path -> (the followed file it may be a copy of, since when, that file's polls then)
+        self.suspects: dict[str, tuple[TailedFile, float, int]] = {}
         self._deleted_checked = 0.0
         self._reused: list[Checkpoint] = []  # at start-up: checkpoints whose inode now holds another file
         self.watcher = (DirectoryWatcher(self.patterns, self.changed, self.wake, self._touch)
@@ -526,6 +527,7 @@ class FileInput:
         What happened to the file is decided before reading, so that a file truncated and refilled
         past our offset is not read from the middle (the size alone cannot tell; its first bytes can).
         """
+        tailed.polls += 1  # a suspect copy of it waits for this (see _suspect_copy)
         fingerprinted = tailed.fp_len
         state = self._state(tailed)
         if tailed.fp_len != fingerprinted:  # more of its first bytes fingerprinted: the checkpoint says so
@@ -818,7 +820,7 @@ class FileInput:
         the file's position, with its acknowledgements and held data; None when there is none."""
         if tailed.emit_offset <= 0 or tailed.fp_len <= 0:
             return None
-        path = next((p for p, (original, _) in self.suspects.items() if original is tailed), None)
+        path = next((p for p, (original, _, _) in self.suspects.items() if original is tailed), None)
         if path is not None:
             del self.suspects[path]
         else:
@@ -863,8 +865,13 @@ class FileInput:
         """A new file whose first bytes are a followed file's, named like its rotation: kept aside as its
         copy until that file is truncated, or for two refresh intervals (then it is a file of its own)."""
         if path in self.suspects:
-            since = self.suspects[path][1]
-            if time.monotonic() - since < 2 * self.settings.refresh_interval:
+            original, since, polls = self.suspects[path]
+            waited, window = time.monotonic() - since, 2 * self.settings.refresh_interval
+            # The file's next poll decides: truncated, it takes the suspect as its copy (_copy_of); not
+            # truncated, the suspect is a file of its own. An agent too busy to poll it within the window
+            # must not read the copy from its start (every line twice): it waits, up to 5 windows.
+            settled = original.polls > polls or original.closed or original.dormant
+            if waited < window or (not settled and waited < 5 * window):
                 return True
             del self.suspects[path]
             return False
@@ -874,7 +881,7 @@ class FileInput:
             if original is None or original.closed or original.fp_len <= 0 or size < original.fp_len:
                 continue
             if fingerprint(fd, original.fp_len) == (original.fp_len, original.fp):
-                self.suspects[path] = (original, time.monotonic())
+                self.suspects[path] = (original, time.monotonic(), original.polls)
                 return True
         return False
 

@@ -197,6 +197,7 @@ class TailedFile:
         self.in_long_line = False   # the carry continues a line already cut into parts
         self.max_line_bytes = max_line_bytes
         self.tracker = OffsetTracker(offset, owner=self)
+        self.polls = 0              # times the file input looked at it (a suspect copy waits for one)
         self.fp_len, self.fp = fingerprint(fd)
         self.known_size = st.st_size  # the file's size when last looked at (reads stop there)
         self.last_data = time.monotonic()

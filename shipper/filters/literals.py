@@ -203,7 +203,7 @@ def trigger_finder(raw: dict[bytes, int], view: dict[bytes, int], engine: str | 
     raw text: ``.hits(blob, limit)``. ``engine`` is "hyperscan" or "re"; the fastest one by default.
     An empty literal occurs everywhere: only the re engine reports that (hyperscan refuses it)."""
     engine = engine or ENGINES[0]
-    if engine == "hyperscan" and not any(not literal for literal in (*raw, *view)):
+    if engine == "hyperscan" and hyperscan is not None and not any(not literal for literal in (*raw, *view)):
         try:
             return HyperscanFinder(raw, view)
         except hyperscan.error:  # pragma: no cover - every literal compiles; kept as a safety net

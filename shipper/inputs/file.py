@@ -867,10 +867,11 @@ class FileInput:
         if path in self.suspects:
             original, since, polls = self.suspects[path]
             waited, window = time.monotonic() - since, 2 * self.settings.refresh_interval
-            # The file's next poll decides: truncated, it takes the suspect as its copy (_copy_of); not
-            # truncated, the suspect is a file of its own. An agent too busy to poll it within the window
-            # must not read the copy from its start (every line twice): it waits, up to 5 windows.
-            settled = original.polls > polls or original.closed or original.dormant
+            # After the window, the file's next poll decides: truncated, it takes the suspect as its copy
+            # (_copy_of); not, the suspect is read as a file of its own. An agent too busy to poll the
+            # file within the window (or waiting for a descriptor to wake it) must not read the copy from
+            # its start (every line twice): the suspect waits for that poll, up to 5 windows.
+            settled = original.polls > polls or original.closed
             if waited < window or (not settled and waited < 5 * window):
                 return True
             del self.suspects[path]

@@ -97,7 +97,10 @@ def test_copytruncate_while_running_loses_nothing_and_reads_nothing_twice(workdi
     logs = workdir / "logs"
     app = logs / "app.log"
     expected = write(app, 0, 10)
-    agent = run_agent(agent_config(logs, workdir / "data", pattern=pattern, poll_interval="200ms"))
+    # A copy the globs take is a suspect for 2 refresh intervals (20 s by default): 0.4 s, the tests'
+    # default, is shorter than a loaded CI machine may need between the copy and the truncation.
+    agent = run_agent(agent_config(logs, workdir / "data", pattern=pattern, poll_interval="200ms",
+                                   refresh_interval="2s"))
     wait_for(lambda: len(messages(workdir)) == 10, message="the first lines")
     seq = 10
     for cycle in range(3):

@@ -218,13 +218,17 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
             threads: list = []
             peak = 0.0  # VmHWM while it runs: the rusage of a child counts the pages it had before exec
 
+            def reap() -> None:
+                """If the agent has exited: its rusage in ``exited`` (and its code in proc, for stop())."""
+                nonlocal exited
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    exited, proc.returncode = usage, os.waitstatus_to_exitcode(status)
+
             def step(now):
-                nonlocal read_done, last_sample, exited, threads, peak
+                nonlocal read_done, last_sample, threads, peak
                 if exited is None:
-                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                    if pid:
-                        exited = usage
-                        proc.returncode = os.waitstatus_to_exitcode(status)
+                    reap()
                 offset = checkpoint_offset(checkpoint)
                 if exited is None:
                     rchar = read_chars(proc.pid)
@@ -248,13 +252,10 @@ def bench_shipper(meta: dict, workdir: str, timeout: float, py_spy: list[str] | 
             elapsed = now - started
             deadline = time.monotonic() + 60
             while exited is None:  # the checkpoint reached the end first: the agent is exiting (SIGTERM sent)
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    exited, proc.returncode = usage, os.waitstatus_to_exitcode(status)
-                elif time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise RuntimeError(f"shipper did not exit within 60 s of its SIGTERM; see {workdir}/shipper.stderr")
-                else:
-                    time.sleep(0.01)
+                time.sleep(0.01)
+                reap()
             cpu, rss, faults = exited.ru_utime + exited.ru_stime, peak, exited.ru_minflt
             other, steal = background.other(cpu)
         finally:

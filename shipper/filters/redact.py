@@ -13,9 +13,9 @@ lower-cased, digits-as-0 view), found at C speed in one hyperscan scan of the bl
 (shipper.filters.literals; an sre scan per anchor byte where hyperscan is not installed). The
 combined regex then runs only over the lines that hold one (one sub per run of such lines), or over
 the whole blob when a rule has no trigger (a user regex without ``contains``, ipv6). Rules apply
-per line: built-ins never match a newline; a user regex that does is applied line by line instead. Messages and string fields (parsed values, an
-input's fields) go through the str form of the same regex; there a private key block spans the
-lines of a multi-line message.
+per line: built-ins never match a newline; a user regex that does is applied line by line instead.
+Messages and string fields (parsed values, an input's fields) go through the str form of the same
+regex; there a private key block spans the lines of a multi-line message.
 
 In a plain blob each line is a record: a PEM private key logged line by line is redacted from its
 ``-----BEGIN ... PRIVATE KEY-----`` line through the base64 lines after it, up to and including the

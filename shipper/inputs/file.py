@@ -181,8 +181,8 @@ class FileInput:
         self._dirty: set[TailedFile] = set()  # whose checkpoint changed since the last save
         self._dirty_lock = threading.Lock()
         # New files whose first bytes are those of a followed file: a copy, until that file is truncated
-        # (then its copy, read from where the file was) or a while passes (then a file of its own).
-        # path -> (the followed file it may be a copy of, since when, that file's polls then)
+        # (then its copy, read from where the file was) or a while passes (then a file of its own):
+        # path -> (the followed file it may be a copy of, since when, that file's polls then).
         self.suspects: dict[str, tuple[TailedFile, float, int]] = {}
         self._deleted_checked = 0.0
         self._reused: list[Checkpoint] = []  # at start-up: checkpoints whose inode now holds another file
@@ -863,7 +863,8 @@ class FileInput:
 
     def _suspect_copy(self, path: str, fd: int, size: int) -> bool:
         """A new file whose first bytes are a followed file's, named like its rotation: kept aside as its
-        copy until that file is truncated, or for two refresh intervals (then it is a file of its own)."""
+        copy until that file is truncated, or for two refresh intervals and until that file was polled
+        again, at most ten (then it is a file of its own)."""
         if path in self.suspects:
             original, since, polls = self.suspects[path]
             waited, window = time.monotonic() - since, 2 * self.settings.refresh_interval

@@ -188,6 +188,52 @@ def smaps_rss(pid: int) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def tree_memory_mib(pid: int) -> tuple[float, float]:
+    """(Rss, Pss) in MiB of ``pid`` and all its descendants now (/proc/PID/smaps_rollup). Pss shares
+    each page among the processes that map it, so a fork's copy-on-write pages count once: the sum
+    of Pss is what the tree costs the machine; the sum of Rss counts shared pages in every process."""
+    rss = pss = 0
+    try:
+        processes = [psutil.Process(pid)]
+        processes += processes[0].children(recursive=True)
+    except psutil.Error:
+        return 0.0, 0.0
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            pass  # it ended meanwhile
+    return rss / 1024, pss / 1024
+
+
+class TreePeak:
+    """The peak of :func:`tree_memory_mib` of a running process, sampled every ``interval`` s by a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        import threading
+
+        self.pid, self.interval = pid, interval
+        self.rss = self.pss = 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(self.interval):
+            rss, pss = tree_memory_mib(self.pid)
+            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+
+    def stop(self) -> tuple[float, float]:
+        self.done.set()
+        self.thread.join()
+        return round(self.rss, 1), round(self.pss, 1)
+
+
 def io_counters(pid: int) -> dict[str, int]:
     """/proc/PID/io: rchar, wchar, syscr, syscw (read-like and write-like system calls), read_bytes, write_bytes."""
     out = {}

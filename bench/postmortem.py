@@ -8,7 +8,8 @@
            next to a second instance's hour that must not be read; then
            `shipper fetch s3://BUCKET --instance i-bench --since H --until H+1h > /dev/null`:
            seconds, raw MB/s, objects listed and fetched, peak RSS of the fetch (ru_maxrss, as before,
-           which counts the bench process it was forked from, and its own VmHWM, measured apart).
+           which counts the bench process it was forked from, and its own VmHWM, measured apart), and
+           the peak Rss and Pss of its whole process tree (the fetch and its forked workers).
 - huge     one small gzip object (about 0.3 MB) holding --huge-megabytes of records (default 100 MiB)
            in a directory archive, fetched whole (`--grep` of its last record): seconds and peak RSS,
            which must not follow the object's size (the fetch streams, with a fixed reorder budget).
@@ -38,7 +39,7 @@ import orjson
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import loggen  # noqa: E402
-from measure import format_table, wait_quiet, write_results  # noqa: E402
+from measure import TreePeak, format_table, wait_quiet, write_results  # noqa: E402
 
 from shipper.record import format_time as stamp  # noqa: E402  the records' own time format
 
@@ -63,6 +64,18 @@ MEASURED = ("import resource, sys\nfrom shipper.cli import main\ncode = main(sys
             "sys.stderr.write('\\nworkers: %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
             "sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
             "sys.exit(code)\n")
+
+
+def run_measured(argv: list[str], env, timeout: float, stdout) -> tuple[subprocess.CompletedProcess, tuple]:
+    """`shipper ARGV` under MEASURED, with the peak (Rss, Pss) of its whole process tree (the fetch and
+    its forked workers) sampled while it runs: the Pss sum counts the workers' shared pages once."""
+    proc = subprocess.Popen([sys.executable, "-c", MEASURED, *argv], stdout=stdout, stderr=subprocess.PIPE, env=env)
+    peak = TreePeak(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        tree = peak.stop()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), tree
 
 
 def own_peak_mib(stderr: bytes) -> float:
@@ -129,10 +142,9 @@ def bench_fetch(args, work: str, log) -> dict:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise RuntimeError(f"fetch failed: {result.stderr.decode()[-2000:]}")
-        measured = subprocess.run([sys.executable, "-c", MEASURED, "fetch", "s3://bench", "--instance", "i-bench",
-                                   "--since", stamp(hour), "--until", stamp(hour + 3599.999), "--endpoint-url",
-                                   moto.url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                                  timeout=args.timeout)
+        measured, tree = run_measured(["fetch", "s3://bench", "--instance", "i-bench", "--since", stamp(hour),
+                                       "--until", stamp(hour + 3599.999), "--endpoint-url", moto.url],
+                                      env, args.timeout, subprocess.DEVNULL)
         check = subprocess.run([*SHIPPER, "fetch", "s3://bench", "--instance", "i-bench", "--since", stamp(hour),
                                 "--until", stamp(hour + 3599.999), "--endpoint-url", moto.url],
                                capture_output=True, env=env, timeout=args.timeout)
@@ -142,7 +154,8 @@ def bench_fetch(args, work: str, log) -> dict:
                 "mb_per_s": round(raw_total / 1e6 / seconds, 1),
                 "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
                 "peak_rss_mib": round(after.ru_maxrss / 1024, 1), "own_peak_mib": own_peak_mib(measured.stderr),
-                "workers_peak_mib": workers_peak_mib(measured.stderr)}
+                "workers_peak_mib": workers_peak_mib(measured.stderr), "tree_rss_mib": tree[0],
+                "tree_pss_mib": tree[1]}
     finally:
         moto.stop()
 
@@ -162,14 +175,14 @@ def bench_huge_object(args, work: str, log) -> dict:
                                      + b"\n") + packer.flush())
     wait_quiet(args.quiet_wait, log)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", MEASURED, "fetch", archive, "--grep", "^the end$"],
-                            capture_output=True, timeout=args.timeout)
+    result, tree = run_measured(["fetch", archive, "--grep", "^the end$"], None, args.timeout, subprocess.PIPE)
     seconds = time.perf_counter() - started
     if result.returncode != 0 or result.stdout != b"the end\n":
         raise RuntimeError(f"huge fetch failed: {result.stderr.decode()[-2000:]}")
     return {"name": "huge", "seconds": round(seconds, 2), "records": count + 1,
             "raw_mib": round(count * len(record) / 2**20, 1), "gzip_kb": round(os.path.getsize(path) / 1024, 1),
-            "peak_rss_mib": own_peak_mib(result.stderr), "workers_peak_mib": workers_peak_mib(result.stderr)}
+            "peak_rss_mib": own_peak_mib(result.stderr), "workers_peak_mib": workers_peak_mib(result.stderr),
+            "tree_rss_mib": tree[0], "tree_pss_mib": tree[1]}
 
 
 def bench_report(args, work: str, log) -> dict:
@@ -229,7 +242,8 @@ def main() -> int:
         log("fetch ...")
         fetch = bench_fetch(args, work, log)
         log(f"  {fetch['lines']:,} lines, {fetch['raw_mb']} MB raw in {fetch['seconds']} s = {fetch['mb_per_s']} MB/s "
-            f"(CPU {fetch['cpu_s']} s, peak RSS {fetch['peak_rss_mib']} MiB, its own {fetch['own_peak_mib']} MiB)")
+            f"(CPU {fetch['cpu_s']} s, peak RSS {fetch['peak_rss_mib']} MiB, its own {fetch['own_peak_mib']} MiB, "
+            f"tree Pss {fetch['tree_pss_mib']} MiB, Rss {fetch['tree_rss_mib']} MiB)")
         log("huge object ...")
         huge = bench_huge_object(args, work, log)
         log(f"  {huge['records']:,} records, {huge['raw_mib']} MiB in a {huge['gzip_kb']} KiB object in "
@@ -246,9 +260,10 @@ def main() -> int:
         [("fetch 1 instance-hour from S3 (moto)", f"{fetch['raw_mb']} MB raw, {fetch['gzip_mb']} MB gzip, "
           f"{fetch['objects']} objects", f"{fetch['seconds']}", f"{fetch['mb_per_s']} MB/s",
           f"{fetch['lines']:,} lines; CPU {fetch['cpu_s']} s; peak RSS {fetch['peak_rss_mib']} MiB "
-          f"(its own {fetch['own_peak_mib']} MiB, a worker {fetch['workers_peak_mib']} MiB)"),
+          f"(its own {fetch['own_peak_mib']} MiB, a worker {fetch['workers_peak_mib']} MiB; the whole tree "
+          f"{fetch['tree_pss_mib']} MiB Pss, {fetch['tree_rss_mib']} MiB Rss)"),
          ("fetch 1 small object of huge content", f"{huge['raw_mib']} MiB of records in {huge['gzip_kb']} KiB gzip",
-          f"{huge['seconds']}", "-", f"peak RSS {huge['peak_rss_mib']} MiB"),
+          f"{huge['seconds']}", "-", f"peak RSS {huge['peak_rss_mib']} MiB (tree {huge['tree_pss_mib']} MiB Pss)"),
          ("report of 24 h", f"{report['samples']:,} metrics samples (10 s) + as many log lines",
           f"{report['seconds']}", "-", f"page {report['page_kb']} KiB, no script")])
     print()

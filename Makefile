@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test deb bench bench-aws bench-fleet bench-fluentd bench-idle bench-postmortem bench-scale clean
+.PHONY: run test packages deb bench bench-aws bench-fleet bench-fluentd bench-idle bench-postmortem bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -28,9 +28,14 @@ test: $(VENV)/.installed-test
 	tests/system-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# dist/shipper_VERSION_ARCH.deb (needs dpkg-deb and the distribution's /usr/bin/python3.X >= 3.11 with venv; PYTHON picks X)
-deb:
-	packaging/build-deb.sh dist
+# dist/: the .deb for amd64 and arm64, the .rpm for x86_64 and aarch64, each for CPython 3.11-3.13
+# (needs dpkg-deb and rpmbuild: tests/system-packages.sh installs them; the wheels come from the index).
+packages: $(VENV)/.installed-run
+	PYTHON=$(BIN)/python packaging/build-packages.sh dist
+
+# Only this machine's .deb.
+deb: $(VENV)/.installed-run
+	PYTHON=$(BIN)/python packaging/build-deb.sh dist
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/throughput.py

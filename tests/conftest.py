@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-pytest_plugins = ["aws", "forward_peer"]
+pytest_plugins = ["aws", "forward_peer", "packages"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -13,6 +13,12 @@ PACKAGES=(
   "setpriv|util-linux|as root, runs the agent without CAP_DAC_OVERRIDE (the unreadable-file test)"
   "dpkg-deb|dpkg|builds the .deb in the packaging tests"
   "adduser|adduser|the .deb's postinst, when CI installs the package"
+  "rpmbuild|rpm|builds the .rpm packages; rpm -qp reads them"
+  "rpm2archive|rpm2cpio|reads the .rpm packages' files"
+  "rpmlint|rpmlint|checks the .rpm packages"
+  "debootstrap|debootstrap|builds the Debian 12 and 13 systems the packages are installed in"
+  "/usr/bin/qemu-aarch64-static|qemu-user-static|runs the arm64 Debian 12 system on this amd64 machine"
+  "update-binfmts|binfmt-support|registers qemu for arm64 programs (binfmt_misc)"
 )
 
 present() {

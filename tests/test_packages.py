@@ -28,6 +28,8 @@ spec = importlib.util.spec_from_file_location("wheelhouse", ROOT / "packaging" /
 wheelhouse = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(wheelhouse)
 
+pytestmark = pytest.mark.timeout(900)  # the first test to ask for the packages waits for their build
+
 EM = {"x86_64": 62, "aarch64": 183}
 NATIVE = ("orjson", "msgpack", "isal", "backports_zstd", "hyperscan", "psutil")
 PYTHONS = ("cp311", "cp312", "cp313")

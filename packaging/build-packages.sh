@@ -9,7 +9,7 @@
 # Usage: packaging/build-packages.sh [OUT_DIR] [TARGET ...]   (default: all four); prints each path built.
 # Needs dpkg-deb (dpkg) for .deb, rpmbuild (Debian's rpm) for .rpm, and a Python >= 3.11 with pip
 # (PYTHON, default .venv/bin/python, else python3) to download the wheels: nothing is compiled, so one
-# amd64 machine builds every architecture. Downloads are kept in OUT_DIR/cache between builds.
+# amd64 machine builds every architecture (pip's HTTP cache keeps the downloads between builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-dist}
@@ -30,7 +30,7 @@ trap 'rm -rf "$work"' EXIT
 stage() {
   local arch=$1 root=$work/root-$1
   [ -d "$root" ] && return
-  "$python" packaging/wheelhouse.py --arch "$arch" --out "$root/usr/lib/shipper/wheels" --cache "$out/cache" >&2
+  "$python" packaging/wheelhouse.py --arch "$arch" --out "$root/usr/lib/shipper/wheels" >&2
   install -D -m 0755 packaging/setup-venv "$root/usr/lib/shipper/setup-venv"
   install -D -m 0644 packaging/systemd/shipper.service "$root/usr/lib/systemd/system/shipper.service"
   install -D -m 0644 packaging/shipper.toml "$root/etc/shipper/shipper.toml"

@@ -2,7 +2,7 @@
 each supported CPython (3.11-3.13) on one CPU architecture, from which the target's postinst/%post
 builds /opt/shipper offline (packaging/setup-venv), plus pip's own wheel to install them with.
 
-    python3 packaging/wheelhouse.py --arch x86_64|aarch64 --out DIR [--cache DIR]
+    python3 packaging/wheelhouse.py --arch x86_64|aarch64 --out DIR
 
 - Wheels come from the package index with `pip download --only-binary=:all: --platform ...
   --python-version ...`: nothing is compiled, so one amd64 machine builds both architectures.
@@ -11,7 +11,7 @@ builds /opt/shipper offline (packaging/setup-venv), plus pip's own wheel to inst
   RECORD rewritten: that is what keeps a package under ~25 MB.
 - Every native extension's ELF header is checked against the architecture: a wrong wheel fails
   the build, not the instance.
-Standard library only (it runs before any venv exists); --cache keeps downloads between builds.
+Standard library only, besides pip.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,28 +100,31 @@ def pip(*args: str) -> None:
         raise WheelhouseError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
 
 
-def build(arch: str, out: str, cache: str) -> list[str]:
+def build(arch: str, out: str) -> list[str]:
     if arch not in ELF_MACHINES:
         raise WheelhouseError(f"--arch: {arch!r} is not one of {', '.join(ELF_MACHINES)}")
     os.makedirs(out, exist_ok=True)
-    own = os.path.join(cache, "shipper")
-    shutil.rmtree(own, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="wheelhouse-") as work:
+        return _build(arch, out, work)
+
+
+def _build(arch: str, out: str, work: str) -> list[str]:
+    # Downloaded afresh into ``work`` each time (pip's own HTTP cache saves the transfer), so that
+    # only what this resolution chose is carried, never an older version of an earlier build.
+    own = os.path.join(work, "shipper")
     pip("wheel", "--no-deps", "--wheel-dir", own, ROOT)
     [shipper_wheel] = [os.path.join(own, n) for n in os.listdir(own) if n.endswith(".whl")]
-    downloads = os.path.join(cache, arch)
+    downloads = os.path.join(work, "dependencies")
     for python in PYTHONS:
         platforms = [arg for p in PLATFORMS for arg in ("--platform", p.format(arch=arch))]
         pip("download", "--only-binary=:all:", "--implementation", "cp", "--python-version", python,
             *platforms, "--dest", downloads, shipper_wheel)
-    installer = os.path.join(cache, "installer")
-    pip("download", "--only-binary=:all:", "--no-deps", "--dest", installer, "pip")
-    wheels = [shipper_wheel] + sorted(os.path.join(downloads, n) for n in os.listdir(downloads) if n.endswith(".whl"))
-    wheels.append(max((os.path.join(installer, n) for n in os.listdir(installer) if n.endswith(".whl"))))
+    pip("download", "--only-binary=:all:", "--no-deps", "--dest", downloads, "pip")
+    wheels = sorted(os.path.join(downloads, n) for n in os.listdir(downloads) if n.endswith(".whl"))
+    wheels = [shipper_wheel] + [w for w in wheels if not os.path.basename(w).startswith("shipper-")]
     placed = []
     for wheel in wheels:
         name = os.path.basename(wheel)
-        if name.startswith("shipper-") and wheel != shipper_wheel:
-            continue  # an older build's copy in the download cache
         wrong = foreign_extensions(wheel, arch)
         if wrong:
             raise WheelhouseError(f"{name} holds libraries for another architecture than {arch}: {wrong[:3]}")
@@ -137,10 +141,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", required=True, choices=sorted(ELF_MACHINES))
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cache", default=os.path.join(ROOT, "dist", "cache"))
     args = parser.parse_args()
     try:
-        placed = build(args.arch, args.out, args.cache)
+        placed = build(args.arch, args.out)
     except WheelhouseError as exc:
         print(f"wheelhouse.py: {exc}", file=sys.stderr)
         return 1

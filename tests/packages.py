@@ -13,8 +13,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"deb-amd64": "x86_64", "deb-arm64": "aarch64", "rpm-x86_64": "x86_64", "rpm-aarch64": "aarch64"}
-# Downloads kept between sessions (as `make packages` keeps them): the index is asked again, the files reused.
-CACHE = ROOT / "dist" / "cache"
 
 
 def missing_tools() -> list[str]:

@@ -2,7 +2,8 @@
 and Debian 12 on arm64 under qemu, each made with debootstrap from the Debian registry. In each: apt
 installs the package with its dependencies, `shipper version` and `shipper check` of the packaged config
 run, the agent runs on its embedded default and a line written to a log file is found in its archive;
-on amd64 the package is then purged and nothing of it is left but its user.
+on amd64 a dpkg trigger for the interpreter rebuilds the venv, then the package is purged and
+nothing of it is left but its user.
 
 Needs root, debootstrap, and for arm64 qemu-user-static with binfmt_misc (tests/system-packages.sh).
 The debootstrapped systems are kept (pristine) in SHIPPER_CHROOT_CACHE (default
@@ -152,6 +153,13 @@ def test_the_deb_installs_runs_and_purges_on_a_real_debian(chroot, packages):
     assert '"message":"hello from the image build check"' in archived, archived
     if not system.purge:
         return
+    # An interpreter change as dpkg tells it (a file under /usr/lib/python3.X installed or removed):
+    # the package's trigger rebuilds a venv whose interpreter is no longer the one to use.
+    box.ok("echo /usr/bin/python3.99 > /opt/shipper/.interpreter")
+    minor = system.python.removeprefix("python")
+    box.ok(f"dpkg-trigger --no-await /usr/lib/python{minor} && dpkg --triggers-only --pending")
+    assert box.ok("cat /opt/shipper/.interpreter").strip() == f"/usr/bin/{system.python}"
+    assert box.ok("shipper version").startswith("shipper ")
     box.ok(f"apt-get purge -y -qq shipper && rm /tmp/{deb.name}")
     # Nothing of it is left: every path it made has "shipper" in its name (the test's own /tmp/w aside).
     left = box.ok("find / -xdev -path /tmp/w -prune -o -path /proc -prune -o -name '*shipper*' -print")

@@ -75,9 +75,12 @@ def test_the_packaged_config_is_valid_and_needs_only_the_bucket():
     assert config.server.listen == "127.0.0.1:2020" and config.agent.data_dir == "/var/lib/shipper"
 
 
-def test_the_packer_example_fails_the_image_build_on_warnings_too():
-    checks = [line for line in PACKER.read_text().splitlines() if "shipper check" in line and '"' in line]
-    assert len(checks) == 1 and "--strict" in checks[0].split() and "SHIPPER_BUCKET=" in checks[0]
+def test_the_packer_example_installs_on_both_families_and_fails_the_image_build_on_warnings_too():
+    text = PACKER.read_text()
+    checks = [line for line in text.splitlines() if "shipper check" in line and '"' in line]
+    assert len(checks) == 2  # a build for Debian/Ubuntu (.deb), one for Amazon Linux 2023 (.rpm)
+    assert all("--strict" in line.split() and "SHIPPER_BUCKET=" in line for line in checks)
+    assert "apt-get install -y /tmp/shipper.deb" in text and "dnf install -y /tmp/shipper.rpm" in text
     assert "shipper check --strict" in DEFAULT_CONFIG.read_text()  # its header tells the same
 
 

@@ -166,3 +166,40 @@ def test_the_deb_installs_runs_and_purges_on_a_real_debian(chroot, packages):
     assert left == ""
     assert box.ok("ls -A /opt") == ""
     assert box.ok("getent passwd shipper").startswith("shipper:")  # the user stays (its files may remain elsewhere)
+
+
+RPM_HOST = System("bookworm", "amd64", "python3.11", "rpm-x86_64", True)
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("chroot", [RPM_HOST], ids=["rpm-in-bookworm-amd64"], indirect=True)
+def test_the_rpms_scriptlets_install_and_remove_it_under_rpm_itself(chroot, packages):
+    """No RPM distribution can be made from the registries here, so the .rpm goes into a Debian 12
+    system with rpm itself (`rpm --root`, which runs the scriptlets in it): %pre makes the user, %post
+    builds the venv and enables the service, and erasing it leaves nothing but the user. Its Requires
+    are not checked here (--nodeps: Debian's packages are not in rpm's database); test_packages.py
+    reads them."""
+    system, box = chroot
+    if not system_tool("rpm"):
+        pytest.skip("needs rpm, from the Debian package rpm (tests/system-packages.sh)")
+    box.ok("apt-get update -qq && apt-get install -y -qq --no-install-recommends python3.11")
+    rpm = packages[system.target]
+
+    def rpm_command(*args: str) -> None:
+        result = subprocess.run(["rpm", "--root", str(box.root), *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    rpm_command("--initdb")
+    rpm_command("-i", "--nodeps", str(rpm))
+    assert box.ok("cat /opt/shipper/.interpreter").strip() == "/usr/bin/python3.11"
+    assert box.ok("shipper version").startswith("shipper ")
+    assert box.ok("id -nG shipper").split()[:2] == ["shipper", "adm"]
+    assert box.ok("readlink /etc/systemd/system/multi-user.target.wants/shipper.service").strip() \
+        == "/usr/lib/systemd/system/shipper.service"
+    archived = box.ok(RUN_DEFAULT, timeout=300)
+    assert '"message":"hello from the image build check"' in archived, archived
+    rpm_command("-e", "shipper")
+    left = box.ok("find / -xdev -path /tmp/w -prune -o -path /proc -prune -o -name '*shipper*' -print")
+    assert left == "" and box.ok("ls -A /opt") == ""
+    assert box.ok("getent passwd shipper").startswith("shipper:")
+

@@ -22,6 +22,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ PYTHONS = ("3.11", "3.12", "3.13")
 # tags too, for wheels published only as manylinux2014/2010.
 PLATFORMS = ("manylinux_2_28_{arch}", "manylinux2014_{arch}", "manylinux2010_{arch}")
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}   # e_machine: EM_X86_64, EM_AARCH64
+SHARED_LIBRARY = re.compile(r"\.so(\.[0-9]+)*$")   # _x.cpython-311-x86_64-linux-gnu.so, libz.so.1.2
 BOTOCORE_SERVICES = ("s3", "logs", "cloudwatch", "sts", "sso", "sso-oidc")
 
 
@@ -54,7 +56,7 @@ def foreign_extensions(wheel: str, arch: str) -> list[str]:
     wrong = []
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():
-            if ".so" not in os.path.basename(name):
+            if not SHARED_LIBRARY.search(os.path.basename(name)):
                 continue
             with archive.open(name) as member:
                 machine = elf_machine(member.read(20))
@@ -114,14 +116,25 @@ def _build(arch: str, out: str, work: str) -> list[str]:
     own = os.path.join(work, "shipper")
     pip("wheel", "--no-deps", "--wheel-dir", own, ROOT)
     [shipper_wheel] = [os.path.join(own, n) for n in os.listdir(own) if n.endswith(".whl")]
-    downloads = os.path.join(work, "dependencies")
+    wheels, names = {}, {}
     for python in PYTHONS:
+        downloads = os.path.join(work, python)
         platforms = [arg for p in PLATFORMS for arg in ("--platform", p.format(arch=arch))]
         pip("download", "--only-binary=:all:", "--implementation", "cp", "--python-version", python,
             *platforms, "--dest", downloads, shipper_wheel)
-    pip("download", "--only-binary=:all:", "--no-deps", "--dest", downloads, "pip")
-    wheels = sorted(os.path.join(downloads, n) for n in os.listdir(downloads) if n.endswith(".whl"))
-    wheels = [shipper_wheel] + [w for w in wheels if not os.path.basename(w).startswith("shipper-")]
+        found = {n: os.path.join(downloads, n) for n in os.listdir(downloads) if n.endswith(".whl")}
+        wheels.update(found)
+        names[python] = {n.split("-")[0].lower() for n in found}
+    # Every Python gets the same distributions: a marker pip judged by the building interpreter
+    # (python_version < '3.14') must not leave one out for a target.
+    every = set().union(*names.values())
+    for python, have in names.items():
+        if have != every:
+            raise WheelhouseError(f"Python {python} lacks {sorted(every - have)}: build with Python 3.11-3.13")
+    installer = os.path.join(work, "installer")
+    pip("download", "--only-binary=:all:", "--no-deps", "--dest", installer, "pip")
+    wheels.update({n: os.path.join(installer, n) for n in os.listdir(installer) if n.endswith(".whl")})
+    wheels = [shipper_wheel] + [w for n, w in sorted(wheels.items()) if not n.startswith("shipper-")]
     placed = []
     for wheel in wheels:
         name = os.path.basename(wheel)

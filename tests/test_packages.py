@@ -82,7 +82,7 @@ def test_foreign_extensions_names_a_library_of_another_architecture(tmp_path):
     arm = b"\x7fELF\x02\x01\x01" + bytes(11) + (183).to_bytes(2, "little")
     intel = b"\x7fELF\x02\x01\x01" + bytes(11) + (62).to_bytes(2, "little")
     wheel = fake_wheel(tmp_path / "x.whl", {"pkg/_a.cpython-311-x86_64-linux-gnu.so": intel, "pkg/libz.so.1": arm,
-                                            "pkg/solo.py": b"x = 1"})
+                                            "pkg/solo.py": b"x = 1", "pkg/data.sources": b"not a library"})
     assert wheelhouse.foreign_extensions(str(wheel), "x86_64") == ["pkg/libz.so.1: e_machine 183"]
     assert wheelhouse.foreign_extensions(str(wheel), "aarch64") == ["pkg/_a.cpython-311-x86_64-linux-gnu.so: "
                                                                     "e_machine 62"]
@@ -195,9 +195,12 @@ def test_the_rpm_requires_python_3_11_or_newer_creates_its_user_and_enables_the_
     assert "/usr/lib/shipper/setup-venv" in post and "systemctl enable shipper.service" in post
     assert not re.search(r"--now|systemctl (re)?start", post)  # enabled, not started
     assert "disable --now shipper.service" in preun
-    assert "rm -rf /opt/shipper" in postun and '"$1" -eq 0' in postun  # on removal, not on upgrade
+    assert re.search(r'if \[ "\$1" -eq 0 \]; then\s+rm -rf /opt/shipper', postun)  # on removal, not upgrade
     triggers = rpm_query(rpm, "--filetriggers")
-    assert "/usr/lib64/python3.11" in triggers and "setup-venv --if-needed" in triggers
+    for prefix in ("/usr/lib64/python3.", "/usr/lib/python3."):
+        for minor in ("11", "12", "13"):
+            assert f"{prefix}{minor}" in triggers, prefix + minor
+    assert "setup-venv --if-needed" in triggers and "try-restart shipper.service" in triggers
     flags = dict(line.split(" ", 1) for line in
                  rpm_query(rpm, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines())
     assert flags["/etc/shipper/shipper.toml"] == "cn"  # %config(noreplace)
@@ -233,14 +236,14 @@ def host_python() -> str | None:
     return None
 
 
-def setup_venv(root: Path, *args: str, wheels: Path | None = None) -> subprocess.CompletedProcess:
+def setup_venv(root: Path, *args: str, wheels: Path | None = None, umask: int = 0o022) -> subprocess.CompletedProcess:
     env = {"PATH": os.environ["PATH"], "SHIPPER_VENV": str(root / "opt/shipper"),
            "SHIPPER_WHEELS": str(wheels or root / "usr/lib/shipper/wheels"),
            # What the caller's environment may say, which the package must not follow:
            "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "/nonexistent", "PYTHONPATH": "/nonexistent",
            "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(["sh", str(root / "usr/lib/shipper/setup-venv"), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, preexec_fn=lambda: os.umask(umask))
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +254,14 @@ def extracted(packages, tmp_path_factory) -> Path:
 
 
 def test_setup_venv_builds_the_agent_offline_with_nothing_but_its_run_time(extracted):
-    result = setup_venv(extracted)
+    # The unit's UMask=0027 applies to its ExecStartPre=+ too: the venv must still be the agent's to read.
+    result = setup_venv(extracted, umask=0o027)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("shipper: built ")
     venv = extracted / "opt/shipper"
+    for path in [venv, *venv.rglob("*")]:
+        if not path.is_symlink():
+            assert path.stat().st_mode & (0o005 if path.is_dir() else 0o004), path
     assert (venv / ".interpreter").read_text().strip() == host_python()
     assert sorted(p.name for p in (venv / "bin").iterdir()) == sorted(
         ["python", "python3", os.path.basename(host_python()), "shipper"])
@@ -280,8 +288,9 @@ def test_setup_venv_if_needed_rebuilds_only_for_another_interpreter(extracted):
     if not (venv / ".interpreter").exists():
         assert setup_venv(extracted).returncode == 0
     before = (venv / "pyvenv.cfg").stat().st_ino
-    assert setup_venv(extracted, "--if-needed").returncode == 0
-    assert (venv / "pyvenv.cfg").stat().st_ino == before  # nothing done
+    nothing = setup_venv(extracted, "--if-needed")
+    assert nothing.returncode == 0 and nothing.stdout == ""  # nothing done, nothing said (no restart)
+    assert (venv / "pyvenv.cfg").stat().st_ino == before
     (venv / ".interpreter").write_text("/usr/bin/python3.99\n")  # built with an interpreter since removed
     assert setup_venv(extracted, "--if-needed").returncode == 0
     assert (venv / "pyvenv.cfg").stat().st_ino != before
@@ -305,3 +314,19 @@ def test_a_failed_rebuild_keeps_the_working_venv(extracted, tmp_path, broken):
     version = subprocess.run([str(venv / "bin/shipper"), "version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("shipper ")
     assert not (extracted / "opt/shipper.old").exists()
+
+
+def test_a_build_killed_half_way_is_undone_at_the_next_run(extracted):
+    """A power cut or a start timeout in the middle of a rebuild leaves a venv without its stamp beside
+    the old one (with its stamp): the next run puts the old one back, instead of deleting it."""
+    venv, old = extracted / "opt/shipper", extracted / "opt/shipper.old"
+    if not (venv / ".interpreter").exists():
+        assert setup_venv(extracted).returncode == 0
+    venv.rename(old)
+    (venv / "bin").mkdir(parents=True)  # what a killed `python -m venv` left
+    kept = (old / "pyvenv.cfg").stat().st_ino
+    result = setup_venv(extracted, "--if-needed")
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    assert (venv / "pyvenv.cfg").stat().st_ino == kept and not old.exists()
+    assert subprocess.run([str(venv / "bin/shipper"), "version"], capture_output=True).returncode == 0
+

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,14 @@ class Chroot:
         return result.stdout
 
     def close(self) -> None:
+        # Whatever still runs in it (an agent left by a test that failed or timed out) would hold the
+        # status port 127.0.0.1:2020 for the tests after it: killed first.
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{pid}/root") == str(self.root):
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
         subprocess.run(["umount", "-l", str(self.root / "proc")], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -153,6 +162,11 @@ def test_the_deb_installs_runs_and_purges_on_a_real_debian(chroot, packages):
     assert '"message":"hello from the image build check"' in archived, archived
     if not system.purge:
         return
+    # An admin's disabling (what `systemctl disable` does: the link removed; no systemd in the chroot)
+    # outlives an upgrade (postinst's configure with the old version as $2).
+    box.ok("rm /etc/systemd/system/multi-user.target.wants/shipper.service && "
+           f"apt-get install -y -qq --reinstall /tmp/{deb.name}")
+    assert box.run("test -e /etc/systemd/system/multi-user.target.wants/shipper.service").returncode != 0
     # An interpreter change as dpkg tells it (a file under /usr/lib/python3.X installed or removed):
     # the package's trigger rebuilds a venv whose interpreter is no longer the one to use.
     box.ok("echo /usr/bin/python3.99 > /opt/shipper/.interpreter")

@@ -15,7 +15,7 @@ variable "shipper_rpm" {
   default = "dist/shipper-0.1.0-1.x86_64.rpm"  # or dist/shipper-0.1.0-1.aarch64.rpm
 }
 
-# Debian 12/13, Ubuntu 22.04/24.04: apt brings python3.11 (or 3.12, 3.13) for the Depends.
+# Debian 12/13, Ubuntu 24.04: apt brings python3.11 (or 3.12, 3.13) for the Depends.
 build {
   name    = "debian"
   sources = ["source.amazon-ebs.debian"]
@@ -38,7 +38,7 @@ build {
   }
 }
 
-# Amazon Linux 2023 (and RHEL 9): its python3 is 3.9, so dnf brings python3.11 for the Requires.
+# Amazon Linux 2023 (and RHEL 9): its python3 is 3.9, so dnf brings python3.11 or 3.12 for the Requires.
 build {
   name    = "amazon-linux-2023"
   sources = ["source.amazon-ebs.al2023"]

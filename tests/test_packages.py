@@ -175,7 +175,8 @@ def test_the_deb_depends_on_any_supported_python_and_rebuilds_when_one_changes(p
     for script in ("postinst", "prerm", "postrm"):
         assert os.access(control / script, os.X_OK), script
     postinst = (control / "postinst").read_text()
-    assert "/usr/lib/shipper/setup-venv\n" in postinst and "setup-venv --if-needed" in postinst  # configure, triggered
+    assert "/usr/lib/shipper/setup-venv\n" in postinst  # configure
+    assert "setup-venv --if-needed --restart" in postinst  # triggered: rebuilt, a running agent restarted
 
 
 @pytest.mark.parametrize("target", ["rpm-x86_64", "rpm-aarch64"])
@@ -200,7 +201,7 @@ def test_the_rpm_requires_python_3_11_or_newer_creates_its_user_and_enables_the_
     for prefix in ("/usr/lib64/python3.", "/usr/lib/python3."):
         for minor in ("11", "12", "13"):
             assert f"{prefix}{minor}" in triggers, prefix + minor
-    assert "setup-venv --if-needed" in triggers and "try-restart shipper.service" in triggers
+    assert "setup-venv --if-needed --restart" in triggers  # rebuilt, and a running agent restarted onto it
     flags = dict(line.split(" ", 1) for line in
                  rpm_query(rpm, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines())
     assert flags["/etc/shipper/shipper.toml"] == "cn"  # %config(noreplace)
@@ -281,6 +282,11 @@ def test_setup_venv_builds_the_agent_offline_with_nothing_but_its_run_time(extra
              "print([n for n in ('pip', 'setuptools', 'duckdb') if importlib.util.find_spec(n)])")
     imports = subprocess.run([str(venv / "bin/python"), "-c", probe], capture_output=True, text=True, env=env)
     assert imports.returncode == 0 and imports.stdout.strip() == "[]", imports.stderr
+
+
+def test_setup_venv_refuses_an_unknown_argument(extracted):
+    result = setup_venv(extracted, "--if-neded")
+    assert result.returncode == 2 and "unknown argument --if-neded" in result.stderr
 
 
 def test_setup_venv_if_needed_rebuilds_only_for_another_interpreter(extracted):

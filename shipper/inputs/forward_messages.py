@@ -109,9 +109,9 @@ def _packed_events(data: bytes) -> list[tuple[float, dict[str, Any]]]:
                 raise ForwardMessageError("a packed entry is not [time, record]")
             events.append(_event(*entry))
             end = reader.tell()
+    except ForwardMessageError:
+        raise
     except (msgpack.UnpackException, ValueError) as exc:
-        if isinstance(exc, ForwardMessageError):
-            raise
         raise ForwardMessageError(f"packed entries are not msgpack: {exc}") from None
     if end != len(data):
         raise ForwardMessageError("packed entries end in the middle of an entry")

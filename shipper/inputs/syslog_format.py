@@ -102,8 +102,7 @@ def _structured_data(tail: str) -> tuple[dict[str, dict[str, str]], str]:
     data: dict[str, dict[str, str]] = {}
     at = 0
     while tail.startswith("[", at):
-        close = at + 1
-        name_end = close
+        name_end = at + 1
         while name_end < len(tail) and tail[name_end] not in ' ]':
             name_end += 1
         name = tail[at + 1:name_end]

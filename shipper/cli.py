@@ -12,12 +12,13 @@ if sys.argv[1:2] == ["run"]:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 import argparse  # noqa: E402 (after the signal disposition, on purpose)
+import importlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
 from shipper import __version__
-from shipper.config import DEFAULT_CONFIG_PATH, Config, config_path, load, redact_urls, target_of
+from shipper.config import DEFAULT_CONFIG_PATH, INPUT_MODULES, Config, config_path, load, redact_urls, target_of
 from shipper.envfile import DEFAULT_ENV_FILE, environment_with
 from shipper.errors import ConfigError
 from shipper.memory import trim_heap, tune_allocator
@@ -80,8 +81,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     if env_file:
         print(f"environment: {env_file}")
     warnings = config.warnings()
+    problems, found = _listener_checks(config)
+    warnings += found
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"configuration refused: {_counted(len(problems), 'problem')} with the listeners", file=sys.stderr)
+        return EXIT_CONFIG
     if warnings and args.strict:
         print(f"configuration refused: {_counted(len(warnings), 'warning')} and --strict", file=sys.stderr)
         return EXIT_CONFIG
@@ -93,6 +101,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.probe:
         return _probe(config)
     return EXIT_OK
+
+
+def _listener_checks(config: Config) -> tuple[list[str], list[str]]:
+    """What the machine says of the network inputs' listeners now (socket directories, addresses in use)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    for settings in config.inputs:
+        check = getattr(importlib.import_module(INPUT_MODULES[settings.type]), "check", None)
+        if check is not None:
+            found_problems, found_warnings = check(settings)
+            problems += found_problems
+            warnings += found_warnings
+    return problems, warnings
 
 
 # ---------------------------------------------------------------- check --sample

@@ -24,6 +24,8 @@ INPUT_MODULES = {
     "file": "shipper.inputs.file",
     "metrics": "shipper.inputs.metrics",
     "journald": "shipper.inputs.journald",
+    "forward": "shipper.inputs.forward",
+    "syslog": "shipper.inputs.syslog",
 }
 OUTPUT_MODULES = {
     "directory": "shipper.outputs.directory",
@@ -464,6 +466,9 @@ def source_of(settings: Settings) -> str:
         return ", ".join(os.path.abspath(p) for p in settings.paths)
     if settings.get("interval"):
         return f"every {settings.interval:g}s: {', '.join(settings.get('groups', []))}"
+    if settings.type in ("forward", "syslog"):
+        places = [f"{key} {settings.get(key)}" for key in ("listen", "tcp", "udp", "socket") if settings.get(key)]
+        return ", ".join(places)
     if settings.type == "journald":
         where = f"the journal in {settings.directory}" if settings.directory else "the system journal"
         return f"{where}" + (f", units {', '.join(settings.units)}" if settings.units else "")

@@ -6,7 +6,7 @@ PackedForward ``[tag, bin(entries)(, option)]`` and CompressedPackedForward (Pac
 Pure functions over what msgpack decoded, bounded: a compressed chunk is inflated up to a limit (a
 gzip bomb is an error, not an allocation), and anything that is not the protocol is a
 :class:`ForwardMessageError` naming what is wrong, for the input to close that connection and count
-it. Groundwork for issue 20's forward input (not wired yet).
+it (``inputs/forward.py``).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def ext_hook(code: int, data: bytes):
 
 def unpacker(max_buffer_size: int) -> msgpack.Unpacker:
     """What a connection feeds its bytes to: messages out as they complete, none over the size."""
+    # Invalid UTF-8 in a str is replaced, as a log file's is: one bad byte must not cost a connection.
     return msgpack.Unpacker(raw=False, ext_hook=ext_hook, max_buffer_size=max_buffer_size,
-                            strict_map_key=False)
+                            strict_map_key=False, unicode_errors="replace")
 
 
 def event_epoch(value: object) -> float:
@@ -99,7 +100,7 @@ def inflate_gzip(data: bytes, limit: int) -> bytes:
 
 def _packed_events(data: bytes) -> list[tuple[float, dict[str, Any]]]:
     reader = msgpack.Unpacker(raw=False, ext_hook=ext_hook, max_buffer_size=max(len(data), 1),
-                              strict_map_key=False)
+                              strict_map_key=False, unicode_errors="replace")
     reader.feed(data)
     events = []
     end = 0  # where the last whole entry ended (tell() after a stop counts the partial one too)

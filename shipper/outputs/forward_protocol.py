@@ -320,6 +320,32 @@ def check_pong(pong: object, salt: bytes, nonce: bytes, shared_key: str) -> str:
     return hostname.decode("utf-8", "replace")
 
 
+# The server's side (the forward input), the same digests: one implementation, tested against both.
+
+def helo(nonce: bytes) -> list:
+    """The server's first message: its nonce; no user authentication (an empty auth salt)."""
+    return ["HELO", {"nonce": nonce, "auth": b"", "keepalive": True}]
+
+
+def check_ping(message: object, nonce: bytes, shared_key: str) -> tuple[bytes, bytes]:
+    """Verify a client's PING against our nonce; return (its host name, its salt). HandshakeRefused
+    when it does not prove the shared key, HandshakeError when it is not a PING at all."""
+    if not (isinstance(message, list) and len(message) == 6 and message[0] == "PING"):
+        raise HandshakeError(f"expected PING from the client, got {_shown(message)}")
+    hostname = _as_bytes(message[1], "the PING's host name")
+    salt = _as_bytes(message[2], "the PING's salt")
+    digest = _as_bytes(message[3], "the PING's digest")
+    if digest != _sha512_hex(salt, hostname, nonce, shared_key.encode()).encode():
+        raise HandshakeRefused("shared_key mismatch")
+    return hostname, salt
+
+
+def pong(accepted: bool, reason: str, self_hostname: str, salt: bytes, nonce: bytes, shared_key: str) -> list:
+    """The server's answer to a PING; when accepted, its own proof of the shared key."""
+    digest = _sha512_hex(salt, self_hostname.encode(), nonce, shared_key.encode()) if accepted else ""
+    return ["PONG", accepted, reason, self_hostname, digest]
+
+
 def _as_bytes(value: object, what: str) -> bytes:
     """A str or bin field of the peer's as bytes; HandshakeError for another type or an absurd length."""
     if isinstance(value, str):

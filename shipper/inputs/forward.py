@@ -1,0 +1,195 @@
+"""The forward input: what fluent-logger, Docker's fluentd log driver, Fluent Bit and Fluentd send.
+
+Listens on ``listen`` (127.0.0.1:24224) and/or a Unix socket. Every carrier mode and EventTime are
+decoded (``forward_messages``); a message's events go into the journal, and a sender that asked for an
+acknowledgement (option ``chunk``) gets ``{"ack": chunk}`` only once they are fsynced there. A
+connection with ``shared_key`` set starts with the HELO/PING/PONG handshake (the digests of the
+fluentd output's, ``forward_protocol``); with ``tls_cert`` TCP is TLS.
+
+Each event's record becomes the record's parsed fields (under their own names unless they are the
+agent's, then under ``fields``), its time the record's time; ``message_key`` (e.g. ``"log"`` for
+Docker) moves one string field into ``message``. Bounded: a message over ``max_message_bytes``, or
+anything that is not the protocol, closes that connection and is counted (``connection_errors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import msgpack
+
+from shipper.config import Option
+from shipper.inputs import forward_messages
+from shipper.inputs.forward_messages import ForwardMessageError
+from shipper.inputs.listeners import LISTENER_OPTIONS, StreamServer, _check_listen, recv_some, send_all
+from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
+from shipper.outputs.forward_protocol import HandshakeError, HandshakeRefused, check_ping, helo, pong
+from shipper.record import PARSED, TIME, format_time
+
+log = logging.getLogger(__name__)
+
+OPTIONS = {
+    "id": Option("str", ""),                       # names its journal (default: forward-<tag>)
+    "listen": Option("str", "127.0.0.1:24224", check=_check_listen),   # "" for none
+    "socket": Option("str", ""),                   # e.g. /run/shipper/forward.sock
+    "tag_prefix": Option("str", ""),               # prepended to every sender's tag
+    "message_key": Option("str", ""),              # a record's string field that becomes the message
+    "max_message_bytes": Option("size", 16 * 1024**2, minimum=1024, maximum=256 * 1024**2),
+    "shared_key": Option("str", ""),
+    "self_hostname": Option("str", ""),            # what the PONG names (default: the host name)
+    **LISTENER_OPTIONS,
+}
+
+
+def validate(settings) -> list[str]:
+    problems = []
+    if not settings.get("listen") and not settings.get("socket"):
+        problems.append(f"{settings.where}.listen: required, or socket (where senders connect)")
+    return problems + listener_problems(settings, settings.where)
+
+
+def check(settings) -> tuple[list[str], list[str]]:
+    return check_listeners(settings, [(settings.listen, socket.SOCK_STREAM)])
+
+
+class TimeText:
+    """format_time with the seconds' text kept: the events of a chunk mostly share their second."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
+
+    def __call__(self, epoch: float) -> str:
+        if not 0.0 <= epoch < 253402300799.0:  # NaN, infinities, before 1970, after 9999: clamped there
+            return format_time(epoch)
+        second = int(epoch)
+        micros = int((epoch - second) * 1_000_000 + 0.5)
+        if micros >= 1_000_000:
+            return format_time(epoch)
+        if second != self.second:
+            self.second, self.text = second, format_time(second)[:-8]
+        return f"{self.text}.{micros:06d}Z"
+
+
+def event_rows(events: list, message_key: str, time_text: TimeText) -> tuple[list, list]:
+    """A message's events -> (messages, fields) rows of the journal."""
+    fields = []
+    if not message_key:
+        for epoch, record in events:
+            fields.append({PARSED: record, TIME: time_text(epoch)})
+        return [None] * len(events), fields
+    messages = []
+    for epoch, record in events:
+        message = record.get(message_key)
+        if isinstance(message, str):
+            record = dict(record)
+            del record[message_key]
+            if message.endswith("\n"):  # Docker's lines end with theirs
+                message = message[:-1]
+        else:
+            message = None
+        messages.append(message)
+        fields.append({PARSED: record, TIME: time_text(epoch)})
+    return messages, fields
+
+
+class ForwardInput(NetworkInput):
+    kind = "forward"
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        self.hostname = settings.self_hostname or socket.gethostname()
+        self.servers = [StreamServer(f"{self.tag}", stream_sockets(settings, settings.where), self.serve,
+                                     settings.max_connections, self.stats, self.stop)]
+
+    def serve(self, sock, peer: str) -> None:
+        settings = self.settings
+        if settings.shared_key and not self._handshake(sock, peer):
+            return
+        reader = forward_messages.unpacker(settings.max_message_bytes)
+        time_text = TimeText()
+        while True:
+            data = recv_some(sock, self.stop, settings.idle_timeout)
+            if not data:
+                return
+            try:
+                reader.feed(data)
+            except msgpack.BufferFull:
+                self._refuse(peer, "oversized", f"a message over max_message_bytes ({settings.max_message_bytes})")
+                return
+            acks: list[bytes] = []
+            last = 0
+            error = None
+            try:
+                for item in reader:
+                    message = forward_messages.decode(item, settings.max_message_bytes * 4)
+                    if not message.events:
+                        if message.chunk:
+                            acks.append(forward_messages.ack(message.chunk))
+                        continue
+                    messages, fields = event_rows(message.events, settings.message_key, time_text)
+                    seq = self.journal_rows(self.record_tag(message.tag), messages, fields,
+                                            wait=message.chunk is not None)
+                    if seq is None:
+                        if message.chunk:  # stopping: no ack, the sender sends it again elsewhere or later
+                            error = None
+                            break
+                        continue
+                    last = max(last, seq)
+                    if message.chunk:
+                        acks.append(forward_messages.ack(message.chunk))
+            except (ForwardMessageError, ValueError, msgpack.UnpackException) as exc:
+                error = str(exc)
+            if last:
+                try:
+                    self.journal.sync(last)
+                except OSError as exc:  # not durable: no acknowledgement; the sender resends
+                    log.error("%s: cannot fsync the journal: %s", self.tag, exc)
+                    self.stats.add("journal_errors", 1, input=self.tag, reason="fsync")
+                    return
+            if acks and not send_all(sock, b"".join(acks), self.stop):
+                return
+            if error is not None:
+                self._refuse(peer, "malformed", error)
+                return
+            if self.stop.is_set():
+                return
+
+    def _refuse(self, peer: str, reason: str, text: str) -> None:
+        self.stats.add("connection_errors", 1, input=self.tag, reason=reason)
+        log.warning("%s: closing the connection of %s: %s", self.tag, peer, text[:200])
+
+    def _handshake(self, sock, peer: str) -> bool:
+        nonce = os.urandom(16)
+        if not send_all(sock, msgpack.packb(helo(nonce)), self.stop):
+            return False
+        reader = forward_messages.unpacker(64 * 1024)
+        ping = None
+        while ping is None:
+            data = recv_some(sock, self.stop, min(self.settings.idle_timeout, 30.0))
+            if not data:
+                return False
+            try:
+                reader.feed(data)
+                ping = next(reader, None)
+            except (msgpack.BufferFull, ValueError, msgpack.UnpackException) as exc:
+                self._refuse(peer, "handshake", f"not a PING: {exc}")
+                return False
+        try:
+            _hostname, salt = check_ping(ping, nonce, self.settings.shared_key)
+        except HandshakeRefused as exc:
+            self._refuse(peer, "handshake", str(exc))
+            send_all(sock, msgpack.packb(pong(False, str(exc), self.hostname, b"", nonce, "")), self.stop, 2.0)
+            return False
+        except HandshakeError as exc:
+            self._refuse(peer, "handshake", str(exc))
+            return False
+        return send_all(sock, msgpack.packb(pong(True, "", self.hostname, salt, nonce, self.settings.shared_key)),
+                        self.stop)
+
+
+INPUT = ForwardInput

@@ -1,0 +1,146 @@
+"""The journal of the network inputs: durable before it is read, read back with checkpoints, bounded,
+segments removed once confirmed, torn and corrupt frames counted (issue 20)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from shipper.inputs.journal import (
+    HEADER, Journal, JournalCorrupt, JournalFull, decode_frames, encode_frame, segment_name,
+)
+from shipper.stats import Stats
+
+
+def rows(n: int, start: int = 0) -> tuple[list, list]:
+    return [f"event {i}" for i in range(start, start + n)], [{"n": i} for i in range(start, start + n)]
+
+
+def append(journal: Journal, n: int, start: int = 0, tag: str = "t") -> int:
+    messages, fields = rows(n, start)
+    seq = journal.append(encode_frame(tag, 1.5, "test", messages, fields))
+    journal.sync(seq)
+    return seq
+
+
+def drain(journal: Journal, confirm: bool = True) -> list:
+    """Every batch readable now (batches() yields None once caught up)."""
+    stop = threading.Event()
+    out = []
+    for batch in journal.batches(stop, wait=0.01):
+        if batch is None:
+            break
+        out.append(batch)
+        if confirm:
+            batch.on_done()
+    return out
+
+
+def test_frames_round_trip_and_a_partial_frame_waits():
+    frame = encode_frame("app", 2.0, "forward", ["a", None], [{"x": 1}, {"\x00time": "t"}])
+    frames, used = decode_frames(frame + frame[:7], 100)
+    assert used == len(frame)
+    assert frames == [(100, 100 + len(frame), ["app", 2.0, "forward", ["a", None], [{"x": 1}, {"\x00time": "t"}]])]
+    broken = bytearray(frame)
+    broken[-1] ^= 0xFF
+    with pytest.raises(JournalCorrupt):
+        decode_frames(bytes(broken), 0)
+    with pytest.raises(JournalCorrupt):
+        decode_frames(b"XX" + frame[2:], 0)
+
+
+def test_only_durable_frames_are_read_and_a_restart_reads_the_unconfirmed_again(tmp_path):
+    stats = Stats()
+    journal = Journal(str(tmp_path), 1024**3, stats, "t")
+    journal.append(encode_frame("t", 1.0, None, *rows(3)))
+    assert drain(journal) == []  # written, not fsynced: not to be handed on yet
+    append(journal, 2, 3)
+    batches = drain(journal, confirm=False)
+    assert [b.messages for b in batches] == [rows(3)[0], rows(2, 3)[0]]
+    assert batches[0].fields[0] == {"n": 0} and batches[0].tag == "t" and batches[0].read_time == 1.0
+    batches[0].on_done()
+    journal.save_checkpoint()
+    journal.close()
+
+    again = Journal(str(tmp_path), 1024**3, stats, "t")
+    assert [b.messages for b in drain(again)] == [rows(2, 3)[0]]  # the confirmed one is not read again
+    again.save_checkpoint()
+    again.close()
+    third = Journal(str(tmp_path), 1024**3, stats, "t")
+    assert drain(third) == []
+
+
+def test_segments_are_removed_once_confirmed_and_the_bound_holds(tmp_path):
+    stats = Stats()
+    journal = Journal(str(tmp_path), 2 * 1024**2, stats, "t", segment_bytes=64 * 1024)
+    frame_size = len(encode_frame("t", 1.5, "test", *rows(100, 100_000)))
+    appended = 0
+    with pytest.raises(JournalFull):
+        while True:
+            append(journal, 100, appended)
+            appended += 100
+            on_disk = sum(e.stat().st_size for e in os.scandir(tmp_path) if e.name.endswith(".seg"))
+            assert on_disk <= 2 * 1024**2
+    assert journal.total_bytes > 2 * 1024**2 - 2 * frame_size  # it took what the bound allows
+    assert not journal.wait_for_room(frame_size, 0.05)
+    read = drain(journal)
+    assert sum(b.count for b in read) == appended
+    assert journal.wait_for_room(frame_size, 0.05)
+    segments = [e.name for e in os.scandir(tmp_path) if e.name.endswith(".seg")]
+    assert len(segments) <= 2, segments  # the confirmed sealed ones are gone
+    append(journal, 100, appended)  # room again
+    assert sum(b.count for b in drain(journal)) == 100
+
+
+def test_a_torn_last_frame_and_a_corrupt_one_are_counted_and_skipped(tmp_path):
+    stats = Stats()
+    journal = Journal(str(tmp_path), 1024**3, stats, "t")
+    append(journal, 2)
+    append(journal, 2, 2)
+    journal.close()
+    path = tmp_path / segment_name(1)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])  # the crash came mid-write of the second frame
+
+    again = Journal(str(tmp_path), 1024**3, stats, "t")
+    assert [b.messages for b in drain(again)] == [rows(2)[0]]
+    assert stats.get("journal_errors", reason="torn") == 1
+    append(again, 1, 10)
+    again.close()
+    segment = tmp_path / segment_name(2)
+    damaged = bytearray(segment.read_bytes())
+    damaged[HEADER.size + 3] ^= 0x55
+    segment.write_bytes(bytes(damaged))
+    third = Journal(str(tmp_path), 1024**3, stats, "t")
+    assert drain(third) == []
+    assert stats.get("journal_errors", reason="corrupt") == 1
+    third.save_checkpoint()
+    assert (tmp_path / "checkpoint").read_text().split()[0] == "3"  # past both: nothing holds it back
+
+
+def test_a_damaged_checkpoint_reads_everything_again(tmp_path):
+    journal = Journal(str(tmp_path), 1024**3, Stats(), "t")
+    append(journal, 3)
+    drain(journal)
+    journal.save_checkpoint()
+    journal.close()
+    (tmp_path / "checkpoint").write_text("garbage")
+    assert sum(b.count for b in drain(Journal(str(tmp_path), 1024**3, Stats(), "t"))) == 3
+
+
+def test_concurrent_appenders_share_fsyncs_and_lose_nothing(tmp_path):
+    journal = Journal(str(tmp_path), 1024**3, Stats(), "t", segment_bytes=256 * 1024)
+
+    def writer(base: int) -> None:
+        for i in range(50):
+            append(journal, 10, base + i * 10)
+
+    threads = [threading.Thread(target=writer, args=(k * 1000,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    numbers = sorted(f["n"] for b in drain(journal) for f in b.fields)
+    assert numbers == sorted(k * 1000 + i for k in range(4) for i in range(500))

@@ -35,7 +35,7 @@ OPTIONS = {
     "listen": Option("str", "127.0.0.1:24224", check=_check_listen),   # "" for none
     "socket": Option("str", ""),                   # e.g. /run/shipper/forward.sock
     "tag_prefix": Option("str", ""),               # prepended to every sender's tag
-    "message_key": Option("str", ""),              # a record's string field that becomes the message
+    "message_key": Option("str", "message"),       # a record's string field that becomes the message ("log": Docker)
     "max_message_bytes": Option("size", 16 * 1024**2, minimum=1024, maximum=256 * 1024**2),
     "shared_key": Option("str", ""),
     "self_hostname": Option("str", ""),            # what the PONG names (default: the host name)

@@ -1,0 +1,373 @@
+"""The forward and syslog inputs end to end: a real agent subprocess, real sockets, real senders
+(fluent-logger, a msgpack client written here, the agent's own fluentd output), kill -9 (issue 20)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from conftest import read_archive, wait_for
+from forward_peer import make_forward_peer  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def config(data: Path, inputs: str, output: str | None = None, agent_extra: str = "") -> str:
+    output = output or f'[[outputs]]\ntype = "directory"\npath = "{data}/archive"\nupload_interval = "200ms"\n'
+    return f"""
+[agent]
+data_dir = "{data}"
+flush_interval = "100ms"
+checkpoint_interval = "100ms"
+shutdown_timeout = "10s"
+{agent_extra}
+[cloud]
+metadata = "off"
+[server]
+listen = ""
+{inputs}
+{output}"""
+
+
+def forward_input(port: int, extra: str = "") -> str:
+    return f'[[inputs]]\ntype = "forward"\nlisten = "127.0.0.1:{port}"\n{extra}\n'
+
+
+def wait_listening(port: int, agent, timeout: float = 20.0) -> None:
+    def up():
+        assert agent.proc.poll() is None, agent.log()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+    wait_for(up, timeout, message=f"the agent listening on {port}")
+
+
+class Client:
+    """A forward client written for these tests with msgpack: Forward chunks, waits for each ack."""
+
+    def __init__(self, address, timeout: float = 10.0):
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.answers = msgpack.Unpacker(raw=False)
+
+    def send(self, message: list) -> None:
+        self.sock.sendall(msgpack.packb(message, use_bin_type=True))
+
+    def chunk(self, tag: str, events: list, mode: str = "forward") -> str:
+        chunk = uuid.uuid4().hex
+        if mode == "forward":
+            self.send([tag, [[t, r] for t, r in events], {"chunk": chunk}])
+        elif mode == "packed":
+            self.send([tag, b"".join(msgpack.packb([t, r]) for t, r in events), {"chunk": chunk, "size": len(events)}])
+        elif mode == "compressed":
+            entries = gzip.compress(b"".join(msgpack.packb([t, r]) for t, r in events))
+            self.send([tag, entries, {"chunk": chunk, "compressed": "gzip", "size": len(events)}])
+        else:  # Message, one event
+            (t, r), = events
+            self.send([tag, t, r, {"chunk": chunk}])
+        return chunk
+
+    def ack(self) -> str:
+        while True:
+            for answer in self.answers:
+                return answer["ack"]
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed before the ack")
+            self.answers.feed(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def event_time(seconds: int, nanos: int) -> msgpack.ExtType:
+    return msgpack.ExtType(0, seconds.to_bytes(4, "big") + nanos.to_bytes(4, "big"))
+
+
+def test_every_carrier_mode_and_docker_driver_messages_arrive_with_their_fields(run_agent, workdir):
+    port = free_port()
+    agent = run_agent(config(workdir / "data", forward_input(port, 'message_key = "log"')))
+    wait_listening(port, agent)
+    client = Client(("127.0.0.1", port))
+    docker = {"container_id": "f" * 64, "container_name": "/web", "source": "stdout", "log": "GET / 200\n"}
+    sent = [
+        client.chunk("docker.web", [(event_time(1764669600, 123456000), docker)]),
+        client.chunk("app", [(1764669601, {"n": 1, "time": "theirs", "labels": "x"})], mode="message"),
+        client.chunk("app", [(1764669602.5, {"n": 2}), (1764669603, {"n": 3})], mode="packed"),
+        client.chunk("app", [(1764669604, {"n": i}) for i in range(4, 104)], mode="compressed"),
+    ]
+    assert [client.ack() for _ in sent] == sent  # each acknowledged, in order
+    client.close()
+    records = wait_for(lambda: len(read_archive(workdir / "data" / "archive")) >= 104
+                       and read_archive(workdir / "data" / "archive"), message="104 records")
+    web = next(r for r in records if r["tag"] == "docker.web")
+    assert web["message"] == "GET / 200" and web["container_id"] == "f" * 64 and web["container_name"] == "/web"
+    assert web["fields"] == {"source": "stdout"}  # a sender's field never poses as the agent's
+    assert web["time"] == "2025-12-02T10:00:00.123456Z" and web["source"] == "forward"
+    first = next(r for r in records if r.get("n") == 1)
+    assert first["fields"] == {"time": "theirs", "labels": "x"} and first["time"] == "2025-12-02T10:00:01.000000Z"
+    assert sorted(r["n"] for r in records if r["tag"] == "app") == list(range(1, 104))
+    assert agent.stop() == 0
+
+
+def test_fluent_logger_sends_to_the_agent_over_tcp_and_the_unix_socket(run_agent, workdir):
+    from fluent import sender
+
+    port = free_port()
+    path = workdir / "run" / "forward.sock"
+    agent = run_agent(config(workdir / "data", forward_input(port, f'socket = "{path}"\nsocket_mode = "0620"')))
+    wait_listening(port, agent)
+    assert oct(path.stat().st_mode & 0o777) == "0o620"
+    tcp = sender.FluentSender("py", host="127.0.0.1", port=port)
+    unix = sender.FluentSender("py", host=f"unix://{path}")
+    for i in range(50):
+        assert tcp.emit("tcp", {"i": i, "msg": "ünïcode"}), tcp.last_error
+        assert unix.emit("unix", {"i": i}), unix.last_error
+    tcp.close()
+    unix.close()
+    records = wait_for(lambda: len(read_archive(workdir / "data" / "archive")) >= 100
+                       and read_archive(workdir / "data" / "archive"), message="100 records")
+    assert sorted(r["i"] for r in records if r["tag"] == "py.tcp") == list(range(50))
+    assert sorted(r["i"] for r in records if r["tag"] == "py.unix") == list(range(50))
+    assert {r["msg"] for r in records if r["tag"] == "py.tcp"} == {"ünïcode"}
+    assert agent.stop() == 0
+
+
+def test_malformed_and_oversized_messages_close_that_connection_only(run_agent, workdir):
+    port = free_port()
+    agent = run_agent(config(workdir / "data", forward_input(port, 'max_message_bytes = "4KiB"'),
+                             agent_extra=""), )
+    wait_listening(port, agent)
+    for garbage in (msgpack.packb({"not": "a message"}), msgpack.packb(["tag", "x" * 10]),
+                    msgpack.packb(["tag", [[1, "not a map"]]]), b"\xc1" * 10,
+                    msgpack.packb(["big", [[1, {"x": "y" * 10_000}]], {"chunk": "c"}])):
+        bad = Client(("127.0.0.1", port))
+        bad.sock.sendall(garbage)
+        with pytest.raises((ConnectionError, OSError)):
+            bad.ack()
+        bad.close()
+    good = Client(("127.0.0.1", port))
+    chunk = good.chunk("after", [(1764669600, {"ok": True})])
+    assert good.ack() == chunk
+    good.close()
+    wait_for(lambda: any(r["tag"] == "after" for r in read_archive(workdir / "data" / "archive")),
+             message="the good chunk after the bad ones")
+    assert agent.proc.poll() is None
+    assert agent.stop() == 0
+    assert "closing the connection" in agent.log()
+
+
+def test_kill_9_while_a_client_sends_with_acks_loses_nothing_acknowledged(run_agent, workdir):
+    port = free_port()
+    agent_config = config(workdir / "data", forward_input(port))
+    agent = run_agent(agent_config)
+    wait_listening(port, agent)
+    acked: set[int] = set()
+    client = Client(("127.0.0.1", port), timeout=5)
+    n = 0
+    deadline = time.monotonic() + 1.5
+    try:
+        while True:
+            events = [(1764669600, {"n": n + i}) for i in range(200)]
+            chunk = client.chunk("load", events)
+            if time.monotonic() > deadline and agent.proc.poll() is None:
+                agent.proc.send_signal(signal.SIGKILL)
+            assert client.ack() == chunk
+            acked.update(range(n, n + 200))
+            n += 200
+    except (ConnectionError, OSError):
+        pass
+    agent.proc.wait(10)
+    assert len(acked) > 1000
+    agent = run_agent(agent_config)
+    wait_listening(port, agent)
+    resent = Client(("127.0.0.1", port))  # the client sends again what was not acknowledged
+    chunk = resent.chunk("load", [(1764669600, {"n": i}) for i in range(n, n + 200)])
+    assert resent.ack() == chunk
+    resent.close()
+    wanted = acked | set(range(n, n + 200))
+    wait_for(lambda: wanted <= {r["n"] for r in read_archive(workdir / "data" / "archive")},
+             timeout=30, message="every acknowledged event after the restart")
+    assert agent.stop() == 0
+
+
+def test_a_full_journal_makes_the_sender_wait_and_loses_nothing(run_agent, workdir, make_forward_peer):
+    port = free_port()
+    peer = make_forward_peer()
+    peer.set_down(True)  # the destination is down: nothing is confirmed, the journal fills
+    output = f'[[outputs]]\ntype = "fluentd"\nhosts = ["127.0.0.1:{peer.port}"]\n'
+    agent = run_agent(config(workdir / "data", forward_input(port, 'journal_max_bytes = "1MiB"'), output=output,
+                             agent_extra='retry_initial_delay = "50ms"\nretry_max_delay = "200ms"'))
+    wait_listening(port, agent)
+    client = Client(("127.0.0.1", port), timeout=3)
+    sent = 0
+    with pytest.raises(TimeoutError):
+        while True:  # until the journal is full: the ack does not come, the sender waits
+            client.chunk("full", [(1764669600, {"n": sent + i, "pad": "p" * 200}) for i in range(100)])
+            client.ack()
+            sent += 100
+            assert sent < 100_000
+    journal = workdir / "data" / "journal" / "forward-forward"
+    on_disk = sum(p.stat().st_size for p in journal.glob("*.seg"))
+    assert 800_000 < on_disk <= 1024**2
+    assert sent > 2000
+    peer.set_down(False)  # the destination is back: the journal drains, the waiting chunk is acknowledged
+    client.sock.settimeout(60)
+    client.ack()
+    sent += 100
+    client.close()
+    wait_for(lambda: len({r["n"] for r in peer.records()}) >= sent, timeout=60, message="everything at the peer")
+    assert {r["n"] for r in peer.records()} == set(range(sent))
+    assert agent.stop() == 0
+
+
+def _agent_pair(run_agent, workdir, tmp_path, sender_extra: str, receiver_extra: str):
+    """Agent A tails a file and sends with its fluentd output to agent B's forward input."""
+    port = free_port()
+    receiver_dir = tmp_path / "receiver"
+    receiver_dir.mkdir()
+    from conftest import Agent
+    receiver = Agent(receiver_dir, config(receiver_dir / "data", forward_input(port, receiver_extra))).start()
+    wait_listening(port, receiver)
+    (workdir / "logs" / "app.log").write_text("".join(f"line {i}\n" for i in range(100)))
+    output = f'[[outputs]]\ntype = "fluentd"\nhosts = ["127.0.0.1:{port}"]\n{sender_extra}\n'
+    sender_config = config(workdir / "data", f'[[inputs]]\ntype = "file"\ntag = "app"\npaths = ["{workdir}/logs/*.log"]\n'
+                           'poll_interval = "50ms"\n', output=output,
+                           agent_extra='retry_initial_delay = "50ms"\nretry_max_delay = "200ms"')
+    return receiver, run_agent(sender_config), receiver_dir
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_agents_own_fluentd_output_with_shared_key_and_tls(run_agent, workdir, tmp_path, tls):
+    receiver_extra, sender_extra = 'shared_key = "s3cret"', 'shared_key = "s3cret"'
+    if tls:
+        import trustme
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        receiver_extra += f'\ntls_cert = "{tmp_path}/server.pem"\ntls_key = "{tmp_path}/server.pem"'
+        sender_extra += f'\ntls = true\ntls_ca = "{tmp_path}/ca.pem"'
+    receiver, sender, receiver_dir = _agent_pair(run_agent, workdir, tmp_path, sender_extra, receiver_extra)
+    try:
+        records = wait_for(lambda: len(read_archive(receiver_dir / "data" / "archive")) >= 100
+                           and read_archive(receiver_dir / "data" / "archive"), timeout=30, message="100 records")
+        assert sorted(r["message"] for r in records) == sorted(f"line {i}" for i in range(100))
+        assert sender.stop() == 0 and receiver.stop() == 0
+    finally:
+        receiver.ensure_stopped()
+
+
+def test_a_wrong_shared_key_is_refused_and_nothing_arrives(run_agent, workdir, tmp_path):
+    receiver, sender, receiver_dir = _agent_pair(run_agent, workdir, tmp_path, 'shared_key = "wrong"',
+                                                 'shared_key = "right"')
+    try:
+        wait_for(lambda: "refused the handshake" in sender.log(), timeout=20, message="the refusal")
+        assert read_archive(receiver_dir / "data" / "archive") == []
+        assert "shared_key mismatch" in receiver.log()
+        sender.kill()
+        assert receiver.stop() == 0
+    finally:
+        receiver.ensure_stopped()
+
+
+# ---------------------------------------------------------------- syslog
+
+SAMPLES = [  # as rsyslog, syslog-ng, systemd's journal forwarding and glibc's syslog(3) send them
+    b'<34>1 2026-12-02T10:00:00.123456+01:00 web-1 sshd 4242 AUTH [origin ip="10.0.0.9"][meta seq="7"] '
+    b"Failed password for root",
+    b"<86>Dec  2 10:00:01 web-1 sudo[991]: pam_unix(sudo:session): session opened for user root",
+    b"<13>Dec  2 10:00:02 myapp: no host, as glibc writes to /dev/log",
+    b"<165>1 2026-12-02T09:00:03Z - - - - - BOM-less message with nil fields",
+    b"not syslog at all",
+]
+
+
+def test_syslog_over_udp_tcp_and_a_unix_datagram_socket(run_agent, workdir):
+    port = free_port()
+    path = workdir / "run" / "syslog.sock"
+    agent = run_agent(config(workdir / "data", f'[[inputs]]\ntype = "syslog"\ntcp = "127.0.0.1:{port}"\n'
+                                               f'udp = "127.0.0.1:{port}"\nsocket = "{path}"\n'))
+    wait_listening(port, agent)
+    tcp = socket.create_connection(("127.0.0.1", port))
+    tcp.sendall(b"".join(b"%d %s" % (len(s), s) for s in SAMPLES[:2]) + b"\n".join(SAMPLES[2:]) + b"\n")
+    tcp.close()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for sample in SAMPLES:
+        udp.sendto(sample, ("127.0.0.1", port))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    unix.sendto(SAMPLES[1], str(path))
+    subprocess.run(["logger", "-u", str(path), "-t", "logger-test", "from util-linux logger"], check=False)
+    records = wait_for(lambda: len(read_archive(workdir / "data" / "archive")) >= 11
+                       and read_archive(workdir / "data" / "archive"), message="11 syslog records")
+    sshd = [r for r in records if r.get("app_name") == "sshd"]
+    assert len(sshd) == 2
+    assert sshd[0]["time"] == "2026-12-02T09:00:00.123456Z" and sshd[0]["severity"] == "crit"
+    assert sshd[0]["facility"] == "auth" and sshd[0]["pid"] == 4242 and sshd[0]["msgid"] == "AUTH"
+    assert sshd[0]["structured_data"] == {"origin": {"ip": "10.0.0.9"}, "meta": {"seq": "7"}}
+    assert sshd[0]["fields"] == {"host": "web-1"} and sshd[0]["message"] == "Failed password for root"
+    sudo = [r for r in records if r.get("app_name") == "sudo"]
+    assert len(sudo) == 3 and sudo[0]["pid"] == 991 and sudo[0]["facility"] == "authpriv"
+    assert sum(r.get("parse_error") is True and r["message"] == "not syslog at all" for r in records) == 2
+    if any(r.get("app_name") == "logger-test" for r in records):
+        assert next(r for r in records if r.get("app_name") == "logger-test")["message"] == "from util-linux logger"
+    assert agent.stop() == 0
+
+
+# ---------------------------------------------------------------- shipper check
+
+def check(workdir: Path, text: str) -> subprocess.CompletedProcess:
+    path = workdir / "check.toml"
+    path.write_text(text)
+    return subprocess.run([sys.executable, "-m", "shipper", "check", "-c", str(path)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_refuses_remote_listeners_bad_socket_directories_and_warns_of_addresses_in_use(workdir):
+    data = workdir / "data"
+    result = check(workdir, config(data, '[[inputs]]\ntype = "forward"\nlisten = "0.0.0.0:24224"\n'))
+    assert result.returncode != 0 and "allow_remote = true" in result.stderr + result.stdout
+    assert check(workdir, config(data, '[[inputs]]\ntype = "forward"\nlisten = "0.0.0.0:24224"\n'
+                                       'allow_remote = true\n')).returncode == 0
+    open_dir = workdir / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    result = check(workdir, config(data, f'[[inputs]]\ntype = "forward"\nlisten = ""\nsocket = "{open_dir}/f.sock"\n'))
+    assert result.returncode != 0 and "writable by everyone" in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = check(workdir, config(data, forward_input(port)))
+        assert result.returncode == 0 and "in use" in result.stderr
+    result = check(workdir, config(data, forward_input(free_port(), 'tls_cert = "/x.pem"')))
+    assert result.returncode != 0 and "tls_key: required" in result.stderr + result.stdout
+
+
+def test_an_address_in_use_stops_the_start_with_its_key(run_agent, workdir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        agent = run_agent(config(workdir / "data", forward_input(busy.getsockname()[1])))
+        assert agent.proc.wait(30) != 0
+    assert "inputs[0].listen: cannot listen on" in agent.log() and "in use" in agent.log()

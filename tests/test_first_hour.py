@@ -216,7 +216,7 @@ def test_run_with_an_env_file_uses_its_values(workdir, run_agent, tmp_path):
 
 def test_the_readme_configuration_is_valid_as_written():
     config = load_text(readme_config(), "README.md", {})
-    assert {i.type for i in config.inputs} == {"file", "metrics", "journald"}
+    assert {i.type for i in config.inputs} == {"file", "metrics", "journald", "forward", "syslog"}
     assert config.warnings() == []
 
 

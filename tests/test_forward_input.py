@@ -17,7 +17,6 @@ import msgpack
 import pytest
 
 from conftest import read_archive, wait_for
-from forward_peer import make_forward_peer  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(180)
 

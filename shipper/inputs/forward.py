@@ -83,14 +83,13 @@ def event_rows(events: list, message_key: str, time_text: TimeText) -> tuple[lis
             fields.append({PARSED: record, TIME: time_text(epoch)})
         return [None] * len(events), fields
     messages = []
-    for epoch, record in events:
-        message = record.get(message_key)
+    for epoch, record in events:  # the records were just decoded: they are ours to change
+        message = record.pop(message_key, None)
         if isinstance(message, str):
-            record = dict(record)
-            del record[message_key]
             if message.endswith("\n"):  # Docker's lines end with theirs
                 message = message[:-1]
-        else:
+        elif message is not None:  # not text: it stays a field
+            record[message_key] = message
             message = None
         messages.append(message)
         fields.append({PARSED: record, TIME: time_text(epoch)})

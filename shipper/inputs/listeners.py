@@ -51,7 +51,8 @@ LISTENER_OPTIONS = {
     "allow_remote": Option("bool", False),          # a listen address other machines reach, on purpose
     "socket_mode": Option("str", "0660", check=_check_mode),
     "socket_group": Option("str", ""),               # the group that may write to the socket ("": the agent's)
-    "max_connections": Option("int", 256, minimum=1, maximum=10_000),
+    # A thread each: the systemd unit's TasksMax=128 holds the agent's threads and these together.
+    "max_connections": Option("int", 64, minimum=1, maximum=10_000),
     "idle_timeout": Option("duration", 600.0, minimum=1.0),
     "journal_max_bytes": Option("size", 256 * 1024**2, minimum=1024**2),
     "tls_cert": Option("str", ""),                   # PEM certificate (chain) and key: TCP becomes TLS

@@ -149,6 +149,9 @@ class Journal:
                 continue
             committed = start[1] if number == start[0] else 0
             size = os.stat(path).st_size
+            if size == 0:  # an earlier run's segment that never got a frame (each start opens one)
+                self._unlink(path)
+                continue
             self.segments[number] = Segment(number, size, OffsetTracker(min(committed, size)), sealed=True,
                                             read_to=min(committed, size))
         self.total_bytes = sum(s.size for s in self.segments.values())

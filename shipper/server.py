@@ -267,6 +267,16 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
+def remote_addresses(host: str, port: int) -> list[str] | str:
+    """The addresses ``host`` resolves to now that other machines reach (none: loopback only), or
+    why it cannot be resolved."""
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host!r}: {exc}"
+    return [a for a in addresses if not is_loopback(a)]
+
+
 def remote_listen_problem(listen: str, allow_remote: bool) -> str | None:
     """Why ``listen`` would serve /status and /metrics to other machines, or None.
 
@@ -275,11 +285,9 @@ def remote_listen_problem(listen: str, allow_remote: bool) -> str | None:
     if not listen or allow_remote:
         return None
     host, port = parse_listen(listen)
-    try:
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
-    except (OSError, UnicodeError) as exc:
-        return f"cannot resolve {host!r}: {exc}; listen on an address such as \"127.0.0.1:{port}\""
-    remote = [a for a in addresses if not is_loopback(a)]
+    remote = remote_addresses(host, port)
+    if isinstance(remote, str):
+        return f"{remote}; listen on an address such as \"127.0.0.1:{port}\""
     if not remote:
         return None
     return (f"{listen!r} is reachable from other machines ({', '.join(remote)}) and /status and /metrics show "

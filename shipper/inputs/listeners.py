@@ -21,7 +21,7 @@ from typing import Callable
 
 from shipper.config import Option
 from shipper.errors import ConfigError
-from shipper.server import is_loopback, parse_listen
+from shipper.server import parse_listen, remote_addresses
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,9 @@ def remote_problem(where: str, listen: str, allow_remote: bool) -> str | None:
     if not listen or allow_remote:
         return None
     host, port = parse_listen(listen)
-    try:
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port)})
-    except (OSError, UnicodeError) as exc:
-        return f"{where}.listen: cannot resolve {host!r}: {exc}"
-    remote = [a for a in addresses if not is_loopback(a)]
+    remote = remote_addresses(host, port)
+    if isinstance(remote, str):
+        return f"{where}.listen: {remote}"
     if not remote:
         return None
     return (f"{where}.listen: {listen!r} is reachable from other machines ({', '.join(remote)}): anyone there could "

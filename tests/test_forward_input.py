@@ -299,6 +299,7 @@ SAMPLES = [  # as rsyslog, syslog-ng, systemd's journal forwarding and glibc's s
     b"<13>Dec  2 10:00:02 myapp: no host, as glibc writes to /dev/log",
     b"<165>1 2026-12-02T09:00:03Z - - - - - BOM-less message with nil fields",
     b"not syslog at all",
+    b"<3>1 2003-14-11T22:14:15Z h a - - - an impossible month",
 ]
 
 
@@ -317,8 +318,9 @@ def test_syslog_over_udp_tcp_and_a_unix_datagram_socket(run_agent, workdir):
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     unix.sendto(SAMPLES[1], str(path))
     subprocess.run(["logger", "-u", str(path), "-t", "logger-test", "from util-linux logger"], check=False)
-    records = wait_for(lambda: len(read_archive(workdir / "data" / "archive")) >= 11
-                       and read_archive(workdir / "data" / "archive"), message="11 syslog records")
+    udp.sendto(SAMPLES[1], ("127.0.0.1", port))  # after the impossible date: the UDP reader still reads
+    records = wait_for(lambda: len(read_archive(workdir / "data" / "archive")) >= 14
+                       and read_archive(workdir / "data" / "archive"), message="14 syslog records")
     sshd = [r for r in records if r.get("app_name") == "sshd"]
     assert len(sshd) == 2
     assert sshd[0]["time"] == "2026-12-02T09:00:00.123456Z" and sshd[0]["severity"] == "crit"
@@ -326,8 +328,9 @@ def test_syslog_over_udp_tcp_and_a_unix_datagram_socket(run_agent, workdir):
     assert sshd[0]["structured_data"] == {"origin": {"ip": "10.0.0.9"}, "meta": {"seq": "7"}}
     assert sshd[0]["fields"] == {"host": "web-1"} and sshd[0]["message"] == "Failed password for root"
     sudo = [r for r in records if r.get("app_name") == "sudo"]
-    assert len(sudo) == 3 and sudo[0]["pid"] == 991 and sudo[0]["facility"] == "authpriv"
+    assert len(sudo) == 4 and sudo[0]["pid"] == 991 and sudo[0]["facility"] == "authpriv"
     assert sum(r.get("parse_error") is True and r["message"] == "not syslog at all" for r in records) == 2
+    assert sum(r.get("parse_error") is True and "impossible month" in r["message"] for r in records) == 2
     if any(r.get("app_name") == "logger-test" for r in records):
         assert next(r for r in records if r.get("app_name") == "logger-test")["message"] == "from util-linux logger"
     assert agent.stop() == 0

@@ -64,6 +64,7 @@ class NetworkInput:
     # ------------------------------------------------------------ tags
 
     def record_tag(self, tag: str) -> str:
+        tag = tag[:MAX_TAG_CHARS]  # the table never keeps more of a peer's tag than a record does
         known = self.tags.get(tag)
         if known is not None:
             return known

@@ -20,7 +20,7 @@ import time
 from shipper.config import Option
 from shipper.inputs.listeners import LISTENER_OPTIONS, POLL, StreamServer, _check_listen, bind_inet, bind_unix, recv_some
 from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
-from shipper.inputs.syslog_format import FramingError, OctetOrLineFramer, parse
+from shipper.inputs.syslog_format import FramingError, OctetOrLineFramer, SyslogMessage, parse
 from shipper.record import ENCODING_ERRORS, PARSE_ERROR, TIME, TRUNCATED, format_time
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,11 @@ def message_row(raw: bytes, received: float, cut: bool = False) -> tuple[str, di
     except UnicodeDecodeError:
         text = raw.decode("utf-8", "replace")
         bad = True
-    parsed = parse(text.rstrip("\r\n\x00"), received)
+    text = text.rstrip("\r\n\x00")
+    try:
+        parsed = parse(text, received)
+    except Exception:  # an impossible date, or content no check foresaw: kept whole, flagged
+        parsed = SyslogMessage(text, malformed=True)
     fields = parsed.fields
     if parsed.time is not None:
         fields[TIME] = format_time(parsed.time)

@@ -21,9 +21,10 @@ import socket
 import msgpack
 
 from shipper.config import Option
+from shipper.server import check_listen
 from shipper.inputs import forward_messages
 from shipper.inputs.forward_messages import ForwardMessageError
-from shipper.inputs.listeners import LISTENER_OPTIONS, StreamServer, _check_listen, recv_some, send_all
+from shipper.inputs.listeners import LISTENER_OPTIONS, StreamServer, recv_some, send_all
 from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
 from shipper.outputs.forward_protocol import HandshakeError, HandshakeRefused, check_ping, helo, pong
 from shipper.record import PARSED, TIME, format_time
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 OPTIONS = {
     "id": Option("str", ""),                       # names its journal (default: forward-<tag>)
-    "listen": Option("str", "127.0.0.1:24224", check=_check_listen),   # "" for none
+    "listen": Option("str", "127.0.0.1:24224", check=check_listen),   # "" for none
     "socket": Option("str", ""),                   # e.g. /run/shipper/forward.sock
     "tag_prefix": Option("str", ""),               # prepended to every sender's tag
     "message_key": Option("str", "message"),       # a record's string field that becomes the message ("log": Docker)
@@ -135,7 +136,6 @@ class ForwardInput(NetworkInput):
                                             wait=message.chunk is not None)
                     if seq is None:
                         if message.chunk:  # stopping: no ack, the sender sends it again elsewhere or later
-                            error = None
                             break
                         continue
                     last = max(last, seq)

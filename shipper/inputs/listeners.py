@@ -36,16 +36,6 @@ def _check_mode(value: str) -> str | None:
     return None if 0 <= mode <= 0o777 else f"{value!r} is not a mode between 0000 and 0777"
 
 
-def _check_listen(value: str) -> str | None:
-    if value == "":
-        return None
-    try:
-        parse_listen(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 # The options every listening input has (each adds its own defaults for listen and socket).
 LISTENER_OPTIONS = {
     "allow_remote": Option("bool", False),          # a listen address other machines reach, on purpose

@@ -18,7 +18,8 @@ import threading
 import time
 
 from shipper.config import Option
-from shipper.inputs.listeners import LISTENER_OPTIONS, POLL, StreamServer, _check_listen, bind_inet, bind_unix, recv_some
+from shipper.server import check_listen
+from shipper.inputs.listeners import LISTENER_OPTIONS, POLL, StreamServer, bind_inet, bind_unix, recv_some
 from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
 from shipper.inputs.syslog_format import FramingError, OctetOrLineFramer, SyslogMessage, parse
 from shipper.record import ENCODING_ERRORS, PARSE_ERROR, TIME, TRUNCATED, format_time
@@ -30,8 +31,8 @@ BATCH_WAIT = 0.05   # a datagram socket's reader gathers what arrives for this l
 
 OPTIONS = {
     "id": Option("str", ""),
-    "tcp": Option("str", "127.0.0.1:5514", check=_check_listen),    # "" for none
-    "udp": Option("str", "127.0.0.1:5514", check=_check_listen),    # "" for none
+    "tcp": Option("str", "127.0.0.1:5514", check=check_listen),    # "" for none
+    "udp": Option("str", "127.0.0.1:5514", check=check_listen),    # "" for none
     "socket": Option("str", ""),                                    # a Unix datagram socket
     "max_message_bytes": Option("size", 64 * 1024, minimum=480, maximum=16 * 1024**2),
     "receive_buffer_bytes": Option("size", 4 * 1024**2, minimum=64 * 1024, maximum=256 * 1024**2),

@@ -20,11 +20,27 @@ Durability is a group commit: appenders write under a lock; ``sync(seq)`` fdatas
 everything written so far, so concurrent connections share one fsync. The reader sees only what
 is durable. Bounded: a frame that would take the journal past ``max_bytes`` (or the file system
 under ``MIN_FREE_BYTES`` free) raises :class:`JournalFull`, and the input decides: wait (a sender
-that waits for acknowledgements) or refuse and count.
+that waits for acknowledgements) or refuse and count; a frame that could never fit (over half of
+``max_bytes``) raises :class:`FrameTooLarge` at once, so nobody waits for room that never comes.
+
+The frames last written are also kept in memory (``RECENT_BYTES`` of them): a reader that keeps up
+takes its rows from there instead of reading and decoding them again, once they are durable. A
+reader that lags reads the segment; nothing but the cost differs.
+
+Failures of the disk are never a crash and never a wrong offset: a write cut short is cut off the
+segment again (or, if even that fails, the segment is sealed where its last whole frame ends and
+the next write opens a new one); a rotation that fails leaves the current segment in use and is
+tried again; a segment that cannot be read for now (EIO, no descriptors) is tried again, never
+skipped; one that is gone is counted. One Journal at a time owns a directory (``lock``, flock):
+a second agent on the same data_dir, or a reload's input while the old one still runs, gets
+:class:`JournalBusy` instead of writing through the other's segments.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
+import fcntl
 import logging
 import os
 import struct
@@ -38,6 +54,7 @@ import msgpack
 
 from shipper.acks import OffsetTracker
 from shipper.durable import create_new, fsync_dir, make_dirs, write_atomically
+from shipper.errors import ShipperError
 from shipper.record import Batch
 
 log = logging.getLogger(__name__)
@@ -47,6 +64,8 @@ HEADER = struct.Struct(">2sII")
 MAX_FRAME_BYTES = 256 * 1024 * 1024   # a frame claiming more is corruption, not a batch
 MIN_FREE_BYTES = 64 * 1024 * 1024     # the journal never takes the file system's last 64 MiB
 READ_BYTES = 4 * 1024 * 1024          # what the reader takes from a segment at once
+RECENT_BYTES = 2 * 1024 * 1024        # frames kept in memory for a reader that keeps up
+RETRY_SECONDS = 1.0                   # before a failed rotation or read is tried again
 SUFFIX = ".seg"
 
 
@@ -58,10 +77,23 @@ class JournalCorrupt(ValueError):
     """A frame that is not one (bad magic, length or checksum)."""
 
 
+class FrameTooLarge(ValueError):
+    """A frame the journal could never hold (over half its max_bytes, or MAX_FRAME_BYTES)."""
+
+
+class JournalBusy(ShipperError):
+    """Another Journal (another agent, or an input of a configuration still stopping) owns the directory."""
+
+
 # ---------------------------------------------------------------- pure: frames
 
+def _packable(value: object) -> object:
+    """What a row holds that msgpack has no type for (only a bug puts one there): its text."""
+    return str(value)
+
+
 def encode_frame(tag: str, read_time: float, source: str | None, messages: list, fields: list) -> bytes:
-    payload = msgpack.packb([tag, read_time, source, messages, fields], use_bin_type=True)
+    payload = msgpack.packb([tag, read_time, source, messages, fields], use_bin_type=True, default=_packable)
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
@@ -132,18 +164,30 @@ class Journal:
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or max(64 * 1024, min(64 * 1024**2, max_bytes // 8))
+        self.frame_limit = min(MAX_FRAME_BYTES, max_bytes // 2)
         self.stats = stats
         self.name = name
         self.checkpoint_interval = checkpoint_interval
         make_dirs(directory)
+        self._owner = _own(directory)
         self._lock = threading.RLock()       # appends, rotation, the segments
         self._sync_lock = threading.Lock()   # one fsync at a time (taken before _lock)
         self._changed = threading.Condition(self._lock)  # durable moved, or room was made
+        self._checkpoint_lock = threading.Lock()
         self.segments: dict[int, Segment] = {}
-        start = self._load_checkpoint()
-        numbers = segment_numbers(os.listdir(directory))
+        self._recent: collections.deque = collections.deque()   # (segment, start, end, items)
+        self._recent_bytes = 0
+        self._released = False
+        try:
+            self._open(self._load_checkpoint())
+        except BaseException:
+            os.close(self._owner)
+            raise
+
+    def _open(self, start: tuple[int, int]) -> None:
+        numbers = segment_numbers(os.listdir(self.directory))
         for number in numbers:
-            path = os.path.join(directory, segment_name(number))
+            path = os.path.join(self.directory, segment_name(number))
             if number < start[0]:  # confirmed before the crash: its removal was cut short
                 self._unlink(path)
                 continue
@@ -156,27 +200,36 @@ class Journal:
                                             read_to=min(committed, size))
         self.total_bytes = sum(s.size for s in self.segments.values())
         self.active = (numbers[-1] + 1) if numbers else max(1, start[0])
-        self._fd = self._open_segment(self.active)
+        self._fd = self._new_segment(self.active)
+        self.segments[self.active] = Segment(self.active, 0, OffsetTracker(0))
         self.written_seq = 0
         self.durable_seq = 0
         self.durable_offset = 0   # in the active segment
         self._written_offset = 0
+        self._must_rotate = False  # a write cut short that could not be cut off: never append after it
+        self._rotate_after = 0.0
         self._free_checked = 0.0
         self._disk_low = False
         self._checkpoint_saved = self.committed_position()
         self._checkpoint_at = 0.0
+        self._error_said: dict[str, float] = {}
 
     # ------------------------------------------------------------ writer side
 
-    def _open_segment(self, number: int) -> int:
+    def _new_segment(self, number: int) -> int:
         path = os.path.join(self.directory, segment_name(number))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_APPEND
         try:
-            fd = create_new(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_APPEND)
+            fd = create_new(path, flags)
         except FileExistsError:  # a leftover that is not a segment we know: never write through it
             os.unlink(path)
-            fd = create_new(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_APPEND)
-        fsync_dir(self.directory)
-        self.segments[number] = Segment(number, 0, OffsetTracker(0))
+            fd = create_new(path, flags)
+        try:
+            fsync_dir(self.directory)
+        except OSError:
+            os.close(fd)
+            self._unlink(path)
+            raise
         return fd
 
     def room_for(self, size: int) -> bool:
@@ -193,14 +246,23 @@ class Journal:
                 self._disk_low = False
         return self._disk_low
 
-    def append(self, frame: bytes) -> int:
-        """Write one frame (``encode_frame``); return its sequence number for ``sync``.
-        JournalFull when it does not fit; OSError when the disk refuses (the caller counts it)."""
+    def append(self, frame: bytes, items: list | None = None) -> int:
+        """Write one frame (``encode_frame``); return its sequence number for ``sync``. ``items``: the
+        frame's payload as decoded (what the reader would read back), kept for a reader that keeps up.
+        JournalFull when it does not fit now, FrameTooLarge when it never will; OSError when the disk
+        refuses (the caller counts it and may try again: nothing of the frame stays written)."""
+        if len(frame) > self.frame_limit:
+            raise FrameTooLarge(f"a frame of {len(frame)} bytes is over the journal's limit of {self.frame_limit} "
+                                f"(half of journal_max_bytes {self.max_bytes})")
+        if self._must_rotate:
+            self._rotate(must=True)
         with self._lock:
             if not self.room_for(len(frame)):
                 raise JournalFull(f"the journal of {self.name} holds {self.total_bytes} bytes "
                                   f"(journal_max_bytes {self.max_bytes})"
                                   + ("; the disk has under 64 MiB free" if self._disk_low else ""))
+            if self._must_rotate:
+                raise OSError(errno.EIO, "the journal's segment ends in a frame cut short")
             view = memoryview(frame)
             written = 0
             try:
@@ -208,16 +270,30 @@ class Journal:
                     written += os.write(self._fd, view[written:])
             except OSError:
                 if written:  # a partial frame would hide every later one: cut it off
-                    os.ftruncate(self._fd, self._written_offset)
+                    try:
+                        os.ftruncate(self._fd, self._written_offset)
+                    except OSError:  # then this segment ends where its last whole frame does
+                        self._must_rotate = True
                 raise
+            start = self._written_offset
             self._written_offset += len(frame)
             self.total_bytes += len(frame)
             self.segments[self.active].size = self._written_offset
             self.written_seq += 1
             seq = self.written_seq
-        if self._written_offset >= self.segment_bytes:
+            if items is not None:
+                self._keep_recent(self.active, start, self._written_offset, items)
+        if self._written_offset >= self.segment_bytes and time.monotonic() >= self._rotate_after:
             self._rotate()
         return seq
+
+    def _keep_recent(self, number: int, start: int, end: int, items: list) -> None:
+        recent = self._recent
+        recent.append((number, start, end, items))
+        self._recent_bytes += end - start
+        while self._recent_bytes > RECENT_BYTES and recent:
+            _, old_start, old_end, _ = recent.popleft()
+            self._recent_bytes -= old_end - old_start
 
     def sync(self, seq: int) -> None:
         """Make everything up to ``seq`` durable: one fdatasync serves every appender waiting."""
@@ -234,22 +310,46 @@ class Journal:
                 self.durable_offset = max(self.durable_offset, offset)
                 self._changed.notify_all()
 
-    def _rotate(self) -> None:
+    def _rotate(self, must: bool = False) -> None:
+        """Seal the active segment and open the next. The new one is made first and the old one synced
+        before anything changes, so a failure leaves the active segment as it was: tried again after
+        RETRY_SECONDS, and raised when ``must`` (the active one may not be written again)."""
         with self._sync_lock:
             with self._lock:
-                if self._written_offset < self.segment_bytes:
+                if not (self._must_rotate or self._written_offset >= self.segment_bytes):
                     return  # another thread rotated first
-                os.fdatasync(self._fd)
-                os.close(self._fd)
-                old = self.segments[self.active]
                 number = self.active + 1
-                self._fd = self._open_segment(number)
-                old.sealed = True
+                try:
+                    fd = self._new_segment(number)
+                except OSError as exc:
+                    self._rotation_failed(exc, must)
+                    return
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as exc:
+                    os.close(fd)
+                    self._unlink(os.path.join(self.directory, segment_name(number)))
+                    self._rotation_failed(exc, must)
+                    return
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass  # the descriptor is gone whatever close says; the data was synced
+                self._fd = fd
+                self.segments[self.active].sealed = True
+                self.segments[number] = Segment(number, 0, OffsetTracker(0))
                 self.durable_seq = self.written_seq
                 self.active = number
                 self.durable_offset = 0
                 self._written_offset = 0
+                self._must_rotate = False
                 self._changed.notify_all()
+
+    def _rotation_failed(self, exc: OSError, must: bool) -> None:
+        self._rotate_after = time.monotonic() + RETRY_SECONDS
+        self._error("rotate", f"cannot start a new segment: {exc}; the current one stays in use")
+        if must:
+            raise exc
 
     def wait_for_room(self, size: int, timeout: float) -> bool:
         with self._changed:
@@ -258,6 +358,7 @@ class Journal:
         return self.room_for(size)
 
     def close(self) -> None:
+        """No more writing (what was written is synced); the reader may go on reading and confirming."""
         with self._sync_lock, self._lock:
             if self._fd >= 0:
                 try:
@@ -269,11 +370,26 @@ class Journal:
                     os.close(self._fd)
                     self._fd = -1
 
+    def release(self) -> None:
+        """Close, save the checkpoint and give the directory up: a later Journal may own it. What this
+        one is told after (a late confirmation) changes nothing on disk."""
+        if self._released:
+            return
+        try:
+            self.close()
+        except OSError as exc:
+            self._error("fsync", f"cannot sync the last frames: {exc}")
+        self.save_checkpoint()
+        with self._checkpoint_lock:
+            self._released = True
+            os.close(self._owner)
+
     # ------------------------------------------------------------ reader side
 
-    def batches(self, stop: threading.Event, wait: float = 0.5) -> Iterator[Batch]:
+    def batches(self, stop: threading.Event, wait: float = 0.5) -> Iterator[Batch | None]:
         """Batches of what is durable, in order, each with ``on_done`` moving the checkpoint; waits for
-        more while ``stop`` is not set, and once it is set yields what is durable still, then ends."""
+        more while ``stop`` is not set, and once it is set yields what is durable still, then ends.
+        None is a tick (the caller beats its heartbeat and looks at its stop)."""
         while True:
             with self._lock:
                 segment = self._reading()
@@ -284,9 +400,13 @@ class Journal:
                     if self._reading() is None:
                         self._changed.wait(wait)
                 self.save_checkpoint(due_only=True)
-                yield None  # a tick: the caller beats its heartbeat and checks stop
+                yield None
                 continue
-            yield from self._read_segment(segment)
+            readable = yield from self._read_segment(segment)
+            if not readable:  # for now: tried again after a pause, or at the next start when stopping
+                if stop.is_set() or stop.wait(RETRY_SECONDS):
+                    return
+                yield None
 
     def _readable_end(self, segment: Segment) -> int:
         return self.durable_offset if segment.number == self.active else segment.size
@@ -299,29 +419,40 @@ class Journal:
                 return segment
         return None
 
-    def _read_segment(self, segment: Segment) -> Iterator[Batch]:
-        path = os.path.join(self.directory, segment_name(segment.number))
+    def _from_memory(self, segment: Segment, end: int) -> list[tuple[int, int, list]]:
+        """The frames of ``segment`` from ``read_to`` up to ``end`` still kept in memory (under _lock)."""
+        recent = self._recent
+        while recent and (recent[0][0], recent[0][1]) < (segment.number, segment.read_to):
+            _, start, stop, _ = recent.popleft()  # read already (from disk, when the reader lagged)
+            self._recent_bytes -= stop - start
+        frames = []
+        at = segment.read_to
+        for number, start, stop, items in recent:
+            if number != segment.number or start != at or stop > end:
+                break
+            frames.append((start, stop, items))
+            at = stop
+        return frames
+
+    def _read_segment(self, segment: Segment):
+        """Yield the batches of ``segment`` readable now; return False when it cannot be read for now."""
         with self._lock:
             end = self._readable_end(segment)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            self._skip(segment, end, "unreadable", f"cannot open it: {exc}")
-            return
-        try:
-            data = os.pread(fd, min(end - segment.read_to, READ_BYTES), segment.read_to)
-            if len(data) >= HEADER.size:
-                magic, length, _ = HEADER.unpack_from(data)
-                whole = HEADER.size + length
-                if magic == MAGIC and len(data) < whole <= min(end - segment.read_to, MAX_FRAME_BYTES + HEADER.size):
-                    data = os.pread(fd, whole, segment.read_to)  # one frame larger than a read
-        finally:
-            os.close(fd)
-        try:
-            frames, _ = decode_frames(data, segment.read_to)
-            broken = None
-        except JournalCorrupt as exc:
-            frames, broken = exc.args[1], exc.args[0]
+            frames = self._from_memory(segment, end)
+        broken = None
+        if not frames:
+            try:
+                data = self._pread(segment, end)
+            except FileNotFoundError:
+                self._skip(segment, end, "missing", "it was removed by something other than the agent")
+                return True
+            except OSError as exc:
+                self._error("read", f"cannot read {segment_name(segment.number)}: {exc}; tried again")
+                return False
+            try:
+                frames, _ = decode_frames(data, segment.read_to)
+            except JournalCorrupt as exc:
+                frames, broken = exc.args[1], exc.args[0]
         for start, stop, (tag, read_time, source, messages, fields) in frames:
             segment.read_to = stop
             batch = Batch(tag, source, read_time, messages=messages, fields=fields, start=start, end=stop)
@@ -333,6 +464,21 @@ class Journal:
             # A frame cut short ends a sealed segment: the crash came before its fsync returned, so
             # it was never acknowledged to anyone.
             self._skip(segment, end, "torn", f"a frame cut short at offset {segment.read_to}")
+        return True
+
+    def _pread(self, segment: Segment, end: int) -> bytes:
+        fd = os.open(os.path.join(self.directory, segment_name(segment.number)),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, min(end - segment.read_to, READ_BYTES), segment.read_to)
+            if len(data) >= HEADER.size:
+                magic, length, _ = HEADER.unpack_from(data)
+                whole = HEADER.size + length
+                if magic == MAGIC and len(data) < whole <= min(end - segment.read_to, MAX_FRAME_BYTES + HEADER.size):
+                    data = os.pread(fd, whole, segment.read_to)  # one frame larger than a read
+            return data
+        finally:
+            os.close(fd)
 
     def _skip(self, segment: Segment, end: int, reason: str, text: str) -> None:
         """Nothing more can be read of ``segment`` up to ``end``: say so, count it, confirm the rest."""
@@ -342,6 +488,14 @@ class Journal:
         skipped_from, segment.read_to = segment.read_to, end
         if skipped_from < end:
             self._confirmer(segment, skipped_from, end)()
+
+    def _error(self, reason: str, text: str) -> None:
+        """A failure the journal outlives: counted each time, logged once a minute per kind."""
+        self.stats.add("journal_errors", 1, input=self.name, reason=reason)
+        now = time.monotonic()
+        if now - self._error_said.get(reason, -1e9) >= 60:
+            self._error_said[reason] = now
+            log.error("journal %s: %s", self.name, text)
 
     def _confirmer(self, segment: Segment, start: int, end: int):
         tracker = segment.tracker
@@ -367,6 +521,8 @@ class Journal:
 
     def _advanced(self) -> None:
         """A confirmation moved a segment's committed offset: delete the segments wholly confirmed."""
+        if self._released:  # a later Journal owns the directory now
+            return
         with self._lock:
             number, _ = self._committed_position()
             removed = [self.segments.pop(old) for old in [n for n in self.segments if n < number]]
@@ -379,18 +535,23 @@ class Journal:
         self.save_checkpoint(due_only=True)
 
     def save_checkpoint(self, due_only: bool = False) -> None:
-        position = self.committed_position()
-        if position == self._checkpoint_saved:
-            return
-        now = time.monotonic()
-        if due_only and now - self._checkpoint_at < self.checkpoint_interval:
-            return
-        self._checkpoint_at = now
-        try:
-            write_atomically(os.path.join(self.directory, "checkpoint"), b"%d %d\n" % position)
-            self._checkpoint_saved = position
-        except OSError as exc:
-            log.warning("journal %s: cannot save its checkpoint (%s); retried later", self.name, exc)
+        # One writer at a time: the input's thread (ticks) and the outputs' (confirmations) both save,
+        # through one temporary file, and an older position must never overwrite a newer one.
+        with self._checkpoint_lock:
+            if self._released:
+                return
+            position = self.committed_position()
+            if position == self._checkpoint_saved:
+                return
+            now = time.monotonic()
+            if due_only and now - self._checkpoint_at < self.checkpoint_interval:
+                return
+            self._checkpoint_at = now
+            try:
+                write_atomically(os.path.join(self.directory, "checkpoint"), b"%d %d\n" % position)
+                self._checkpoint_saved = position
+            except OSError as exc:
+                log.warning("journal %s: cannot save its checkpoint (%s); retried later", self.name, exc)
 
     def _load_checkpoint(self) -> tuple[int, int]:
         path = os.path.join(self.directory, "checkpoint")
@@ -413,3 +574,15 @@ class Journal:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _own(directory: str) -> int:
+    """Take the directory's lock (held as long as the descriptor is open), or JournalBusy."""
+    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalBusy(f"the journal {directory} is in use: another agent runs with the same data_dir, "
+                          "or an input of the previous configuration has not stopped yet") from None
+    return fd

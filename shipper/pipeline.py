@@ -437,8 +437,13 @@ class Pipeline:
                                              quarantine=self.quarantine))
         input_context = InputContext(self.data_dir, self.stats, agent.checkpoint_interval,
                                      self.quarantine.take(), sum(s.type == "file" for s in config.inputs))
-        self.inputs = [importlib.import_module(INPUT_MODULES[s.type]).INPUT(s, input_context)
-                       for s in config.inputs]
+        self.inputs = []
+        try:
+            for settings in config.inputs:
+                self.inputs.append(importlib.import_module(INPUT_MODULES[settings.type]).INPUT(settings, input_context))
+        except BaseException:  # e.g. an address in use: what the inputs before it hold is let go
+            self.close_inputs()
+            raise
         self.stop_inputs = threading.Event()
         self.stage = FilterStage(config.filters, self.stats, self.envelope, self.stop_inputs)
         self.filters = self.stage.filters
@@ -562,6 +567,17 @@ class Pipeline:
             log.exception("input %s failed; stopping the agent", getattr(source, "tag", source))
             self.failed.set()
 
+    def close_inputs(self) -> None:
+        """Give up what inputs hold beyond their thread (a network input's sockets and journal), so that
+        a reload's next pipeline can take them; once stopped, or when this pipeline is never started."""
+        for source in self.inputs:
+            close = getattr(source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("input %s: closing it failed", getattr(source, "tag", source))
+
     def wait_closed(self, timeout: float) -> None:
         """After stop(): wait for the outputs' background work (uploads) still running, at most ``timeout`` s."""
         deadline = time.monotonic() + timeout
@@ -596,6 +612,7 @@ class Pipeline:
             runner.join(max(0.0, deadline - time.monotonic()) + 1.0)
         for source in self.inputs:
             source.save_checkpoints()
+        self.close_inputs()
         if not self.failed.is_set():
             self.quarantine.clear()  # a clean stop: later failures are not "in a row" with earlier ones
         complete = True

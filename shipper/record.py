@@ -12,6 +12,7 @@ between records: whoever changes one copies it first.
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 import math
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime as _datetime
 from typing import Any, Iterator
 
+import msgpack
 import orjson
 
 log = logging.getLogger(__name__)
@@ -246,8 +248,22 @@ def encode_ndjson(batch: Batch, envelope: Envelope) -> bytes:
         return _encode_records(batch, envelope)
 
 
+def json_default(value: object) -> object:
+    """What a peer's msgpack may hold and JSON has no type for: bytes as text (invalid UTF-8 replaced,
+    as a log file's), an extension type or a msgpack Timestamp as what it says; anything else raises
+    (``repair`` keeps the record as its raw line)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, msgpack.Timestamp):
+        return value.to_unix()
+    if isinstance(value, msgpack.ExtType):
+        return {"ext_type": value.code, "base64": base64.b64encode(value.data).decode("ascii")}
+    raise TypeError(f"{type(value).__name__} cannot be JSON")
+
+
 def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
-    return b"".join([orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE) for record in batch.records(envelope)])
+    return b"".join([orjson.dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
+                     for record in batch.records(envelope)])
 
 
 def repair(batch: Batch, envelope: Envelope) -> int:
@@ -271,7 +287,7 @@ def repair(batch: Batch, envelope: Envelope) -> int:
                     record["message"] = message
                 if candidate:
                     _merge_fields(record, candidate)
-                orjson.dumps(record)
+                orjson.dumps(record, default=json_default)
             except Exception:
                 continue
             kept_messages.append(message)

@@ -280,6 +280,7 @@ class Service:
                     old.failed.set()
                     return False
             if self._stop_during_reload():  # made, never started: it has read nothing
+                pipeline.close_inputs()
                 return False
             with self.lock:
                 self.pipeline, self.config = pipeline, config

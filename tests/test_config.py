@@ -175,3 +175,11 @@ def test_two_file_inputs_cannot_share_a_checkpoint_file():
     assert problems_of(text) == ["inputs[1].id: 'file' is already the id of inputs[0] (ids default to the tag); "
                                  "give each file input its own id so their checkpoints stay apart"]
     load_text(text.replace('paths = ["/other/*.log"]', 'paths = ["/other/*.log"]\nid = "other"'), "t", {})
+
+
+def test_a_syslog_message_must_fit_the_journal():
+    problems = problems_of('[[inputs]]\ntype = "syslog"\nmax_message_bytes = "1MiB"\njournal_max_bytes = "2MiB"\n'
+                           '[[outputs]]\ntype = "stdout"\n')
+    assert any(p.startswith("inputs[0].max_message_bytes: at most a quarter of journal_max_bytes") for p in problems)
+    load_text('[[inputs]]\ntype = "syslog"\nmax_message_bytes = "512KiB"\njournal_max_bytes = "2MiB"\n'
+              '[[outputs]]\ntype = "stdout"\n', "test.toml", {})  # a quarter: fine

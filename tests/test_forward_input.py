@@ -240,6 +240,97 @@ def test_a_full_journal_makes_the_sender_wait_and_loses_nothing(run_agent, workd
     assert agent.stop() == 0
 
 
+def test_a_record_with_event_times_and_bytes_inside_is_acknowledged_and_kept(run_agent, workdir):
+    # Fluent Bit nests EventTime in records it built; some senders pack bytes as msgpack bin.
+    port = free_port()
+    agent = run_agent(config(workdir / "data", forward_input(port)))
+    wait_listening(port, agent)
+    client = Client(("127.0.0.1", port))
+    record = {"at": event_time(1764669600, 500_000_000), "raw": b"\xffbin\x00", "list": [event_time(1, 0)]}
+    chunk = client.chunk("nested", [(event_time(1764669600, 0), record)])
+    assert client.ack() == chunk  # the event is journaled: nothing in it stops the connection
+    client.close()
+    [kept] = wait_for(lambda: read_archive(workdir / "data" / "archive"), message="the record")
+    assert kept["at"] == 1764669600.5 and kept["list"] == [1.0]
+    assert kept["raw"] == "\ufffdbin\x00" and "parse_error" not in kept
+    assert agent.stop() == 0
+
+
+def test_a_slow_drip_an_event_larger_than_the_journal_and_a_huge_array_are_bounded(run_agent, workdir):
+    port = free_port()
+    extra = 'idle_timeout = "1s"\njournal_max_bytes = "1MiB"\nmax_message_bytes = "4MiB"'
+    agent = run_agent(config(workdir / "data", forward_input(port, extra)))
+    wait_listening(port, agent)
+    # A peer that drips a byte at a time never lets the idle clock run out, but a message must be
+    # whole within idle_timeout of its first byte.
+    drip = Client(("127.0.0.1", port))
+    message = msgpack.packb(["drip", [[1764669600, {"x": "y" * 100}]], {"chunk": "d"}])
+    started = time.monotonic()
+    closed = False
+    for byte in message[:-1]:
+        try:
+            drip.sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+            if not drip.sock.recv(1, socket.MSG_DONTWAIT):
+                closed = True
+                break
+        except BlockingIOError:
+            continue
+        except OSError:
+            closed = True
+            break
+    assert closed and time.monotonic() - started < 5
+    drip.close()
+    # One event over half of journal_max_bytes could never be journaled: its connection is closed
+    # at once instead of waiting for room that never comes.
+    big = Client(("127.0.0.1", port), timeout=5)
+    big.chunk("big", [(1764669600, {"x": "y" * 700_000})])
+    with pytest.raises(ConnectionError):
+        big.ack()
+    big.close()
+    # A Forward message of more events than a message may hold is refused by the decoder.
+    many = Client(("127.0.0.1", port), timeout=5)
+    many.chunk("many", [(1, {})] * 100_001)
+    with pytest.raises(ConnectionError):
+        many.ack()
+    many.close()
+    good = Client(("127.0.0.1", port))
+    chunk = good.chunk("after", [(1764669600, {"ok": True})])
+    assert good.ack() == chunk
+    good.close()
+    wait_for(lambda: any(r["tag"] == "after" for r in read_archive(workdir / "data" / "archive")),
+             message="the good chunk after the bounded ones")
+    assert agent.stop() == 0
+    log = agent.log()
+    assert "not whole after idle_timeout" in log and "over the journal's frame limit" in log
+    assert not any(r["tag"] in ("drip", "big", "many") for r in read_archive(workdir / "data" / "archive"))
+
+
+def test_a_reload_whose_address_is_taken_goes_back_and_the_old_listener_still_serves(run_agent, workdir):
+    port, taken = free_port(), socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    agent = run_agent(config(workdir / "data", forward_input(port)))
+    wait_listening(port, agent)
+    # The new configuration's first input binds (and journals) before the second finds its address
+    # in use: what the first took must be let go, or the previous configuration cannot start again.
+    agent.config_path.write_text(config(workdir / "data", forward_input(port, 'id = "first"')
+                                        + forward_input(taken.getsockname()[1], 'id = "second"')))
+    agent.send(signal.SIGHUP)
+    wait_for(lambda: "going back to the previous configuration" in agent.log(), message="the reload refused")
+    time.sleep(0.5)
+    assert agent.proc.poll() is None, agent.log()
+    wait_listening(port, agent)
+    client = Client(("127.0.0.1", port))
+    chunk = client.chunk("after.reload", [(1764669600, {"ok": 1})])
+    assert client.ack() == chunk
+    client.close()
+    wait_for(lambda: any(r["tag"] == "after.reload" for r in read_archive(workdir / "data" / "archive")),
+             message="served by the previous configuration again")
+    assert agent.stop() == 0
+    taken.close()
+
+
 def _agent_pair(run_agent, workdir, tmp_path, sender_extra: str, receiver_extra: str):
     """Agent A tails a file and sends with its fluentd output to agent B's forward input."""
     port = free_port()

@@ -29,9 +29,9 @@ def test_fluent_logger_sends_message_mode_with_event_time():
     packet = sender._make_packet("web", SenderEventTime(1_700_000_000.25), {"user": "ann", "n": 1})
     [message] = received(packet)
     assert message.tag == "app.web" and message.chunk is None
-    assert message.events == [(pytest.approx(1_700_000_000.25), {"user": "ann", "n": 1})]
+    assert message.events == [[pytest.approx(1_700_000_000.25), {"user": "ann", "n": 1}]]
     integer = FluentSender("app", host="127.0.0.1", port=1)._make_packet("web", 1_700_000_000, {"a": 1})
-    assert received(integer)[0].events == [(1_700_000_000.0, {"a": 1})]
+    assert received(integer)[0].events == [[1_700_000_000, {"a": 1}]]
 
 
 def test_dockers_driver_message_with_a_chunk_to_ack():
@@ -56,7 +56,7 @@ def test_forward_packed_and_compressed_modes_give_the_same_events():
                                 {"chunk": "c3", "compressed": "gzip"}], use_bin_type=True)
     decoded = received(forward + packed + compressed)
     assert [m.chunk for m in decoded] == ["c1", "c2", "c3"]
-    expected = [(pytest.approx(s + n / 1e9), r) for s, n, r in entries]
+    expected = [[pytest.approx(s + n / 1e9), r] for s, n, r in entries]
     for message in decoded:
         assert message.tag == "app" and message.events == expected
 
@@ -92,7 +92,7 @@ def test_the_agents_own_output_is_read_back():
 ])
 def test_what_is_not_the_protocol_is_an_error_naming_it(message, error):
     with pytest.raises(ForwardMessageError, match=error):
-        decode(message)
+        decode(message).events  # packed entries are checked as they are taken
 
 
 def test_a_gzip_bomb_is_refused_at_the_limit_not_inflated():
@@ -115,3 +115,34 @@ def test_a_message_over_the_buffer_size_is_refused_by_the_unpacker():
     reader = unpacker(1024)
     with pytest.raises(msgpack.BufferFull):
         reader.feed(msgpack.packb(["app", 1, {"log": "x" * 2000}]))
+
+
+def test_a_compressed_message_of_millions_of_tiny_events_is_taken_a_slice_at_a_time():
+    import tracemalloc
+
+    tiny = msgpack.packb([0, {}])                       # 3 bytes an event
+    count = 3_000_000
+    bomb = gzip.compress(tiny * count, 9)               # a few KiB on the wire
+    assert len(bomb) < 64 * 1024
+    tracemalloc.start()
+    try:
+        message = decode(["app", bomb, {"compressed": "gzip", "chunk": "c"}], max_entries_bytes=16 << 20)
+        pieces = message.slices(10_000)
+        first = next(pieces)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(first) == 10_000 and first[0] == [0, {}]
+    # The inflated entries (9 MB) and one slice; decoded whole they take over 400 MB.
+    assert peak < 40 * 1024**2, peak
+    assert sum(len(piece) for piece in pieces) == count - 10_000
+
+
+def test_a_forward_message_of_more_events_than_a_message_may_hold_is_refused():
+    reader = unpacker(16 << 20)
+    reader.feed(msgpack.packb(["app", [[0, {}]] * 100_001]))
+    with pytest.raises(ValueError):
+        list(reader)
+    reader = unpacker(16 << 20)
+    reader.feed(msgpack.packb(["app", [[0, {}]] * 100_000]))
+    assert len(decode(next(reader)).events) == 100_000

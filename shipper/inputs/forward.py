@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import msgpack
 
@@ -24,12 +25,17 @@ from shipper.config import Option
 from shipper.server import check_listen
 from shipper.inputs import forward_messages
 from shipper.inputs.forward_messages import ForwardMessageError
+from shipper.inputs.journal import FrameTooLarge
 from shipper.inputs.listeners import LISTENER_OPTIONS, StreamServer, recv_some, send_all
-from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
+from shipper.inputs.network import (
+    MAX_ROWS_PER_FRAME, NetworkInput, check_listeners, listener_problems, stream_sockets,
+)
 from shipper.outputs.forward_protocol import HandshakeError, HandshakeRefused, check_ping, helo, pong
 from shipper.record import PARSED, TIME, format_time
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_SECONDS = 30.0   # for the PING, all of it
 
 OPTIONS = {
     "id": Option("str", ""),                       # names its journal (default: forward-<tag>)
@@ -103,46 +109,50 @@ class ForwardInput(NetworkInput):
     def __init__(self, settings, context):
         super().__init__(settings, context)
         self.hostname = settings.self_hostname or socket.gethostname()
-        self.servers = [StreamServer(f"{self.tag}", stream_sockets(settings, settings.where), self.serve,
-                                     settings.max_connections, self.stats, self.stop)]
+
+    def make_servers(self) -> list:
+        settings = self.settings
+        return [StreamServer(self.tag, stream_sockets(settings, settings.where), self.serve,
+                             settings.max_connections, self.stats, self.stop)]
 
     def serve(self, sock, peer: str) -> None:
         settings = self.settings
         if settings.shared_key and not self._handshake(sock, peer):
             return
         reader = forward_messages.unpacker(settings.max_message_bytes)
-        time_text = TimeText()
+        time_text = TimeText()  # a connection's own: it keeps state
+        received = 0      # bytes fed to the reader
+        whole = 0         # of which whole messages
+        started = None    # when the message under way began: it must be whole within idle_timeout
         while True:
-            data = recv_some(sock, self.stop, settings.idle_timeout)
+            deadline = None if started is None else started + settings.idle_timeout
+            data = recv_some(sock, self.stop, settings.idle_timeout, deadline=deadline)
             if not data:
+                if data is None and started is not None and not self.stop.is_set():
+                    self._refuse(peer, "slow", f"a message not whole after idle_timeout ({settings.idle_timeout:g} s)")
                 return
             try:
                 reader.feed(data)
             except msgpack.BufferFull:
                 self._refuse(peer, "oversized", f"a message over max_message_bytes ({settings.max_message_bytes})")
                 return
+            received += len(data)
             acks: list[bytes] = []
             last = 0
             error = None
             try:
                 for item in reader:
+                    whole = reader.tell()
                     message = forward_messages.decode(item, settings.max_message_bytes * 4)
-                    if not message.events:
-                        if message.chunk:
-                            acks.append(forward_messages.ack(message.chunk))
-                        continue
-                    messages, fields = event_rows(message.events, settings.message_key, time_text)
-                    seq = self.journal_rows(self.record_tag(message.tag), messages, fields,
-                                            wait=message.chunk is not None)
-                    if seq is None:
-                        if message.chunk:  # stopping: no ack, the sender sends it again elsewhere or later
-                            break
-                        continue
+                    seq = self._journal_message(message, time_text)
+                    if seq is None:  # stopping: no ack, the sender sends it again elsewhere or later
+                        break
                     last = max(last, seq)
                     if message.chunk:
                         acks.append(forward_messages.ack(message.chunk))
             except (ForwardMessageError, ValueError, msgpack.UnpackException) as exc:
-                error = str(exc)
+                error = ("oversized" if isinstance(exc, FrameTooLarge) else "malformed", str(exc))
+            started = (started or time.monotonic()) if received > whole else None
             if last:
                 try:
                     self.journal.sync(last)
@@ -153,10 +163,25 @@ class ForwardInput(NetworkInput):
             if acks and not send_all(sock, b"".join(acks), self.stop):
                 return
             if error is not None:
-                self._refuse(peer, "malformed", error)
+                self._refuse(peer, *error)
                 return
             if self.stop.is_set():
                 return
+
+    def _journal_message(self, message, time_text: TimeText) -> int | None:
+        """A message's events into the journal, a slice at a time; the sequence number to sync for
+        (0: nothing to write), None when refused (stopping, or a full journal for a sender without acks)."""
+        wait = message.chunk is not None
+        tag = None
+        last = 0
+        for events in message.slices(MAX_ROWS_PER_FRAME):
+            tag = tag or self.record_tag(message.tag)
+            messages, fields = event_rows(events, self.settings.message_key, time_text)
+            seq = self.journal_rows(tag, messages, fields, wait=wait)
+            if seq is None:
+                return None if wait else last
+            last = seq
+        return last
 
     def _refuse(self, peer: str, reason: str, text: str) -> None:
         self.stats.add("connection_errors", 1, input=self.tag, reason=reason)
@@ -168,8 +193,9 @@ class ForwardInput(NetworkInput):
             return False
         reader = forward_messages.unpacker(64 * 1024)
         ping = None
+        deadline = time.monotonic() + HANDSHAKE_SECONDS  # however slowly the PING drips in
         while ping is None:
-            data = recv_some(sock, self.stop, min(self.settings.idle_timeout, 30.0))
+            data = recv_some(sock, self.stop, HANDSHAKE_SECONDS, deadline=deadline)
             if not data:
                 return False
             try:

@@ -13,33 +13,33 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
 EVENT_TIME = 0                      # msgpack ext type of Fluentd's EventTime: uint32 seconds, uint32 nanos
 MAX_ENTRIES_BYTES = 64 * 1024 * 1024   # decompressed entries of one message
+MAX_ARRAY_ITEMS = 100_000           # a Forward message's events, any array or map in a record
+_EVENT_TIME = struct.Struct(">II")
+_END = b"\xc0"                      # nil after packed entries: seen as an item only if the last entry is whole
 
 
 class ForwardMessageError(ValueError):
     """Not a forward protocol message (its connection is closed and counted, nothing else)."""
 
 
-@dataclass
-class EventTime:
-    seconds: int
-    nanoseconds: int
-
-    def epoch(self) -> float:
-        return self.seconds + self.nanoseconds / 1e9
-
-
-@dataclass
 class ForwardMessage:
-    tag: str
-    events: list[tuple[float, dict[str, Any]]]
-    option: dict[str, Any] = field(default_factory=dict)
+    """One message: its tag, option, and events ``[epoch, record]`` (lists, as msgpack made them),
+    taken in slices so that a PackedForward message of millions of tiny events never lives in memory
+    decoded all at once (``slices``)."""
+
+    __slots__ = ("tag", "option", "_events", "_packed")
+
+    def __init__(self, tag: str, events: list | None, option: dict[str, Any], packed: bytes | None = None):
+        self.tag = tag
+        self.option = option
+        self._events = events
+        self._packed = packed
 
     @property
     def chunk(self) -> str | None:
@@ -47,10 +47,27 @@ class ForwardMessage:
         chunk = self.option.get("chunk")
         return chunk if isinstance(chunk, str) and chunk else None
 
+    def slices(self, size: int):
+        """The events in lists of at most ``size``; ForwardMessageError at the first that is not one
+        (the slices before it were good)."""
+        if self._packed is None:
+            for first in range(0, len(self._events), size):
+                yield self._events[first:first + size]
+        else:
+            yield from _packed_slices(self._packed, size)
+
+    @property
+    def events(self) -> list:
+        return [event for piece in self.slices(MAX_ARRAY_ITEMS) for event in piece]
+
 
 def ext_hook(code: int, data: bytes):
+    """EventTime becomes its epoch (a float) wherever it is: as an event's time or inside a record."""
     if code == EVENT_TIME and len(data) == 8:
-        return EventTime(*struct.unpack(">II", data))
+        seconds, nanoseconds = _EVENT_TIME.unpack(data)
+        if nanoseconds >= 1_000_000_000:
+            raise ForwardMessageError(f"EventTime nanoseconds out of range: {nanoseconds}")
+        return seconds + nanoseconds / 1e9
     return msgpack.ExtType(code, data)
 
 
@@ -58,23 +75,23 @@ def unpacker(max_buffer_size: int) -> msgpack.Unpacker:
     """What a connection feeds its bytes to: messages out as they complete, none over the size."""
     # Invalid UTF-8 in a str is replaced, as a log file's is: one bad byte must not cost a connection.
     return msgpack.Unpacker(raw=False, ext_hook=ext_hook, max_buffer_size=max_buffer_size,
-                            strict_map_key=False, unicode_errors="replace")
+                            strict_map_key=False, unicode_errors="replace", max_array_len=MAX_ARRAY_ITEMS,
+                            max_map_len=MAX_ARRAY_ITEMS)
 
 
-def event_epoch(value: object) -> float:
-    if isinstance(value, EventTime):
-        if value.nanoseconds >= 1_000_000_000:
-            raise ForwardMessageError(f"EventTime nanoseconds out of range: {value.nanoseconds}")
-        return value.epoch()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ForwardMessageError(f"an event time is {type(value).__name__}, not an integer or EventTime")
-    return float(value)
-
-
-def _event(time_value: object, record: object) -> tuple[float, dict[str, Any]]:
-    if not isinstance(record, dict):
-        raise ForwardMessageError(f"an event's record is {type(record).__name__}, not a map")
-    return event_epoch(time_value), record
+def checked(entries: list) -> list:
+    """``entries`` when each is ``[time, record]`` with a number (not a bool) and a map, else
+    ForwardMessageError naming the first that is not. One tight loop: this runs for every event."""
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 2:
+            raise ForwardMessageError("an entry is not [time, record]")
+        time_value, record = entry
+        kind = type(time_value)
+        if kind is not float and kind is not int:
+            raise ForwardMessageError(f"an event time is {kind.__name__}, not an integer or EventTime")
+        if type(record) is not dict:
+            raise ForwardMessageError(f"an event's record is {type(record).__name__}, not a map")
+    return entries
 
 
 def inflate_gzip(data: bytes, limit: int) -> bytes:
@@ -98,43 +115,48 @@ def inflate_gzip(data: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _packed_events(data: bytes) -> list[tuple[float, dict[str, Any]]]:
-    reader = msgpack.Unpacker(raw=False, ext_hook=ext_hook, max_buffer_size=max(len(data), 1),
-                              strict_map_key=False, unicode_errors="replace")
+def _packed_slices(data: bytes, size: int):
+    reader = msgpack.Unpacker(raw=False, ext_hook=ext_hook, max_buffer_size=len(data) + 1,
+                              strict_map_key=False, unicode_errors="replace", max_array_len=MAX_ARRAY_ITEMS,
+                              max_map_len=MAX_ARRAY_ITEMS)
     reader.feed(data)
-    events = []
-    end = 0  # where the last whole entry ended (tell() after a stop counts the partial one too)
+    reader.feed(_END)
+    ended = False
     try:
-        for entry in reader:
-            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-                raise ForwardMessageError("a packed entry is not [time, record]")
-            events.append(_event(*entry))
-            end = reader.tell()
+        while not ended:
+            piece = []
+            for entry in reader:
+                if entry is None:
+                    ended = True
+                    break
+                piece.append(entry)
+                if len(piece) >= size:
+                    break
+            else:
+                break  # out of data before the end mark: the last entry was cut short
+            if piece:
+                yield checked(piece)
     except ForwardMessageError:
         raise
     except (msgpack.UnpackException, ValueError) as exc:
         raise ForwardMessageError(f"packed entries are not msgpack: {exc}") from None
-    if end != len(data):
+    if not ended:
         raise ForwardMessageError("packed entries end in the middle of an entry")
-    return events
+    if reader.tell() != len(data) + 1:
+        raise ForwardMessageError("packed entries hold a nil where an entry should be")
 
 
 def decode(message: object, max_entries_bytes: int = MAX_ENTRIES_BYTES) -> ForwardMessage:
-    """One decoded msgpack object -> its tag, events and option, whatever the carrier mode."""
-    if not isinstance(message, (list, tuple)) or not 2 <= len(message) <= 4:
+    """One decoded msgpack object -> its tag, events and option, whatever the carrier mode. The
+    entries of PackedForward are checked as they are taken (``ForwardMessage.slices``)."""
+    if type(message) is not list or not 2 <= len(message) <= 4:
         raise ForwardMessageError(f"a message is {type(message).__name__}, not an array of 2 to 4 items")
     tag = message[0]
     if not isinstance(tag, str) or not tag:
         raise ForwardMessageError("a message's tag is not a non-empty string")
     second = message[1]
-    if isinstance(second, (list, tuple)):                      # Forward
-        option = _option(message, 2)
-        events = []
-        for entry in second:
-            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-                raise ForwardMessageError("a Forward entry is not [time, record]")
-            events.append(_event(*entry))
-        return ForwardMessage(tag, events, option)
+    if type(second) is list:                                    # Forward
+        return ForwardMessage(tag, checked(second), _option(message, 2))
     if isinstance(second, (bytes, str)):                        # PackedForward, maybe compressed
         option = _option(message, 2)
         data = second.encode("utf-8", "surrogateescape") if isinstance(second, str) else second
@@ -145,11 +167,10 @@ def decode(message: object, max_entries_bytes: int = MAX_ENTRIES_BYTES) -> Forwa
             data = inflate_gzip(data, max_entries_bytes)
         elif len(data) > max_entries_bytes:
             raise ForwardMessageError(f"packed entries are more than {max_entries_bytes} bytes")
-        return ForwardMessage(tag, _packed_events(data), option)
+        return ForwardMessage(tag, None, option, data)
     if len(message) < 3:                                        # Message
         raise ForwardMessageError("a Message has no record")
-    option = _option(message, 3)
-    return ForwardMessage(tag, [_event(second, message[2])], option)
+    return ForwardMessage(tag, checked([[second, message[2]]]), _option(message, 3))
 
 
 def _option(message, at: int) -> dict[str, Any]:

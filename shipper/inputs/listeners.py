@@ -282,10 +282,17 @@ class StreamServer:
 
     def close(self) -> None:
         for sock, _ in self.sockets:
+            try:  # wakes the accepting thread now: until its accept returns, the address stays taken
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 sock.close()
             except OSError:
                 pass
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(POLL * 2)
         with self.lock:
             connections = list(self.connections)
         for conn in connections:  # their threads see the stop flag within POLL; this wakes them now
@@ -295,10 +302,14 @@ class StreamServer:
                 pass
 
 
-def recv_some(sock: socket.socket, stop: threading.Event, idle_timeout: float, size: int = 256 * 1024) -> bytes | None:
-    """The next bytes of a connection; b"" at its end; None when stopping or idle too long."""
+def recv_some(sock: socket.socket, stop: threading.Event, idle_timeout: float, size: int = 256 * 1024,
+              deadline: float | None = None) -> bytes | None:
+    """The next bytes of a connection; b"" at its end; None when stopping, idle for ``idle_timeout``,
+    or past ``deadline`` (monotonic: what a peer that drips a byte at a time cannot push back)."""
     idle_since = time.monotonic()
     while not stop.is_set():
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
         try:
             data = sock.recv(size)
         except (TimeoutError, ssl.SSLWantReadError):

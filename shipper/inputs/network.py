@@ -20,7 +20,7 @@ from typing import Callable
 
 from shipper.errors import ConfigError
 from shipper.heartbeat import Heartbeat
-from shipper.inputs.journal import Journal, JournalFull, encode_frame
+from shipper.inputs.journal import FrameTooLarge, Journal, JournalBusy, JournalFull, encode_frame
 from shipper.inputs.listeners import (
     bind_inet, bind_unix, in_use_problem, remote_problem, server_tls_context, socket_problems, tls_problems,
 )
@@ -53,13 +53,24 @@ class NetworkInput:
         self.heartbeat = Heartbeat()
         self.stop = threading.Event()
         self.name = settings.get("id") or f"{settings.type}-{settings.tag}"
-        directory = os.path.join(context.data_dir, "journal", safe_tag(self.name))
-        self.journal = Journal(directory, settings.journal_max_bytes, self.stats, self.tag,
-                               checkpoint_interval=context.checkpoint_interval)
         self.tags: dict[str, str] = {}
         self.tags_lock = threading.Lock()
         self._full_reported = 0.0
-        self.servers: list = []
+        directory = os.path.join(context.data_dir, "journal", safe_tag(self.name))
+        try:
+            self.journal = Journal(directory, settings.journal_max_bytes, self.stats, self.tag,
+                                   checkpoint_interval=context.checkpoint_interval)
+        except JournalBusy as exc:
+            raise ConfigError([f"{settings.where}: {exc}"]) from None
+        try:
+            self.servers: list = self.make_servers()
+        except BaseException:  # the address is in use: nothing of this input stays open
+            self.journal.release()
+            raise
+
+    def make_servers(self) -> list:
+        """The subclass's listeners, bound (ConfigError naming the key when one cannot be)."""
+        return []
 
     # ------------------------------------------------------------ tags
 
@@ -78,17 +89,21 @@ class NetworkInput:
 
     # ------------------------------------------------------------ into the journal
 
-    def journal_rows(self, tag: str, messages: list, fields: list, wait: bool) -> int | None:
-        """Append rows to the journal (split into frames of at most MAX_ROWS_PER_FRAME); the sequence
-        number to ``sync`` for, or None when refused (journal full and ``wait`` false, or stopping)."""
+    def journal_rows(self, tag: str, messages: list, fields: list, wait: bool,
+                     drop_oversized: bool = False) -> int | None:
+        """Append rows to the journal (in frames of at most MAX_ROWS_PER_FRAME rows and the journal's
+        frame limit); the sequence number to ``sync`` for, or None when refused (journal full and
+        ``wait`` false, or stopping). A row alone over the frame limit raises FrameTooLarge (the rows
+        from there on are not written), or with ``drop_oversized`` is dropped and counted."""
         now = time.time()
         seq = None
-        for first in range(0, len(messages), MAX_ROWS_PER_FRAME):
-            frame = encode_frame(tag, now, self.kind, messages[first:first + MAX_ROWS_PER_FRAME],
-                                 fields[first:first + MAX_ROWS_PER_FRAME])
+        first = 0
+        limit = self.journal.frame_limit
+        oversized = self._drop_oversized if drop_oversized else None
+        for first, frame, items in frames_of(tag, now, self.kind, messages, fields, limit, oversized):
             while True:
                 try:
-                    seq = self.journal.append(frame)
+                    seq = self.journal.append(frame, items)
                     break
                 except JournalFull as exc:
                     self._say_full(exc)
@@ -106,6 +121,10 @@ class NetworkInput:
                         return None
         self.stats.add("records_received", len(messages), input=self.tag)
         return seq
+
+    def _drop_oversized(self, exc: FrameTooLarge) -> None:
+        log.error("%s: %s; dropped", self.tag, exc)
+        self.stats.add("records_dropped", 1, input=self.tag, reason="too_large")
 
     def _say_full(self, exc: JournalFull) -> None:
         now = time.monotonic()
@@ -135,6 +154,12 @@ class NetworkInput:
     def save_checkpoints(self) -> None:
         self.journal.save_checkpoint()
 
+    def close(self) -> None:
+        """The pipeline is done with this input (stopped, or never started): its sockets and journal
+        are given up, so the next configuration's input can take them."""
+        self.stop_listening()
+        self.journal.release()
+
     # ------------------------------------------------------------ listening (the subclass's sockets)
 
     def start_listening(self) -> None:
@@ -146,6 +171,33 @@ class NetworkInput:
         for server in self.servers:
             server.close()
         self.journal.close()
+
+
+def frames_of(tag: str, now: float, kind: str, messages: list, fields: list, limit: int,
+              oversized: Callable[[FrameTooLarge], None] | None = None):
+    """(index of the first row, frame, its items) for rows, each frame at most MAX_ROWS_PER_FRAME rows
+    and ``limit`` bytes: a frame over the limit is made again of half its rows. A row alone over it
+    raises FrameTooLarge, or is left out after ``oversized`` was told."""
+    first = 0
+    total = len(messages)
+    size = MAX_ROWS_PER_FRAME
+    while first < total:
+        items = [tag, now, kind, messages[first:first + size], fields[first:first + size]]
+        frame = encode_frame(*items)
+        if len(frame) > limit:
+            if size == 1:
+                error = FrameTooLarge(f"one event of {len(frame)} bytes is over the journal's frame limit "
+                                      f"({limit} bytes: half of journal_max_bytes)")
+                if oversized is None:
+                    raise error
+                oversized(error)
+                first += 1
+                size = MAX_ROWS_PER_FRAME
+                continue
+            size = max(1, min(size, total - first) // 2)
+            continue
+        yield first, frame, items
+        first += len(items[3])
 
 
 def stream_sockets(settings, where: str, tls: bool = True) -> list:

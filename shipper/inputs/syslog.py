@@ -64,6 +64,9 @@ def validate(settings) -> list[str]:
         if value:
             problems.extend(p.replace(".listen:", f".{key}:") for p in
                             listener_problems(_Listen(settings, value), settings.where))
+    if settings.get("max_message_bytes", 0) > settings.get("journal_max_bytes", 0) // 4:
+        problems.append(f"{settings.where}.max_message_bytes: at most a quarter of journal_max_bytes "
+                        f"({settings.journal_max_bytes // 4} bytes), or a message could never be journaled")
     return list(dict.fromkeys(problems))
 
 
@@ -104,10 +107,11 @@ def message_row(raw: bytes, received: float, cut: bool = False) -> tuple[str, di
 class SyslogInput(NetworkInput):
     kind = "syslog"
 
-    def __init__(self, settings, context):
-        super().__init__(settings, context)
+    def make_servers(self) -> list:
+        settings = self.settings
         where = settings.where
         self.datagram_sockets: list[socket.socket] = []
+        self._datagram_threads: list[threading.Thread] = []
         stream = stream_sockets(_Listen(settings, settings.tcp), where) if settings.tcp else []
         try:
             if settings.udp:
@@ -127,9 +131,8 @@ class SyslogInput(NetworkInput):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, settings.receive_buffer_bytes)
             except OSError:
                 pass
-        self.servers = [StreamServer(self.tag, stream, self.serve, settings.max_connections, self.stats,
-                                     self.stop)] if stream else []
-        self._datagram_threads: list[threading.Thread] = []
+        return [StreamServer(self.tag, stream, self.serve, settings.max_connections, self.stats,
+                             self.stop)] if stream else []
 
     def start_listening(self) -> None:
         super().start_listening()
@@ -211,7 +214,9 @@ class SyslogInput(NetworkInput):
     def _journal_datagrams(self, messages: list, fields: list) -> None:
         if not messages:
             return
-        seq = self.journal_rows(self.tag, messages, fields, wait=False)
+        # A message of invalid bytes grows by their replacement characters: one over the frame limit is
+        # dropped and counted, the others go on.
+        seq = self.journal_rows(self.tag, messages, fields, wait=False, drop_oversized=True)
         if seq is not None:
             try:
                 self.journal.sync(seq)

@@ -188,6 +188,7 @@ TIME_ERROR = "\x00time_error"
 METRICS = "\x00metrics"
 THROTTLED = "\x00throttled"  # the throttle filter's summary record: {"source": ..., "dropped": N, "since": ...}
 PARSED = "\x00parsed"
+_PARSED_AND_TIME = frozenset({PARSED, TIME})
 _AGENT_KEYS = frozenset({TIME, TRUNCATED, ENCODING_ERRORS, PARSE_ERROR, TIME_ERROR, METRICS, THROTTLED})
 # Flags that say how a line was read; they survive when a record falls back to its raw line.
 _READ_FLAGS = (TRUNCATED, ENCODING_ERRORS)
@@ -262,8 +263,46 @@ def json_default(value: object) -> object:
 
 
 def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
-    return b"".join([orjson.dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
-                     for record in batch.records(envelope)])
+    """The general path: each record as ``records`` makes it, except that the common shape of a
+    parsed line or a forwarded event (fields: PARSED and TIME only) skips building the record:
+    its JSON is spliced from the batch's head, encoded once, and the parsed fields, encoded alone.
+    The result is the same object (keys placed alike, "fields" last); anything else takes the dict."""
+    head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
+    labels = envelope.labels
+    read_time = orjson.dumps(head["time"])
+    rest = b"," + orjson.dumps({k: v for k, v in head.items() if k != "time"})[1:-1]
+    end = b',"labels":' + orjson.dumps(labels) + b"}\n" if labels else b"}\n"
+    dumps = orjson.dumps
+    lines = []
+    append = lines.append
+    for message, extra in zip(batch.message_list(), batch.fields or _none_forever()):
+        if extra is not None and extra.keys() <= _PARSED_AND_TIME:
+            parsed = extra.get(PARSED)
+            when = extra.get(TIME)
+            try:
+                body = dumps(parsed, default=json_default) if parsed else b"{}"
+            except TypeError:  # keys that are not text: the dict path says what to do
+                body = None
+            if body is not None and b'"\\u0000' not in body:  # a NUL-led name goes under "fields": the dict path
+                clash = RESERVED_KEYS.intersection(parsed) if parsed else None
+                if clash:
+                    nested = {key: parsed[key] for key in parsed if key in clash}
+                    kept = {key: parsed[key] for key in parsed if key not in clash}
+                    body = dumps(kept, default=json_default)[:-1] + (b',"fields":' if kept else b'"fields":') \
+                        + dumps(nested, default=json_default) + b"}"
+                append(b"".join((b'{"time":', read_time if when is None else dumps(when), rest,
+                                 b"" if message is None else b',"message":' + dumps(message),
+                                 b"" if len(body) == 2 else b"," + body[1:-1], end)))
+                continue
+        record = dict(head)
+        if message is not None:
+            record["message"] = message
+        if extra:
+            _merge_fields(record, extra)
+        if labels:
+            record["labels"] = labels
+        append(dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE))
+    return b"".join(lines)
 
 
 def repair(batch: Batch, envelope: Envelope) -> int:

@@ -146,3 +146,19 @@ def test_a_forward_message_of_more_events_than_a_message_may_hold_is_refused():
     reader = unpacker(16 << 20)
     reader.feed(msgpack.packb(["app", [[0, {}]] * 100_000]))
     assert len(decode(next(reader)).events) == 100_000
+
+
+def test_event_rows_take_the_message_key_and_give_each_event_its_time():
+    from shipper.inputs.forward import TimeText, event_rows
+    from shipper.record import PARSED, TIME, format_time
+
+    epochs = [1764669600.0, 1764669600.9999996, 1764669601.25, float("nan"), -5.0, 1e13, 1764669601]
+    events = [[epoch, {"log": f"line {i}\n", "n": i}] for i, epoch in enumerate(epochs)]
+    events.append([1764669602, {"log": 42}])     # not text: stays a field
+    events.append([1764669602, {"other": "x"}])  # no message
+    messages, fields = event_rows(events, "log", TimeText())
+    assert messages[:7] == [f"line {i}" for i in range(7)] and messages[7:] == [None, None]
+    assert [f[TIME] for f in fields[:7]] == [format_time(e) for e in epochs]
+    assert fields[7][PARSED] == {"log": 42} and fields[8][PARSED] == {"other": "x"}
+    whole, fields = event_rows([[1.5, {"log": "kept"}]], "", TimeText())
+    assert whole == [None] and fields[0][PARSED] == {"log": "kept"}

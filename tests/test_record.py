@@ -2,6 +2,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shipper import record as record_module
 from shipper.record import _NOT_CONTROL as NOT_CONTROL
 from shipper.record import (ENCODING_ERRORS, TIME, Batch, Envelope, encode_ndjson, encode_plain_lines,
                             format_time)
@@ -72,3 +73,36 @@ def test_control_characters_take_the_exact_path():
     blob = "bell \x07 and nul \x00 and esc \x1b[0m\ttab\r\nnext\n".encode()
     out = encode_plain_lines(blob, PREFIX, SUFFIX)
     assert [orjson.loads(line) for line in out.split(b"\n")[:-1]] == reference(blob)
+
+
+def test_parsed_rows_spliced_give_the_records_the_dict_path_gives():
+    from shipper.record import PARSED, TIME, encode_ndjson
+
+    cases = [  # (message, fields) as the json parser and the forward input make them
+        ("plain", {PARSED: {"user": "ann", "n": 1}, TIME: "2026-12-01T00:00:00.000001Z"}),
+        ("no time", {PARSED: {"a": [1, {"b": None}]}}),
+        (None, {PARSED: {"only": "fields"}, TIME: "2026-12-01T00:00:00.000002Z"}),
+        ("docker", {PARSED: {"container_id": "c", "source": "stdout", "time": "theirs", "labels": "x"}}),
+        ("all reserved", {PARSED: {"source": "stdout", "fields": {"deep": 1}}}),
+        ("nul-led name", {PARSED: {"\x00time": "pose", "ok": 1}}),
+        ("nul in a value", {PARSED: {"v": "\x00x"}}),
+        ("bytes", {PARSED: {"raw": b"\xffbin"}}),
+        ("empty parsed", {PARSED: {}, TIME: "2026-12-01T00:00:00.000003Z"}),
+        ("agent flags too", {PARSED: {"a": 1}, "\x00truncated": True}),
+        ("no fields", None),
+        ("int keys", {PARSED: {1: "one"}}),
+    ]
+    for labels in ({}, {"team": "core"}):
+        envelope = Envelope({"host": "h", "instance_id": "i-1"}, labels)
+        encodable = Batch("app", "forward", 1764547200.0, messages=[m for m, _ in cases[:-1]],
+                          fields=[f for _, f in cases[:-1]])
+        expected = [orjson.loads(orjson.dumps(r, default=record_module.json_default))
+                    for r in encodable.records(envelope)]  # the dict path, record by record
+        batch = Batch("app", "forward", 1764547200.0, messages=[m for m, _ in cases], fields=[f for _, f in cases])
+        lines = [orjson.loads(line) for line in encode_ndjson(batch, envelope).splitlines()]
+        assert len(lines) == len(cases)
+        assert lines[:-1] == expected
+        docker = lines[3]
+        assert docker["source"] == "forward" and docker["fields"] == {"source": "stdout", "time": "theirs", "labels": "x"}
+        assert lines[7]["raw"] == "\ufffdbin" and lines[5]["fields"] == {"\x00time": "pose"}
+        assert lines[-1].get("parse_error") is True  # a key that is not text: the raw line, flagged

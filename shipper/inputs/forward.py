@@ -62,7 +62,8 @@ def check(settings) -> tuple[list[str], list[str]]:
 
 
 class TimeText:
-    """format_time with the seconds' text kept: the events of a chunk mostly share their second."""
+    """format_time with the seconds' text kept: the events of a chunk mostly share their second.
+    A connection's own (it keeps state); ``event_rows`` inlines ``__call__`` for its events."""
 
     __slots__ = ("second", "text")
 
@@ -71,7 +72,7 @@ class TimeText:
         self.text = ""
 
     def __call__(self, epoch: float) -> str:
-        if not 0.0 <= epoch < 253402300799.0:  # NaN, infinities, before 1970, after 9999: clamped there
+        if not 0.0 <= epoch < _LAST_SECOND:  # NaN, infinities, before 1970, after 9999: clamped there
             return format_time(epoch)
         second = int(epoch)
         micros = int((epoch - second) * 1_000_000 + 0.5)
@@ -82,25 +83,37 @@ class TimeText:
         return f"{self.text}.{micros:06d}Z"
 
 
+_LAST_SECOND = 253402300799.0
+
+
 def event_rows(events: list, message_key: str, time_text: TimeText) -> tuple[list, list]:
-    """A message's events -> (messages, fields) rows of the journal."""
-    fields = []
-    if not message_key:
-        for epoch, record in events:
-            fields.append({PARSED: record, TIME: time_text(epoch)})
-        return [None] * len(events), fields
-    messages = []
-    for epoch, record in events:  # the records were just decoded: they are ours to change
-        message = record.pop(message_key, None)
-        if isinstance(message, str):
-            if message.endswith("\n"):  # Docker's lines end with theirs
-                message = message[:-1]
-        elif message is not None:  # not text: it stays a field
-            record[message_key] = message
-            message = None
-        messages.append(message)
-        fields.append({PARSED: record, TIME: time_text(epoch)})
-    return messages, fields
+    """A message's events -> (messages, fields) rows of the journal. The records were just decoded:
+    they are ours to change. Runs for every event, so TimeText's work is done here in line."""
+    fields: list = []
+    messages: list = []
+    add_field, add_message = fields.append, messages.append
+    second_known, text = time_text.second, time_text.text
+    for epoch, record in events:
+        if message_key:
+            message = record.pop(message_key, None)
+            if type(message) is str:
+                if message[-1:] == "\n":  # Docker's lines end with theirs
+                    message = message[:-1]
+            elif message is not None:  # not text: it stays a field
+                record[message_key] = message
+                message = None
+            add_message(message)
+        if 0.0 <= epoch < _LAST_SECOND:
+            second = int(epoch)
+            micros = int((epoch - second) * 1_000_000 + 0.5)
+            if micros < 1_000_000:
+                if second != second_known:
+                    second_known, text = second, format_time(second)[:-8]
+                add_field({PARSED: record, TIME: f"{text}.{micros:06d}Z"})
+                continue
+        add_field({PARSED: record, TIME: format_time(epoch)})
+    time_text.second, time_text.text = second_known, text
+    return (messages if message_key else [None] * len(events)), fields
 
 
 class ForwardInput(NetworkInput):

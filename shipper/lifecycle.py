@@ -5,17 +5,22 @@ On EC2 the instance says it is about to go through IMDS: a Spot interruption not
 ``autoscaling/target-lifecycle-state`` ("Terminated"). The watcher asks every few seconds;
 on a notice it emits one ``lifecycle`` record and switches every output to flush-now, so
 the last minutes of a doomed server are shipped before it disappears.
+
+The record is journaled first (``LifecycleRecords``, a journaled input of the pipeline's own), so a
+crash between the notice and its delivery does not lose it: the restarted agent reads it again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
 
 import orjson
 
+from shipper.inputs.journaled import JournaledInput
 from shipper.record import Batch
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,23 @@ AUTOSCALING_PATH = "meta-data/autoscaling/target-lifecycle-state"
 def lifecycle_batch(event: str, message: str, **fields: str) -> Batch:
     """One record tagged ``lifecycle``: {"event": ..., "message": ..., more fields}."""
     return Batch(TAG, None, time.time(), messages=[message], fields=[{"event": event, **fields}])
+
+
+class LifecycleRecords(JournaledInput):
+    """The pipeline's input of lifecycle records: ``record`` journals one, the reader hands it on."""
+
+    JOURNAL_BYTES = 4 * 1024 * 1024
+
+    def __init__(self, data_dir: str, stats, checkpoint_interval: float):
+        super().__init__(TAG, "lifecycle", os.path.join(data_dir, "journal", "lifecycle"), self.JOURNAL_BYTES,
+                         stats, checkpoint_interval, "agent.data_dir")
+
+    def record(self, batch: Batch) -> bool:
+        """Journal the batch's records (fsynced); False when the journal refused them (counted), or is
+        closed already (the pipeline is stopping: the caller hands the batch on itself)."""
+        if self.stop.is_set():
+            return False
+        return self.journal_now(batch.tag, batch.message_list(), batch.fields or [None] * batch.count)
 
 
 def termination_notice(spot: str | None, lifecycle_state: str | None) -> dict[str, str] | None:

@@ -24,6 +24,7 @@ from shipper.filters import FILTER_MODULES, Filter, FilterContext, derived
 from shipper import heartbeat
 from shipper.heartbeat import late_inputs
 from shipper.identity import resolve_identity
+from shipper.lifecycle import LifecycleRecords
 from shipper.outputs.base import Output, OutputContext
 from shipper.outputs.retry import Backoff
 from shipper.quarantine import Quarantine
@@ -438,9 +439,11 @@ class Pipeline:
         input_context = InputContext(self.data_dir, self.stats, agent.checkpoint_interval,
                                      self.quarantine.take(), sum(s.type == "file" for s in config.inputs))
         self.inputs = []
+        self.lifecycle: LifecycleRecords | None = None
         try:
             for settings in config.inputs:
                 self.inputs.append(importlib.import_module(INPUT_MODULES[settings.type]).INPUT(settings, input_context))
+            self.lifecycle = LifecycleRecords(self.data_dir, self.stats, agent.checkpoint_interval)
         except BaseException:  # e.g. an address in use: what the inputs before it hold is let go
             self.close_inputs()
             raise
@@ -548,7 +551,7 @@ class Pipeline:
     def start(self) -> None:
         for runner in self.runners:
             runner.start()
-        for index, source in enumerate(self.inputs):
+        for index, source in enumerate(self._own_inputs()):
             thread = threading.Thread(target=self._run_input, args=(source,), name=f"input-{index}", daemon=True)
             thread.start()
             self._input_threads.append(thread)
@@ -567,10 +570,19 @@ class Pipeline:
             log.exception("input %s failed; stopping the agent", getattr(source, "tag", source))
             self.failed.set()
 
+    def record_lifecycle(self, batch: Batch) -> None:
+        """A lifecycle record (a termination notice): journaled, then handed on by its reader; straight
+        to the outputs when the journal cannot take it (stopping, or the disk refuses)."""
+        if self.lifecycle is None or not self.lifecycle.record(batch):
+            self.emit(batch)
+
+    def _own_inputs(self) -> list:
+        return self.inputs + ([self.lifecycle] if self.lifecycle is not None else [])
+
     def close_inputs(self) -> None:
-        """Give up what inputs hold beyond their thread (a network input's sockets and journal), so that
-        a reload's next pipeline can take them; once stopped, or when this pipeline is never started."""
-        for source in self.inputs:
+        """Give up what inputs hold beyond their thread (a journaled input's producers and journal), so
+        that a reload's next pipeline can take them; once stopped, or when this pipeline is never started."""
+        for source in self._own_inputs():
             close = getattr(source, "close", None)
             if close is not None:
                 try:
@@ -598,7 +610,7 @@ class Pipeline:
         for runner in self.runners:
             runner.deadline = deadline
         self.stop_inputs.set()
-        for source in self.inputs:
+        for source in self._own_inputs():
             source.wake.set()
         for thread in self._input_threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -610,7 +622,7 @@ class Pipeline:
             runner.finish()
         for runner in self.runners:
             runner.join(max(0.0, deadline - time.monotonic()) + 1.0)
-        for source in self.inputs:
+        for source in self._own_inputs():
             source.save_checkpoints()
         self.close_inputs()
         if not self.failed.is_set():

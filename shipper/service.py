@@ -348,5 +348,5 @@ class Service:
         with self.changing:  # not into a pipeline that a reload is draining
             pipeline = self.pipeline
             pipeline.flush_now()
-            pipeline.emit(lifecycle_batch("termination_notice", message, **notice))
+            pipeline.record_lifecycle(lifecycle_batch("termination_notice", message, **notice))
         self.notifier.status(message)

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 
 from conftest import read_archive, wait_for
 from shipper.config import COMMON_INPUT_OPTIONS, validate_section
 from shipper.inputs import metrics
-from shipper.inputs.metrics import MetricsInput, cpu_percentages, next_tick, rate, rates
-from shipper.pipeline import InputContext
+from shipper.inputs.metrics import Sampler, cpu_percentages, next_tick, rate, rates
 from shipper.stats import Stats
 
 
-def make_input(**options) -> MetricsInput:
+def make_input(**options) -> Sampler:
     problems: list[str] = []
     settings = validate_section("inputs[0]", {"type": "metrics", **options},
                                 {**COMMON_INPUT_OPTIONS, **metrics.OPTIONS}, problems)
     assert problems == []
     settings._values["tag"] = "metrics"
-    return MetricsInput(settings, InputContext("/nonexistent", Stats(), 1.0))
+    return Sampler(settings, Stats())
 
 
 def test_ticks_are_aligned_to_the_wall_clock():
@@ -116,3 +116,58 @@ upload_interval = "200ms"
     assert all(r["time"].endswith(".000000Z") for r in records)  # aligned to whole seconds
     assert all("cpu.percent" in r["metrics"] and "memory.used_bytes" in r["metrics"] for r in records)
     assert "reading every 1s: cpu, memory, network (metrics, tag metrics)" in agent.log()
+
+
+def test_samples_taken_before_a_kill_9_are_delivered_after_it(run_agent, workdir, make_forward_peer):
+    # The destination is down: samples pile up in the journal, then the agent dies without a stop.
+    peer = make_forward_peer()
+    peer.set_down(True)
+    data = workdir / "data"
+    config = f"""
+[agent]
+data_dir = "{data}"
+flush_interval = "100ms"
+checkpoint_interval = "100ms"
+retry_initial_delay = "50ms"
+retry_max_delay = "200ms"
+[cloud]
+metadata = "off"
+[server]
+listen = ""
+[[inputs]]
+type = "metrics"
+interval = "200ms"
+groups = ["memory"]
+[[outputs]]
+type = "fluentd"
+hosts = ["127.0.0.1:{peer.port}"]
+"""
+    agent = run_agent(config)
+    wait_for(lambda: "reading every" in agent.log(), message="the agent started")
+    time.sleep(1.5)  # about seven samples, none deliverable
+    agent.proc.kill()
+    agent.proc.wait(10)
+    killed_at = time.time()
+    peer.set_down(False)
+    agent = run_agent(config)
+    wait_for(lambda: any(e.time < killed_at for e in peer.events()), timeout=30,
+             message="a sample of the killed agent at the peer")
+    assert agent.stop() == 0
+    before = [e.record for e in peer.events() if e.time < killed_at]  # the event time is the sample's
+    assert len(before) >= 3 and all("memory.used_bytes" in r["metrics"] for r in before)
+
+
+def test_a_lifecycle_record_is_journaled_before_it_goes_on(tmp_path):
+    from shipper.lifecycle import LifecycleRecords, lifecycle_batch
+
+    stats = Stats()
+    first = LifecycleRecords(str(tmp_path), stats, 0.1)
+    assert first.record(lifecycle_batch("termination_notice", "termination notice (spot): terminate",
+                                        source="spot", action="terminate", at=""))
+    first.journal.release()  # a crash before any output confirmed it
+    again = LifecycleRecords(str(tmp_path), stats, 0.1)
+    batch = next(b for b in again.journal.batches(threading.Event(), wait=0.01) if b is not None)
+    assert batch.tag == "lifecycle" and batch.messages == ["termination notice (spot): terminate"]
+    assert batch.fields == [{"event": "termination_notice", "source": "spot", "action": "terminate", "at": ""}]
+    again.stop.set()
+    assert not again.record(lifecycle_batch("agent_stopping", "late"))  # stopping: the caller hands it on

@@ -27,9 +27,8 @@ from shipper.inputs import forward_messages
 from shipper.inputs.forward_messages import ForwardMessageError
 from shipper.inputs.journal import FrameTooLarge
 from shipper.inputs.listeners import LISTENER_OPTIONS, StreamServer, recv_some, send_all
-from shipper.inputs.network import (
-    MAX_ROWS_PER_FRAME, NetworkInput, check_listeners, listener_problems, stream_sockets,
-)
+from shipper.inputs.journaled import MAX_ROWS_PER_FRAME
+from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
 from shipper.outputs.forward_protocol import HandshakeError, HandshakeRefused, check_ping, helo, pong
 from shipper.record import PARSED, TIME, format_time
 
@@ -117,13 +116,13 @@ def event_rows(events: list, message_key: str, time_text: TimeText) -> tuple[lis
 
 
 class ForwardInput(NetworkInput):
-    kind = "forward"
+    source = "forward"
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
         self.hostname = settings.self_hostname or socket.gethostname()
 
-    def make_servers(self) -> list:
+    def make_producers(self) -> list:
         settings = self.settings
         return [StreamServer(self.tag, stream_sockets(settings, settings.where), self.serve,
                              settings.max_connections, self.stats, self.stop)]

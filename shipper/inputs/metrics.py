@@ -20,7 +20,7 @@ from typing import Any, Callable
 import psutil
 
 from shipper.config import Option, did_you_mean
-from shipper.heartbeat import Heartbeat
+from shipper.inputs.journaled import JournaledInput
 from shipper.record import METRICS, TIME, Batch, format_time
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ OPTIONS = {
     "top_processes": Option("int", 0, minimum=0),           # N busiest by CPU and largest by RSS
     "process_names": Option("strlist", []),                 # processes to watch by name
     "pid_files": Option("strlist", []),                     # ... or by pid file
+    "id": Option("str", ""),                                # names its journal (default: metrics-<tag>)
+    "journal_max_bytes": Option("size", 64 * 1024**2, minimum=1024**2),  # samples kept while outputs are down
 }
 
 
@@ -109,34 +111,18 @@ def cpu_percentages(previous: dict[str, float] | None, current: dict[str, float]
 
 # ---------------------------------------------------------------- the input
 
-class MetricsInput:
-    def __init__(self, settings, context):
+class Sampler:
+    """Readings of psutil turned into one sample's metrics, with what rates need of the last one."""
+
+    def __init__(self, settings, stats):
         self.settings = settings
         self.tag = settings.tag
-        self.stats = context.stats
+        self.stats = stats
         self.groups = set(settings.groups)
-        self.wake = threading.Event()
         self.previous: dict[str, Any] = {}
         self.previous_time: float | None = None
         self.watched: dict[int, psutil.Process] = {}  # processes whose CPU % needs their previous reading
         self.sample_seconds = 0.0  # what the last sample cost, for the benchmark and the health endpoint
-        self.heartbeat = Heartbeat()
-
-    def run(self, emit: Callable[[Batch], None], stop: threading.Event) -> None:
-        self.sample()  # primes the counters: the first record already has rates
-        while not stop.is_set():
-            tick = next_tick(time.time(), self.settings.interval)
-            self.heartbeat.beat(max(0.0, tick - time.time()))
-            if stop.wait(max(0.0, tick - time.time())):
-                break
-            started = time.perf_counter()
-            metrics = self.sample()
-            self.sample_seconds = time.perf_counter() - started
-            emit(Batch(self.tag, None, tick, messages=[None], fields=[{METRICS: metrics, TIME: format_time(tick)}]))
-            self.stats.add("records_in", 1, input=self.tag)
-
-    def save_checkpoints(self) -> None:
-        """Samples are not read again after a restart: nothing to save."""
 
     def sample(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -293,6 +279,67 @@ class MetricsInput:
             except (OSError, ValueError, IndexError):
                 self.stats.add("sample_errors", 1, input=self.tag, group="pid_files")
         return pids
+
+
+class Sampling:
+    """The producer: a thread taking a sample at each tick of the wall clock and journaling it."""
+
+    def __init__(self, source: "MetricsInput"):
+        self.source = source
+        self.thread = threading.Thread(target=self._run, name=f"{source.tag}-sampling", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.source.stop.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(5.0)  # a sample under way goes into the journal before it is closed
+
+    def _run(self) -> None:
+        source, sampler, stop = self.source, self.source.sampler, self.source.stop
+        interval = source.settings.interval
+        try:
+            sampler.sample()  # primes the counters: the first record already has rates
+            while not stop.is_set():
+                tick = next_tick(time.time(), interval)
+                source.heartbeat.beat(max(0.0, tick - time.time()) + 5.0)
+                if stop.wait(max(0.0, tick - time.time())):
+                    break
+                started = time.perf_counter()
+                metrics = sampler.sample()
+                sampler.sample_seconds = time.perf_counter() - started
+                source.journal_now(source.tag, [None], [{METRICS: metrics, TIME: format_time(tick)}])
+        except Exception:  # a bug, not bad input: as an input thread's would, it stops the agent
+            log.exception("%s: sampling failed; stopping the agent", source.tag)
+            source.failed = True
+            stop.set()
+
+
+class MetricsInput(JournaledInput):
+    """Samples are journaled before they go on: one taken before a kill -9 is delivered after it."""
+
+    def __init__(self, settings, context):
+        self.settings = settings
+        self.sampler = Sampler(settings, context.stats)
+        self.failed = False
+        name = settings.get("id") or f"metrics-{settings.tag}"
+        super().__init__(settings.tag, name, os.path.join(context.data_dir, "journal", name),
+                         settings.journal_max_bytes, context.stats, context.checkpoint_interval, settings.where)
+
+    def make_producers(self) -> list:
+        return [Sampling(self)]
+
+    def beat(self) -> None:
+        """The sampling thread beats (a sample stuck in psutil is late); the reader's ticks do not."""
+
+    def run(self, emit: Callable[[Batch], None], stop: threading.Event) -> None:
+        super().run(emit, stop)
+        if self.failed:
+            raise RuntimeError(f"the sampling of {self.tag} failed")
+
+    def sample(self) -> dict[str, Any]:
+        return self.sampler.sample()
 
 
 INPUT = MetricsInput

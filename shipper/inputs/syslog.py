@@ -105,9 +105,9 @@ def message_row(raw: bytes, received: float, cut: bool = False) -> tuple[str, di
 
 
 class SyslogInput(NetworkInput):
-    kind = "syslog"
+    source = "syslog"
 
-    def make_servers(self) -> list:
+    def make_producers(self) -> list:
         settings = self.settings
         where = settings.where
         self.datagram_sockets: list[socket.socket] = []
@@ -134,19 +134,19 @@ class SyslogInput(NetworkInput):
         return [StreamServer(self.tag, stream, self.serve, settings.max_connections, self.stats,
                              self.stop)] if stream else []
 
-    def start_listening(self) -> None:
-        super().start_listening()
+    def start_producing(self) -> None:
+        super().start_producing()
         for sock in self.datagram_sockets:
             thread = threading.Thread(target=self._receive, args=(sock,), name=f"{self.tag}-datagrams", daemon=True)
             thread.start()
             self._datagram_threads.append(thread)
 
-    def stop_listening(self) -> None:
+    def stop_producing(self) -> None:
         self.stop.set()
         for thread in self._datagram_threads:
             if thread is not threading.current_thread():
                 thread.join(POLL * 2)  # what it gathered goes into the journal before it is closed
-        super().stop_listening()
+        super().stop_producing()
         for sock in self.datagram_sockets:
             try:
                 sock.close()
@@ -212,16 +212,7 @@ class SyslogInput(NetworkInput):
                 gathered_since = 0.0
 
     def _journal_datagrams(self, messages: list, fields: list) -> None:
-        if not messages:
-            return
-        # A message of invalid bytes grows by their replacement characters: one over the frame limit is
-        # dropped and counted, the others go on.
-        seq = self.journal_rows(self.tag, messages, fields, wait=False, drop_oversized=True)
-        if seq is not None:
-            try:
-                self.journal.sync(seq)
-            except OSError as exc:
-                log.error("%s: cannot fsync the journal: %s", self.tag, exc)
-
+        if messages:  # a message of invalid bytes grows by its replacement characters: one over the
+            self.journal_now(self.tag, messages, fields)  # frame limit is dropped and counted
 
 INPUT = SyslogInput

@@ -189,6 +189,7 @@ METRICS = "\x00metrics"
 THROTTLED = "\x00throttled"  # the throttle filter's summary record: {"source": ..., "dropped": N, "since": ...}
 PARSED = "\x00parsed"
 _PARSED_AND_TIME = frozenset({PARSED, TIME})
+_NOTHING: dict[str, Any] = {}
 _AGENT_KEYS = frozenset({TIME, TRUNCATED, ENCODING_ERRORS, PARSE_ERROR, TIME_ERROR, METRICS, THROTTLED})
 # Flags that say how a line was read; they survive when a record falls back to its raw line.
 _READ_FLAGS = (TRUNCATED, ENCODING_ERRORS)
@@ -264,35 +265,37 @@ def json_default(value: object) -> object:
 
 def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
     """The general path: each record as ``records`` makes it, except that the common shape of a
-    parsed line or a forwarded event (fields: PARSED and TIME only) skips building the record:
-    its JSON is spliced from the batch's head, encoded once, and the parsed fields, encoded alone.
-    The result is the same object (keys placed alike, "fields" last); anything else takes the dict."""
+    parsed line or a forwarded event (fields: PARSED and TIME only) is built in one dict display,
+    without ``_merge_fields``' loop: the same object ("fields" placed last). A NUL-led name (which
+    goes under "fields") is seen in the JSON, and that record takes the dict path."""
     head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
     labels = envelope.labels
-    read_time = orjson.dumps(head["time"])
-    rest = b"," + orjson.dumps({k: v for k, v in head.items() if k != "time"})[1:-1]
-    end = b',"labels":' + orjson.dumps(labels) + b"}\n" if labels else b"}\n"
+    read_time = head["time"]
     dumps = orjson.dumps
+    newline = orjson.OPT_APPEND_NEWLINE
     lines = []
     append = lines.append
     for message, extra in zip(batch.message_list(), batch.fields or _none_forever()):
         if extra is not None and extra.keys() <= _PARSED_AND_TIME:
-            parsed = extra.get(PARSED)
-            when = extra.get(TIME)
+            parsed = extra.get(PARSED) or _NOTHING
+            record = {**head, "time": extra.get(TIME, read_time)}
+            if message is not None:
+                record["message"] = message
+            if RESERVED_KEYS.isdisjoint(parsed):
+                record.update(parsed)
+            else:  # Docker's "source", a sender's "time": under "fields"
+                kept = parsed.copy()
+                nested = {key: kept.pop(key) for key in RESERVED_KEYS.intersection(parsed)}
+                record.update(kept)
+                record["fields"] = nested
+            if labels:
+                record["labels"] = labels
             try:
-                body = dumps(parsed, default=json_default) if parsed else b"{}"
-            except TypeError:  # keys that are not text: the dict path says what to do
-                body = None
-            if body is not None and b'"\\u0000' not in body:  # a NUL-led name goes under "fields": the dict path
-                clash = RESERVED_KEYS.intersection(parsed) if parsed else None
-                if clash:
-                    nested = {key: parsed[key] for key in parsed if key in clash}
-                    kept = {key: parsed[key] for key in parsed if key not in clash}
-                    body = dumps(kept, default=json_default)[:-1] + (b',"fields":' if kept else b'"fields":') \
-                        + dumps(nested, default=json_default) + b"}"
-                append(b"".join((b'{"time":', read_time if when is None else dumps(when), rest,
-                                 b"" if message is None else b',"message":' + dumps(message),
-                                 b"" if len(body) == 2 else b"," + body[1:-1], end)))
+                line = dumps(record, default=json_default, option=newline)
+            except TypeError:  # a name that is not text: the dict path says what to do
+                line = b'"\\u0000'
+            if b'"\\u0000' not in line:
+                append(line)
                 continue
         record = dict(head)
         if message is not None:
@@ -301,7 +304,7 @@ def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
             _merge_fields(record, extra)
         if labels:
             record["labels"] = labels
-        append(dumps(record, default=json_default, option=orjson.OPT_APPEND_NEWLINE))
+        append(dumps(record, default=json_default, option=newline))
     return b"".join(lines)
 
 

@@ -357,6 +357,11 @@ class Journal:
                 self._changed.wait(timeout)
         return self.room_for(size)
 
+    def wake_reader(self) -> None:
+        """The reader's wait ends now (the pipeline is stopping: it should look at its stop flag)."""
+        with self._changed:
+            self._changed.notify_all()
+
     def close(self) -> None:
         """No more writing (what was written is synced); the reader may go on reading and confirming."""
         with self._sync_lock, self._lock:
@@ -386,7 +391,7 @@ class Journal:
 
     # ------------------------------------------------------------ reader side
 
-    def batches(self, stop: threading.Event, wait: float = 0.5) -> Iterator[Batch | None]:
+    def batches(self, stop: threading.Event, wait: float = 2.0) -> Iterator[Batch | None]:
         """Batches of what is durable, in order, each with ``on_done`` moving the checkpoint; waits for
         more while ``stop`` is not set, and once it is set yields what is durable still, then ends.
         None is a tick (the caller beats its heartbeat and looks at its stop)."""

@@ -23,6 +23,19 @@ from shipper.record import Batch
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_FRAME = 10_000
+TICK_SECONDS = 2.0   # the reader's wait when nothing comes: an append, a sync or a stop wakes it at once
+
+
+class _Wake:
+    """What the pipeline sets to hurry an input's stop: ends the journal reader's wait too."""
+
+    def __init__(self, source: "JournaledInput"):
+        self.source = source
+
+    def set(self) -> None:
+        journal = getattr(self.source, "journal", None)
+        if journal is not None:
+            journal.wake_reader()
 
 
 class JournaledInput:
@@ -36,7 +49,7 @@ class JournaledInput:
         self.tag = tag
         self.name = name
         self.stats = stats
-        self.wake = threading.Event()
+        self.wake = _Wake(self)
         self.heartbeat = Heartbeat()
         self.stop = threading.Event()
         self._full_reported = 0.0
@@ -120,7 +133,7 @@ class JournaledInput:
         try:
             # Ends once producing stopped and everything durable was handed on: a stop delivers what
             # was acknowledged to senders now, not at a next start that an instance may never have.
-            for batch in self.journal.batches(self.stop):
+            for batch in self.journal.batches(self.stop, wait=TICK_SECONDS):
                 if stop.is_set() and not self.stop.is_set():
                     self.stop_producing()
                 self.beat()
@@ -131,8 +144,8 @@ class JournaledInput:
             self.stop_producing()
 
     def beat(self) -> None:
-        """The reader loop is alive (its ticks come every half second)."""
-        self.heartbeat.beat(5.0)
+        """The reader loop is alive (its ticks come every TICK_SECONDS at the latest)."""
+        self.heartbeat.beat(TICK_SECONDS + 5.0)
 
     def save_checkpoints(self) -> None:
         self.journal.save_checkpoint()

@@ -444,11 +444,11 @@ class Pipeline:
             for settings in config.inputs:
                 self.inputs.append(importlib.import_module(INPUT_MODULES[settings.type]).INPUT(settings, input_context))
             self.lifecycle = LifecycleRecords(self.data_dir, self.stats, agent.checkpoint_interval)
+            self.stop_inputs = threading.Event()
+            self.stage = FilterStage(config.filters, self.stats, self.envelope, self.stop_inputs)
         except BaseException:  # e.g. an address in use: what the inputs before it hold is let go
             self.close_inputs()
             raise
-        self.stop_inputs = threading.Event()
-        self.stage = FilterStage(config.filters, self.stats, self.envelope, self.stop_inputs)
         self.filters = self.stage.filters
         self._chains = self.stage.chains
         self._flusher: threading.Thread | None = None

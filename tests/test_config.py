@@ -183,3 +183,9 @@ def test_a_syslog_message_must_fit_the_journal():
     assert any(p.startswith("inputs[0].max_message_bytes: at most a quarter of journal_max_bytes") for p in problems)
     load_text('[[inputs]]\ntype = "syslog"\nmax_message_bytes = "512KiB"\njournal_max_bytes = "2MiB"\n'
               '[[outputs]]\ntype = "stdout"\n', "test.toml", {})  # a quarter: fine
+
+
+def test_a_forward_message_must_fit_the_journal():
+    problems = problems_of('[[inputs]]\ntype = "forward"\njournal_max_bytes = "1MiB"\n[[outputs]]\ntype = "stdout"\n')
+    assert any(p.startswith("inputs[0].max_message_bytes: at most a quarter of journal_max_bytes (262144 bytes)")
+               for p in problems)

@@ -258,3 +258,26 @@ def test_a_reader_that_keeps_up_gets_from_memory_what_a_lagging_one_reads_from_d
     for a, b in zip(memory, disk):
         assert (a.tag, a.read_time, a.source, a.messages, a.fields, a.start, a.end) == \
                (b.tag, b.read_time, b.source, b.messages, b.fields, b.start, b.end)
+
+
+def test_a_rotation_that_failed_until_the_journal_filled_is_tried_again_once_there_is_room(tmp_path, monkeypatch):
+    # The active segment cannot be deleted (it is not sealed): were rotation only tried after a
+    # write that fits, a journal full of one segment would stay full for good.
+    monkeypatch.setattr(journal_module, "RETRY_SECONDS", 0.05)
+    journal = Journal(str(tmp_path), 1024**2, Stats(), "t", segment_bytes=64 * 1024)
+    blocker = tmp_path / segment_name(2)
+    blocker.mkdir()
+    (blocker / "x").write_text("x")
+    written = 0
+    with pytest.raises(JournalFull):
+        while True:
+            append(journal, 50, written)
+            written += 50
+    assert journal.active == 1
+    assert sum(b.count for b in drain(journal)) == written  # everything confirmed: only segment 1 holds it
+    (blocker / "x").unlink()
+    blocker.rmdir()
+    time.sleep(0.1)
+    append(journal, 50, written)  # rotates first, the confirmed segment goes, the frame fits
+    assert journal.active == 2 and journal.total_bytes < 64 * 1024
+    assert [f["n"] for b in drain(journal) for f in b.fields] == list(range(written, written + 50))

@@ -53,6 +53,9 @@ def validate(settings) -> list[str]:
     problems = []
     if not settings.get("listen") and not settings.get("socket"):
         problems.append(f"{settings.where}.listen: required, or socket (where senders connect)")
+    if settings.get("max_message_bytes", 0) > settings.get("journal_max_bytes", 0) // 4:
+        problems.append(f"{settings.where}.max_message_bytes: at most a quarter of journal_max_bytes "
+                        f"({settings.journal_max_bytes // 4} bytes), or a message could never be journaled")
     return problems + listener_problems(settings, settings.where)
 
 
@@ -152,6 +155,7 @@ class ForwardInput(NetworkInput):
             acks: list[bytes] = []
             last = 0
             error = None
+            whole_before = whole
             try:
                 for item in reader:
                     whole = reader.tell()
@@ -162,9 +166,13 @@ class ForwardInput(NetworkInput):
                     last = max(last, seq)
                     if message.chunk:
                         acks.append(forward_messages.ack(message.chunk))
-            except (ForwardMessageError, ValueError, msgpack.UnpackException) as exc:
+            except (ForwardMessageError, ValueError, TypeError, msgpack.UnpackException) as exc:
+                # TypeError: a map or an array as a map's key (unhashable)
                 error = ("oversized" if isinstance(exc, FrameTooLarge) else "malformed", str(exc))
-            started = (started or time.monotonic()) if received > whole else None
+            if received == whole:
+                started = None
+            elif started is None or whole > whole_before:  # the partial message began in this read
+                started = time.monotonic()
             if last:
                 try:
                     self.journal.sync(last)

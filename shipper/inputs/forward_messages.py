@@ -20,6 +20,7 @@ import msgpack
 EVENT_TIME = 0                      # msgpack ext type of Fluentd's EventTime: uint32 seconds, uint32 nanos
 MAX_ENTRIES_BYTES = 64 * 1024 * 1024   # decompressed entries of one message
 MAX_ARRAY_ITEMS = 100_000           # a Forward message's events, any array or map in a record
+MAX_PACKED_CONTAINERS = 2_000_000   # arrays and maps in one PackedForward message (each ~60-200 bytes decoded)
 _EVENT_TIME = struct.Struct(">II")
 _END = b"\xc0"                      # nil after packed entries: seen as an item only if the last entry is whole
 
@@ -115,10 +116,24 @@ def inflate_gzip(data: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
+def _container_budget(limit: int):
+    """list_hook and object_hook counting the arrays and maps decoded: inflated entries of tiny nested
+    objects cost ~64 bytes of memory a byte, and one entry is decoded whole however it is sliced."""
+    left = [limit]
+
+    def counted(value):
+        left[0] -= 1
+        if left[0] < 0:
+            raise ForwardMessageError(f"packed entries hold more than {limit} arrays and maps")
+        return value
+    return counted
+
+
 def _packed_slices(data: bytes, size: int):
+    counted = _container_budget(MAX_PACKED_CONTAINERS)
     reader = msgpack.Unpacker(raw=False, ext_hook=ext_hook, max_buffer_size=len(data) + 1,
                               strict_map_key=False, unicode_errors="replace", max_array_len=MAX_ARRAY_ITEMS,
-                              max_map_len=MAX_ARRAY_ITEMS)
+                              max_map_len=MAX_ARRAY_ITEMS, list_hook=counted, object_hook=counted)
     reader.feed(data)
     reader.feed(_END)
     ended = False
@@ -138,7 +153,7 @@ def _packed_slices(data: bytes, size: int):
                 yield checked(piece)
     except ForwardMessageError:
         raise
-    except (msgpack.UnpackException, ValueError) as exc:
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise ForwardMessageError(f"packed entries are not msgpack: {exc}") from None
     if not ended:
         raise ForwardMessageError("packed entries end in the middle of an entry")

@@ -64,7 +64,7 @@ HEADER = struct.Struct(">2sII")
 MAX_FRAME_BYTES = 256 * 1024 * 1024   # a frame claiming more is corruption, not a batch
 MIN_FREE_BYTES = 64 * 1024 * 1024     # the journal never takes the file system's last 64 MiB
 READ_BYTES = 4 * 1024 * 1024          # what the reader takes from a segment at once
-RECENT_BYTES = 2 * 1024 * 1024        # frames kept in memory for a reader that keeps up
+RECENT_BYTES = 512 * 1024            # frames kept in memory for a reader that keeps up (decoded: ~60x)
 RETRY_SECONDS = 1.0                   # before a failed rotation or read is tried again
 SUFFIX = ".seg"
 
@@ -256,7 +256,11 @@ class Journal:
                                 f"(half of journal_max_bytes {self.max_bytes})")
         if self._must_rotate:
             self._rotate(must=True)
+        elif self._written_offset >= self.segment_bytes and time.monotonic() >= self._rotate_after:
+            self._rotate()  # a rotation that failed: tried again, or the active segment could fill the journal
         with self._lock:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, f"the journal of {self.name} is closed")
             if not self.room_for(len(frame)):
                 raise JournalFull(f"the journal of {self.name} holds {self.total_bytes} bytes "
                                   f"(journal_max_bytes {self.max_bytes})"
@@ -316,6 +320,8 @@ class Journal:
         RETRY_SECONDS, and raised when ``must`` (the active one may not be written again)."""
         with self._sync_lock:
             with self._lock:
+                if self._fd < 0:
+                    return  # closed (a straggler after release): the next Journal owns the names
                 if not (self._must_rotate or self._written_offset >= self.segment_bytes):
                     return  # another thread rotated first
                 number = self.active + 1
@@ -344,6 +350,7 @@ class Journal:
                 self._written_offset = 0
                 self._must_rotate = False
                 self._changed.notify_all()
+        self._advanced()  # the segment sealed now may be wholly confirmed already: it goes
 
     def _rotation_failed(self, exc: OSError, must: bool) -> None:
         self._rotate_after = time.monotonic() + RETRY_SECONDS

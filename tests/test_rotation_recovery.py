@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -89,6 +90,32 @@ def every_line_once_after_a_restart(run_agent, config: str, workdir: Path, expec
 def copytruncate(path: Path, copy: Path) -> None:
     shutil.copyfile(path, copy)  # logrotate's copytruncate: copy, then truncate the original in place
     os.truncate(path, 0)
+
+
+def test_a_copy_seen_while_it_is_still_being_written_is_not_read_as_a_file_of_its_own(workdir, run_agent):
+    # copytruncate copies, then truncates: an agent that looks in between sees a copy shorter than
+    # the original's fingerprint. Read as a new file, its lines would all arrive twice.
+    logs = workdir / "logs"
+    app = logs / "app.log"
+    expected = write(app, 0, 10)
+    agent = run_agent(agent_config(logs, workdir / "data", pattern="app.log*", poll_interval="100ms",
+                                   refresh_interval="1s"))
+    wait_for(lambda: len(messages(workdir)) == 10, message="the first lines")
+    expected += write(app, 10, 500)
+    data = app.read_bytes()
+    copy = logs / "app.log.1"
+    copy.write_bytes(data[:20])  # the copy has begun ...
+    wait_for(lambda: "app.log.1" in agent.log() or len(messages(workdir)) >= 510, message="a look at the copy")
+    time.sleep(0.5)
+    with open(copy, "ab") as handle:  # ... and ends, then the original is truncated
+        handle.write(data[20:])
+    os.truncate(app, 0)
+    expected += write(app, 510, 20)
+    wait_for(lambda: len(messages(workdir)) >= len(expected), timeout=30, message="every line")
+    time.sleep(1.0)  # were the copy read as a file of its own, its 510 lines would come now
+    assert agent.stop() == 0
+    got = messages(workdir)
+    assert len(got) == len(expected) and sorted(got) == sorted(expected)
 
 
 @pytest.mark.parametrize("pattern, copy_name", [("*.log", "app.log.1"), ("app.log*", "app.log.1")],

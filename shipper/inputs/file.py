@@ -880,9 +880,11 @@ class FileInput:
         directory, name = os.path.split(path)
         for candidate in rotation_names(name):
             original = self.by_path.get(os.path.join(directory, candidate))
-            if original is None or original.closed or original.fp_len <= 0 or size < original.fp_len:
+            if original is None or original.closed or original.fp_len <= 0:
                 continue
-            if fingerprint(fd, original.fp_len) == (original.fp_len, original.fp):
+            # Shorter than the fingerprint: a copy still being written (copytruncate copies, then
+            # truncates; a busy agent can see the copy in between). It waits as a suspect too.
+            if size < original.fp_len or fingerprint(fd, original.fp_len) == (original.fp_len, original.fp):
                 self.suspects[path] = (original, time.monotonic(), original.polls)
                 return True
         return False

@@ -155,14 +155,7 @@ class Batch:
         head = envelope.head(format_time(self.read_time), self.tag, self.source)
         labels = envelope.labels
         for message, extra in zip(self.message_list(), self.fields or _none_forever()):
-            record = dict(head)
-            if message is not None:  # a metrics sample has no message
-                record["message"] = message
-            if extra:
-                _merge_fields(record, extra)
-            if labels:
-                record["labels"] = labels
-            yield record
+            yield build_record(head, message, extra, labels)
 
     def message_list(self) -> list[str]:
         if self.messages is not None:
@@ -170,6 +163,18 @@ class Batch:
         lines = self.blob.decode("utf-8").split("\n")
         lines.pop()  # the blob ends with a newline
         return lines
+
+
+def build_record(head: dict[str, Any], message: str | None, extra: dict | None, labels: dict) -> dict[str, Any]:
+    """One record: the batch's head, the message, the fields merged, the labels."""
+    record = dict(head)
+    if message is not None:  # a metrics sample has no message
+        record["message"] = message
+    if extra:
+        _merge_fields(record, extra)
+    if labels:
+        record["labels"] = labels
+    return record
 
 
 def _none_forever() -> Iterator[None]:
@@ -293,18 +298,11 @@ def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
             try:
                 line = dumps(record, default=json_default, option=newline)
             except TypeError:  # a name that is not text: the dict path says what to do
-                line = b'"\\u0000'
-            if b'"\\u0000' not in line:
+                line = None
+            if line is not None and b'"\\u0000' not in line:
                 append(line)
                 continue
-        record = dict(head)
-        if message is not None:
-            record["message"] = message
-        if extra:
-            _merge_fields(record, extra)
-        if labels:
-            record["labels"] = labels
-        append(dumps(record, default=json_default, option=newline))
+        append(dumps(build_record(head, message, extra, labels), default=json_default, option=newline))
     return b"".join(lines)
 
 
@@ -324,12 +322,7 @@ def repair(batch: Batch, envelope: Envelope) -> int:
     for message, extra in zip(messages, fields):
         for candidate in (extra, raw_fields(extra)):
             try:
-                record = dict(head)
-                if message is not None:
-                    record["message"] = message
-                if candidate:
-                    _merge_fields(record, candidate)
-                orjson.dumps(record, default=json_default)
+                orjson.dumps(build_record(head, message, candidate, {}), default=json_default)
             except Exception:
                 continue
             kept_messages.append(message)

@@ -28,7 +28,9 @@ from shipper.inputs.forward_messages import ForwardMessageError
 from shipper.inputs.journal import FrameTooLarge
 from shipper.inputs.listeners import LISTENER_OPTIONS, StreamServer, recv_some, send_all
 from shipper.inputs.journaled import MAX_ROWS_PER_FRAME
-from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
+from shipper.inputs.network import (
+    NetworkInput, check_listeners, listener_problems, message_size_problems, stream_sockets,
+)
 from shipper.outputs.forward_protocol import HandshakeError, HandshakeRefused, check_ping, helo, pong
 from shipper.record import PARSED, TIME, format_time
 
@@ -53,9 +55,7 @@ def validate(settings) -> list[str]:
     problems = []
     if not settings.get("listen") and not settings.get("socket"):
         problems.append(f"{settings.where}.listen: required, or socket (where senders connect)")
-    if settings.get("max_message_bytes", 0) > settings.get("journal_max_bytes", 0) // 4:
-        problems.append(f"{settings.where}.max_message_bytes: at most a quarter of journal_max_bytes "
-                        f"({settings.journal_max_bytes // 4} bytes), or a message could never be journaled")
+    problems.extend(message_size_problems(settings))
     return problems + listener_problems(settings, settings.where)
 
 
@@ -64,8 +64,8 @@ def check(settings) -> tuple[list[str], list[str]]:
 
 
 class TimeText:
-    """format_time with the seconds' text kept: the events of a chunk mostly share their second.
-    A connection's own (it keeps state); ``event_rows`` inlines ``__call__`` for its events."""
+    """A connection's last second and its text (format_time without the fraction): the events of a
+    chunk mostly share their second, so ``event_rows`` formats it once."""
 
     __slots__ = ("second", "text")
 
@@ -73,24 +73,13 @@ class TimeText:
         self.second = -1
         self.text = ""
 
-    def __call__(self, epoch: float) -> str:
-        if not 0.0 <= epoch < _LAST_SECOND:  # NaN, infinities, before 1970, after 9999: clamped there
-            return format_time(epoch)
-        second = int(epoch)
-        micros = int((epoch - second) * 1_000_000 + 0.5)
-        if micros >= 1_000_000:
-            return format_time(epoch)
-        if second != self.second:
-            self.second, self.text = second, format_time(second)[:-8]
-        return f"{self.text}.{micros:06d}Z"
 
-
-_LAST_SECOND = 253402300799.0
+_LAST_SECOND = 253402300799.0   # NaN, infinities, before 1970, after 9999: format_time clamps them
 
 
 def event_rows(events: list, message_key: str, time_text: TimeText) -> tuple[list, list]:
     """A message's events -> (messages, fields) rows of the journal. The records were just decoded:
-    they are ours to change. Runs for every event, so TimeText's work is done here in line."""
+    they are ours to change. Runs for every event: the time text is made here in line."""
     fields: list = []
     messages: list = []
     add_field, add_message = fields.append, messages.append

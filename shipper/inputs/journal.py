@@ -256,7 +256,7 @@ class Journal:
                                 f"(half of journal_max_bytes {self.max_bytes})")
         if self._must_rotate:
             self._rotate(must=True)
-        elif self._written_offset >= self.segment_bytes and time.monotonic() >= self._rotate_after:
+        elif self._rotation_due():
             self._rotate()  # a rotation that failed: tried again, or the active segment could fill the journal
         with self._lock:
             if self._fd < 0:
@@ -287,9 +287,12 @@ class Journal:
             seq = self.written_seq
             if items is not None:
                 self._keep_recent(self.active, start, self._written_offset, items)
-        if self._written_offset >= self.segment_bytes and time.monotonic() >= self._rotate_after:
+        if self._rotation_due():
             self._rotate()
         return seq
+
+    def _rotation_due(self) -> bool:
+        return self._written_offset >= self.segment_bytes and time.monotonic() >= self._rotate_after
 
     def _keep_recent(self, number: int, start: int, end: int, items: list) -> None:
         recent = self._recent

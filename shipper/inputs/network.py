@@ -84,6 +84,15 @@ def listener_problems(settings, where: str) -> list[str]:
     return problems
 
 
+def message_size_problems(settings) -> list[str]:
+    """A message must fit the journal's frames (half of journal_max_bytes) with room to grow (invalid
+    UTF-8 replaced, the row's fields): at most a quarter of it."""
+    if settings.get("max_message_bytes", 0) > settings.get("journal_max_bytes", 0) // 4:
+        return [f"{settings.where}.max_message_bytes: at most a quarter of journal_max_bytes "
+                f"({settings.journal_max_bytes // 4} bytes), or a message could never be journaled"]
+    return []
+
+
 def check_listeners(settings, kinds: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
     """``shipper check``: (problems, warnings) of the machine as it is now: the socket's directory,
     and whether each address is free (a running agent holds its own: a warning, not an error)."""

@@ -20,7 +20,9 @@ import time
 from shipper.config import Option
 from shipper.server import check_listen
 from shipper.inputs.listeners import LISTENER_OPTIONS, POLL, StreamServer, bind_inet, bind_unix, recv_some
-from shipper.inputs.network import NetworkInput, check_listeners, listener_problems, stream_sockets
+from shipper.inputs.network import (
+    NetworkInput, check_listeners, listener_problems, message_size_problems, stream_sockets,
+)
 from shipper.inputs.syslog_format import FramingError, OctetOrLineFramer, SyslogMessage, parse
 from shipper.record import ENCODING_ERRORS, PARSE_ERROR, TIME, TRUNCATED, format_time
 
@@ -64,9 +66,7 @@ def validate(settings) -> list[str]:
         if value:
             problems.extend(p.replace(".listen:", f".{key}:") for p in
                             listener_problems(_Listen(settings, value), settings.where))
-    if settings.get("max_message_bytes", 0) > settings.get("journal_max_bytes", 0) // 4:
-        problems.append(f"{settings.where}.max_message_bytes: at most a quarter of journal_max_bytes "
-                        f"({settings.journal_max_bytes // 4} bytes), or a message could never be journaled")
+    problems.extend(message_size_problems(settings))
     return list(dict.fromkeys(problems))
 
 
@@ -214,5 +214,6 @@ class SyslogInput(NetworkInput):
     def _journal_datagrams(self, messages: list, fields: list) -> None:
         if messages:  # a message of invalid bytes grows by its replacement characters: one over the
             self.journal_now(self.tag, messages, fields)  # frame limit is dropped and counted
+
 
 INPUT = SyslogInput

@@ -268,42 +268,77 @@ def json_default(value: object) -> object:
     raise TypeError(f"{type(value).__name__} cannot be JSON")
 
 
+# One orjson call for a whole batch (``_encode_spliced``): the records go into one list, this item
+# between each two, and a key standing for the batch's head (after "time") in the parsed rows' records.
+# A call per record costs several times its encoding while the results are kept (measured: 2.7 us a
+# call for a 150-byte record, 0.09 us a record in one call of 1,000).
+_SPLIT = "\x1f\x1e"
+_HEAD = "\x1f\x1d"
+_SPLIT_JSON = b',"\\u001f\\u001e",'
+_HEAD_JSON = b'"\\u001f\\u001d":0'
+_NUL_LED = b'"\\u0000'
+
+
 def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
-    """The general path: each record as ``records`` makes it, except that the common shape of a
-    parsed line or a forwarded event (fields: PARSED and TIME only) is built in one dict display,
-    without ``_merge_fields``' loop: the same object ("fields" placed last). A NUL-led name (which
-    goes under "fields") is seen in the JSON, and that record takes the dict path."""
+    """The general path: each record as ``records`` makes it. Encoded in one go where it can be
+    (``_encode_spliced``), else record by record."""
+    spliced = _encode_spliced(batch, envelope)
+    if spliced is not None:
+        return spliced
+    head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
+    labels = envelope.labels
+    dumps = orjson.dumps
+    newline = orjson.OPT_APPEND_NEWLINE
+    return b"".join([dumps(build_record(head, message, extra, labels), default=json_default, option=newline)
+                     for message, extra in zip(batch.message_list(), batch.fields or _none_forever())])
+
+
+def _encode_spliced(batch: Batch, envelope: Envelope) -> bytes | None:
+    """The batch's NDJSON from one ``orjson.dumps`` of all its records, cut apart at the _SPLIT items.
+
+    The common shape of a parsed line or a forwarded event (fields: PARSED and TIME only) is built in
+    one dict display without ``_merge_fields``' loop, its head spliced in afterwards: the same object
+    ("fields" placed last). None, for the record-by-record path, when a record cannot be encoded, when
+    a NUL-led name may be in it (it goes under "fields" there), or when a marker's count says that a
+    record's own content looks like one."""
     head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
     labels = envelope.labels
     read_time = head["time"]
-    dumps = orjson.dumps
-    newline = orjson.OPT_APPEND_NEWLINE
-    lines = []
-    append = lines.append
+    items: list = []
+    add = items.append
+    spliced = 0
+    disjoint, intersection = RESERVED_KEYS.isdisjoint, RESERVED_KEYS.intersection
     for message, extra in zip(batch.message_list(), batch.fields or _none_forever()):
-        if extra is not None and extra.keys() <= _PARSED_AND_TIME:
-            parsed = extra.get(PARSED) or _NOTHING
-            record = {**head, "time": extra.get(TIME, read_time)}
-            if message is not None:
-                record["message"] = message
-            if RESERVED_KEYS.isdisjoint(parsed):
-                record.update(parsed)
-            else:  # Docker's "source", a sender's "time": under "fields"
-                kept = parsed.copy()
-                nested = {key: kept.pop(key) for key in RESERVED_KEYS.intersection(parsed)}
-                record.update(kept)
-                record["fields"] = nested
-            if labels:
-                record["labels"] = labels
-            try:
-                line = dumps(record, default=json_default, option=newline)
-            except TypeError:  # a name that is not text: the dict path says what to do
-                line = None
-            if line is not None and b'"\\u0000' not in line:
-                append(line)
-                continue
-        append(dumps(build_record(head, message, extra, labels), default=json_default, option=newline))
-    return b"".join(lines)
+        parsed = _NOTHING if extra is None else extra.get(PARSED) or _NOTHING
+        if extra is None or not extra.keys() <= _PARSED_AND_TIME or message is None or _HEAD in parsed:
+            add(build_record(head, message, extra, labels))
+            add(_SPLIT)
+            continue
+        if disjoint(parsed):
+            record = {"time": extra.get(TIME, read_time), _HEAD: 0, "message": message, **parsed}
+        else:  # Docker's "source", a sender's "time": under "fields"
+            kept = parsed.copy()
+            nested = {}
+            for key in intersection(parsed):
+                nested[key] = kept.pop(key)
+            record = {"time": extra.get(TIME, read_time), _HEAD: 0, "message": message, **kept, "fields": nested}
+        if labels:
+            record["labels"] = labels
+        spliced += 1
+        add(record)
+        add(_SPLIT)
+    if not items:
+        return b""
+    items.pop()
+    try:
+        out = orjson.dumps(items, default=json_default)
+    except Exception:  # a name that is not text, a value that is not JSON: record by record
+        return None
+    if out.count(_SPLIT_JSON) != len(items) // 2 or out.count(_HEAD_JSON) != spliced or _NUL_LED in out:
+        return None
+    rest_of_head = orjson.dumps({key: value for key, value in head.items() if key != "time"})[1:-1]
+    lines = out.replace(_SPLIT_JSON, b"\n").replace(_HEAD_JSON, rest_of_head)
+    return b"".join((memoryview(lines)[1:-1], b"\n"))  # without the list's brackets
 
 
 def repair(batch: Batch, envelope: Envelope) -> int:

@@ -106,3 +106,44 @@ def test_parsed_rows_spliced_give_the_records_the_dict_path_gives():
         assert docker["source"] == "forward" and docker["fields"] == {"source": "stdout", "time": "theirs", "labels": "x"}
         assert lines[7]["raw"] == "\ufffdbin" and lines[5]["fields"] == {"\x00time": "pose"}
         assert lines[-1].get("parse_error") is True  # a key that is not text: the raw line, flagged
+
+
+_NAMES = st.sampled_from(["user", "n", "source", "time", "message", "fields", "labels", "tag", "host",
+                          "\x00time", "\x1f\x1d", "\x1f\x1e", "ok\x00", ""])
+_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.text(max_size=8),
+              st.sampled_from(["\x1f\x1e", "\x1f\x1d", "\x00x", 0])),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_NAMES, inner, max_size=3), max_leaves=6)
+_ROWS = st.lists(st.tuples(
+    st.one_of(st.none(), st.text(max_size=8), st.sampled_from(["\x1f\x1e", '"\\u001f\\u001e"'])),
+    st.one_of(st.none(), st.fixed_dictionaries({record_module.PARSED: st.dictionaries(_NAMES, _VALUES, max_size=4)},
+                                               optional={TIME: st.sampled_from(["2026-12-01T00:00:00.000001Z"])}))),
+    max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_ROWS, st.booleans())
+def test_a_batch_encoded_in_one_call_gives_the_records_of_the_dict_path(rows, labelled):
+    # The batch's records go through one orjson call with marker items between them and a marker key
+    # for the head; whatever a record holds (the markers themselves among its names and values), the
+    # lines are the records the dict path makes, one per row.
+    envelope = Envelope({"host": "h"}, {"team": "core"} if labelled else {})
+    batch = Batch("app", "forward", 1764547200.0, messages=[m for m, _ in rows], fields=[f for _, f in rows])
+    expected = [orjson.loads(orjson.dumps(r, default=record_module.json_default)) for r in batch.records(envelope)]
+    out = encode_ndjson(batch, envelope)
+    assert out == b"" if not rows else out.endswith(b"\n")
+    assert [orjson.loads(line) for line in out.splitlines()] == expected
+
+
+def test_marker_look_alikes_in_a_record_take_the_record_by_record_path():
+    from shipper.record import PARSED, _encode_spliced
+
+    envelope = Envelope({"host": "h"}, {})
+    for fields in ({PARSED: {"list": ["a", "\x1f\x1e", "b"]}},   # the item between records, inside one
+                   {PARSED: {"\x1f\x1d": 0}}):                   # the head's key, with its value
+        batch = Batch("app", "forward", 1764547200.0, messages=["one", "two"], fields=[fields, {PARSED: {"n": 1}}])
+        assert _encode_spliced(batch, envelope) is None
+        lines = [orjson.loads(line) for line in encode_ndjson(batch, envelope).splitlines()]
+        assert lines[0] == {"time": "2025-12-01T00:00:00.000000Z", "tag": "app", "host": "h", "source": "forward",
+                            "message": "one", **fields[PARSED]}
+        assert lines[1]["n"] == 1 and lines[1]["message"] == "two"

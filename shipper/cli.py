@@ -21,7 +21,7 @@ from shipper import __version__
 from shipper.config import DEFAULT_CONFIG_PATH, INPUT_MODULES, Config, config_path, load, redact_urls, target_of
 from shipper.envfile import DEFAULT_ENV_FILE, environment_with
 from shipper.errors import ConfigError
-from shipper.memory import trim_heap, tune_allocator
+from shipper.memory import trim_heap, tune_allocator, tune_collector
 
 log = logging.getLogger("shipper")
 
@@ -315,6 +315,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in config.warnings():
         log.warning("%s", warning)
     tune_allocator()
+    tune_collector()
     try:
         service = Service(config, path, signals=signals, env_file=args.env_file)
     except ConfigError as exc:

@@ -56,8 +56,23 @@ def format_time(epoch: float) -> str:
         seconds, micros = seconds + 1, 0
     if seconds > MAX_SECOND:
         seconds, micros = MAX_SECOND, 999_999
+    return f"{_second_text(seconds)}.{micros:06d}Z"
+
+
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _second_text(seconds: int) -> str:
+    """'2026-11-29T13:17:18' for a whole second; the last one is kept (records come in runs of the
+    same second, and gmtime with strftime cost 4 us a call). One tuple: threads read it whole."""
+    global _last_second
+    last = _last_second
+    if last[0] == seconds:
+        return last[1]
     moment = _time.gmtime(seconds)
-    return f"{moment.tm_year:04d}" + _time.strftime("-%m-%dT%H:%M:%S", moment) + f".{micros:06d}Z"
+    text = f"{moment.tm_year:04d}" + _time.strftime("-%m-%dT%H:%M:%S", moment)
+    _last_second = (seconds, text)
+    return text
 
 
 def epoch_of(stamp: Any) -> float | None:
@@ -196,6 +211,7 @@ PARSED = "\x00parsed"
 _PARSED_AND_TIME = frozenset({PARSED, TIME})
 _NOTHING: dict[str, Any] = {}
 _AGENT_KEYS = frozenset({TIME, TRUNCATED, ENCODING_ERRORS, PARSE_ERROR, TIME_ERROR, METRICS, THROTTLED})
+_NOT_AN_INPUTS_NAME = (_AGENT_KEYS - {TIME}) | {PARSED}
 # Flags that say how a line was read; they survive when a record falls back to its raw line.
 _READ_FLAGS = (TRUNCATED, ENCODING_ERRORS)
 
@@ -296,9 +312,9 @@ def _encode_records(batch: Batch, envelope: Envelope) -> bytes:
 def _encode_spliced(batch: Batch, envelope: Envelope) -> bytes | None:
     """The batch's NDJSON from one ``orjson.dumps`` of all its records, cut apart at the _SPLIT items.
 
-    The common shape of a parsed line or a forwarded event (fields: PARSED and TIME only) is built in
-    one dict display without ``_merge_fields``' loop, its head spliced in afterwards: the same object
-    ("fields" placed last). None, for the record-by-record path, when a record cannot be encoded, when
+    The common shapes, a parsed line or a forwarded event (fields: PARSED and TIME only) and an input's
+    own fields (syslog's, journald's: names and TIME), are built in one dict display without
+    ``_merge_fields``' loop, their head spliced in afterwards: the same object ("fields" placed last). None, for the record-by-record path, when a record cannot be encoded, when
     a NUL-led name may be in it (it goes under "fields" there), or when a marker's count says that a
     record's own content looks like one."""
     head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
@@ -309,17 +325,26 @@ def _encode_spliced(batch: Batch, envelope: Envelope) -> bytes | None:
     spliced = 0
     disjoint, intersection = RESERVED_KEYS.isdisjoint, RESERVED_KEYS.intersection
     for message, extra in zip(batch.message_list(), batch.fields or _none_forever()):
-        parsed = _NOTHING if extra is None else extra.get(PARSED) or _NOTHING
-        if extra is None or not extra.keys() <= _PARSED_AND_TIME or message is None or _HEAD in parsed:
+        owned = False  # named is this loop's copy
+        if extra is None or message is None:
+            named = None
+        elif extra.keys() <= _PARSED_AND_TIME:  # a parser's names, a forwarded record's
+            named = extra.get(PARSED) or _NOTHING
+        elif extra.keys().isdisjoint(_NOT_AN_INPUTS_NAME):  # an input's own (syslog's facility, journald's unit)
+            named, owned = extra.copy(), True
+            named.pop(TIME, None)
+        else:
+            named = None
+        if named is None or _HEAD in named:
             add(build_record(head, message, extra, labels))
             add(_SPLIT)
             continue
-        if disjoint(parsed):
-            record = {"time": extra.get(TIME, read_time), _HEAD: 0, "message": message, **parsed}
-        else:  # Docker's "source", a sender's "time": under "fields"
-            kept = parsed.copy()
+        if disjoint(named):
+            record = {"time": extra.get(TIME, read_time), _HEAD: 0, "message": message, **named}
+        else:  # Docker's "source", a sender's "time", syslog's "host": under "fields"
+            kept = named if owned else named.copy()
             nested = {}
-            for key in intersection(parsed):
+            for key in intersection(named):
                 nested[key] = kept.pop(key)
             record = {"time": extra.get(TIME, read_time), _HEAD: 0, "message": message, **kept, "fields": nested}
         if labels:

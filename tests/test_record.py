@@ -116,8 +116,10 @@ _VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_NAMES, inner, max_size=3), max_leaves=6)
 _ROWS = st.lists(st.tuples(
     st.one_of(st.none(), st.text(max_size=8), st.sampled_from(["\x1f\x1e", '"\\u001f\\u001e"'])),
-    st.one_of(st.none(), st.fixed_dictionaries({record_module.PARSED: st.dictionaries(_NAMES, _VALUES, max_size=4)},
-                                               optional={TIME: st.sampled_from(["2026-12-01T00:00:00.000001Z"])}))),
+    st.one_of(st.none(),
+              st.fixed_dictionaries({record_module.PARSED: st.dictionaries(_NAMES, _VALUES, max_size=4)},
+                                    optional={TIME: st.sampled_from(["2026-12-01T00:00:00.000001Z"])}),
+              st.dictionaries(_NAMES | st.sampled_from([TIME, record_module.TRUNCATED]), _VALUES, max_size=4))),
     max_size=12)
 
 
@@ -133,6 +135,8 @@ def test_a_batch_encoded_in_one_call_gives_the_records_of_the_dict_path(rows, la
     out = encode_ndjson(batch, envelope)
     assert out == b"" if not rows else out.endswith(b"\n")
     assert [orjson.loads(line) for line in out.splitlines()] == expected
+    # and the batch is as it was: other outputs make their records from the same rows
+    assert [orjson.loads(orjson.dumps(r, default=record_module.json_default)) for r in batch.records(envelope)] == expected
 
 
 def test_marker_look_alikes_in_a_record_take_the_record_by_record_path():
@@ -147,3 +151,15 @@ def test_marker_look_alikes_in_a_record_take_the_record_by_record_path():
         assert lines[0] == {"time": "2025-12-01T00:00:00.000000Z", "tag": "app", "host": "h", "source": "forward",
                             "message": "one", **fields[PARSED]}
         assert lines[1]["n"] == 1 and lines[1]["message"] == "two"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.floats(0, 253402300799.999), st.integers(0, 3).map(lambda k: 1764547200.5 + k)),
+                min_size=1, max_size=20))
+def test_format_time_keeps_its_last_second_without_mixing_seconds_up(epochs):
+    import datetime
+
+    for epoch in epochs:  # runs of one second and jumps between seconds, in any order
+        text = format_time(epoch)
+        parsed = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+        assert abs(parsed.timestamp() - epoch) <= 1e-6 * max(1.0, epoch / 1e9) + 5e-7

@@ -11,6 +11,7 @@ is not syslog at all (no ``<PRI>``) is kept whole as the message, flagged, never
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -122,14 +123,22 @@ def _structured_data(tail: str) -> tuple[dict[str, dict[str, str]], str]:
 
 
 def _rfc3339_seconds(match: re.Match) -> float:
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    fraction = float(match.group(7)) if match.group(7) else 0.0
+    fraction_text, zone = match.group(7, 8)
+    fraction = float(fraction_text) if fraction_text else 0.0
+    start = match.start()
     offset = 0
-    zone = match.group(8)
     if zone != "Z":
         sign = -1 if zone[0] == "-" else 1
         offset = sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    return calendar.timegm((year, month, day, hour, minute, second)) + fraction - offset
+    return _whole_seconds(match.string[start:start + 19]) + fraction - offset
+
+
+@functools.lru_cache(maxsize=256)
+def _whole_seconds(date_time: str) -> int:
+    """``YYYY-MM-DDTHH:MM:SS`` as _RFC3339 matched it -> seconds since the epoch (UTC). Kept: a
+    stream's messages mostly share their second, and timegm is most of a message's parse."""
+    return calendar.timegm((int(date_time[:4]), int(date_time[5:7]), int(date_time[8:10]),
+                            int(date_time[11:13]), int(date_time[14:16]), int(date_time[17:19])))
 
 
 def _bsd_seconds(match: re.Match, received: float) -> float | None:

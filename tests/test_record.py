@@ -139,18 +139,61 @@ def test_a_batch_encoded_in_one_call_gives_the_records_of_the_dict_path(rows, la
     assert [orjson.loads(orjson.dumps(r, default=record_module.json_default)) for r in batch.records(envelope)] == expected
 
 
+def _spliced(batch: Batch, envelope: Envelope) -> bytes | None:
+    """What one orjson call for the whole batch gives (None: it cannot be spliced)."""
+    head = envelope.head(format_time(batch.read_time), batch.tag, batch.source)
+    rest_of_head = orjson.dumps({k: v for k, v in head.items() if k != "time"})[1:-1]
+    return record_module._splice(batch.message_list(), batch.fields, head, rest_of_head, envelope.labels)
+
+
+def test_the_common_shapes_are_spliced_in_one_call():
+    from shipper.record import PARSED
+
+    envelope = Envelope({"host": "h", "instance_id": "i-1"}, {"team": "core"})
+    batch = Batch("docker.web", "forward", 1764547200.0, messages=["GET /", "POST /", "daemon started"],
+                  fields=[{PARSED: {"container_id": "c1", "source": "stdout"}, TIME: "2026-12-01T00:00:00.000001Z"},
+                          {PARSED: {"user": "ann"}},
+                          {"facility": "daemon", "host": "web-1", TIME: "2026-12-01T00:00:00.000002Z"}])
+    spliced = _spliced(batch, envelope)
+    assert spliced is not None and spliced == encode_ndjson(batch, envelope)
+    assert orjson.loads(spliced.splitlines()[2]) == {
+        "time": "2026-12-01T00:00:00.000002Z", "tag": "docker.web", "host": "h", "instance_id": "i-1",
+        "source": "forward", "message": "daemon started", "facility": "daemon", "fields": {"host": "web-1"},
+        "labels": {"team": "core"}}
+
+
 def test_marker_look_alikes_in_a_record_take_the_record_by_record_path():
-    from shipper.record import PARSED, _encode_spliced
+    from shipper.record import PARSED
 
     envelope = Envelope({"host": "h"}, {})
     for fields in ({PARSED: {"list": ["a", "\x1f\x1e", "b"]}},   # the item between records, inside one
-                   {PARSED: {"\x1f\x1d": 0}}):                   # the head's key, with its value
+                   {PARSED: {"\x1f\x1d": 0}},                   # the head's key, with its value
+                   {PARSED: {"deep": {"\x1f\x1d": 0.5}}}):      # the head's key and a value like its own
         batch = Batch("app", "forward", 1764547200.0, messages=["one", "two"], fields=[fields, {PARSED: {"n": 1}}])
-        assert _encode_spliced(batch, envelope) is None
+        assert _spliced(batch, envelope) is None
         lines = [orjson.loads(line) for line in encode_ndjson(batch, envelope).splitlines()]
         assert lines[0] == {"time": "2025-12-01T00:00:00.000000Z", "tag": "app", "host": "h", "source": "forward",
                             "message": "one", **fields[PARSED]}
         assert lines[1]["n"] == 1 and lines[1]["message"] == "two"
+
+
+def test_odd_records_in_a_big_batch_cost_their_piece_and_change_nothing():
+    from shipper.record import PARSED, SPLICE_PIECE
+
+    envelope = Envelope({"host": "h"}, {"team": "core"})
+    count = SPLICE_PIECE * 3 + 5
+    fields = [{PARSED: {"n": n}} for n in range(count)]
+    for odd in (0, SPLICE_PIECE + 1, count - 1):
+        fields[odd] = {PARSED: {"\x00nul-led": odd, "n": odd}}
+    fields[SPLICE_PIECE * 2] = {PARSED: {1: "not a text name"}}
+    batch = Batch("app", "forward", 1764547200.0, messages=[f"line {n}" for n in range(count)], fields=fields)
+    assert _spliced(batch, envelope) is None
+    lines = [orjson.loads(line) for line in encode_ndjson(batch, envelope).splitlines()]
+    assert len(lines) == count
+    assert [line.get("n") for line in lines] == [None if n == SPLICE_PIECE * 2 else n for n in range(count)]
+    assert lines[SPLICE_PIECE + 1]["fields"] == {"\x00nul-led": SPLICE_PIECE + 1}
+    assert lines[SPLICE_PIECE * 2]["parse_error"] is True  # the one that cannot be JSON: its raw line
+    assert all(line["labels"] == {"team": "core"} and line["message"] == f"line {n}" for n, line in enumerate(lines))
 
 
 @settings(max_examples=300)

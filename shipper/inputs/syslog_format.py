@@ -125,7 +125,7 @@ def _structured_data(tail: str) -> tuple[dict[str, dict[str, str]], str]:
 def _rfc3339_seconds(match: re.Match) -> float:
     fraction_text, zone = match.group(7, 8)
     fraction = float(fraction_text) if fraction_text else 0.0
-    start = match.start()
+    start = match.start(1)  # the year
     offset = 0
     if zone != "Z":
         sign = -1 if zone[0] == "-" else 1

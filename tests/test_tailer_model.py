@@ -623,3 +623,23 @@ def test_a_copy_waits_for_its_files_next_poll_however_late(tmp_path):
     finally:
         kill_input(inp)
     assert shipped == [f"line {i}" for i in range(120)]
+
+
+def test_a_short_new_file_renamed_like_a_rotation_before_the_agent_saw_it_is_read():
+    """Found by the model: app.log (one line of ~1,000 bytes, fingerprinted) is renamed app.log.1; a new
+    app.log gets two short lines and is renamed app.1.log before the tailer looks. app.1.log is named
+    like app.log's rotation and is shorter than its fingerprint, but its bytes are not app.log's: it
+    is a file of its own, not a copytruncate copy still being written. Held as one, it waited
+    for app.log's truncation, forever with no refresh interval."""
+    state = TailerModel()
+    try:
+        state.begin(interval=NEVER)
+        state.write(count=1, max_pad=1000)
+        state.read(ack="now", rnd=random.Random(0))
+        state.checkpoint()
+        state.rotate(create=False, to=ROTATED)
+        state.close_idle()
+        state.write(count=2, max_pad=0)
+        state.rotate(create=False, to=ROTATED_IN_GLOB)
+    finally:
+        state.teardown()  # the model's final check: every line delivered, none read again

@@ -80,6 +80,17 @@ def fingerprint(fd: int, limit: int = FINGERPRINT_BYTES) -> tuple[int, int]:
     return len(head), zlib.crc32(head)
 
 
+def same_start(fd: int, other: int | None, length: int) -> bool:
+    """Whether two open files begin with the same ``length`` bytes (False when ``other`` is not open,
+    or either cannot be read now)."""
+    if other is None:
+        return False
+    try:
+        return os.pread(fd, length, 0) == os.pread(other, length, 0)
+    except OSError:
+        return False
+
+
 def fingerprint_matches(fd: int, checkpoint: Checkpoint) -> bool:
     if checkpoint.fp_len == 0:
         return True

@@ -19,7 +19,9 @@ from functools import partial
 from typing import Callable
 
 from shipper.config import Option, Settings, regex_check, validate_section
-from shipper.inputs.checkpoints import Checkpoint, CheckpointStore, Every, fingerprint, fingerprint_matches
+from shipper.inputs.checkpoints import (
+    Checkpoint, CheckpointStore, Every, fingerprint, fingerprint_matches, same_start,
+)
 from shipper.inputs.discovery import DirectoryWatcher, Skips, expand, fixed_root, is_excluded, path_matches
 from shipper.inputs.framing import RecordBuilder
 from shipper.inputs.rotation import compressed_chunks, find_compressed, find_copy, find_renamed, rotation_names
@@ -882,9 +884,12 @@ class FileInput:
             original = self.by_path.get(os.path.join(directory, candidate))
             if original is None or original.closed or original.fp_len <= 0:
                 continue
-            # Shorter than the fingerprint: a copy still being written (copytruncate copies, then
-            # truncates; a busy agent can see the copy in between). It waits as a suspect too.
-            if size < original.fp_len or fingerprint(fd, original.fp_len) == (original.fp_len, original.fp):
+            # Shorter than the fingerprint and the start of the original's bytes: a copy still being
+            # written (copytruncate copies, then truncates; a busy agent can see the copy in between).
+            # It waits as a suspect too. A short file of other bytes (a new file renamed before the
+            # agent saw it) is a file of its own.
+            if (same_start(fd, original.fd, size) if size < original.fp_len
+                    else fingerprint(fd, original.fp_len) == (original.fp_len, original.fp)):
                 self.suspects[path] = (original, time.monotonic(), original.polls)
                 return True
         return False

@@ -56,13 +56,13 @@ def format_time(epoch: float) -> str:
         seconds, micros = seconds + 1, 0
     if seconds > MAX_SECOND:
         seconds, micros = MAX_SECOND, 999_999
-    return f"{_second_text(seconds)}.{micros:06d}Z"
+    return f"{second_text(seconds)}.{micros:06d}Z"
 
 
 _last_second: tuple[int, str] = (-1, "")
 
 
-def _second_text(seconds: int) -> str:
+def second_text(seconds: int) -> str:
     """'2026-11-29T13:17:18' for a whole second; the last one is kept (records come in runs of the
     same second, and gmtime with strftime cost 4 us a call). One tuple: threads read it whole."""
     global _last_second

@@ -32,7 +32,7 @@ from shipper.inputs.network import (
     NetworkInput, check_listeners, listener_problems, message_size_problems, stream_sockets,
 )
 from shipper.outputs.forward_protocol import HandshakeError, HandshakeRefused, check_ping, helo, pong
-from shipper.record import PARSED, TIME, format_time
+from shipper.record import PARSED, TIME, format_time, second_text
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def check(settings) -> tuple[list[str], list[str]]:
 
 
 class TimeText:
-    """A connection's last second and its text (format_time without the fraction): the events of a
+    """A connection's last second and its text (record.second_text): the events of a
     chunk mostly share their second, so ``event_rows`` formats it once."""
 
     __slots__ = ("second", "text")
@@ -99,7 +99,7 @@ def event_rows(events: list, message_key: str, time_text: TimeText) -> tuple[lis
             micros = int((epoch - second) * 1_000_000 + 0.5)
             if micros < 1_000_000:
                 if second != second_known:
-                    second_known, text = second, format_time(second)[:-8]
+                    second_known, text = second, second_text(second)
                 add_field({PARSED: record, TIME: f"{text}.{micros:06d}Z"})
                 continue
         add_field({PARSED: record, TIME: format_time(epoch)})
